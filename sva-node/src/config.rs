@@ -1,0 +1,1 @@
+//! Node configuration (YAML), as read by `sva-node serve --config FILE`.

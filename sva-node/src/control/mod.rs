@@ -1,0 +1,1 @@
+//! HTTP control API, Prometheus `/metrics` and `/healthz` (DESIGN.md §7).

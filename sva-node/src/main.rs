@@ -1,0 +1,2 @@
+//! `sva-node` binary: `serve`, `demo`, `witness`.
+fn main() {}

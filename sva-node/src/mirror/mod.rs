@@ -1,0 +1,1 @@
+//! Replication engine (DESIGN.md §5–6).

@@ -1,0 +1,29 @@
+//! Block storage under a logical unit.
+//!
+//! [`BlockBackend`] is the one interface the SCSI layer uses to reach the disk. Byte
+//! offsets and lengths are always multiples of the block size the LU uses (512 B).
+//! Implementations: a file or block device, in memory, and a fault-injecting wrapper.
+
+use std::io;
+
+/// Whether a byte range holds data or is a hole (reads back as zeroes, no space used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    Mapped,
+    Deallocated,
+}
+
+/// Synchronous block I/O. Methods take `&self`: one backend serves many concurrent tasks.
+pub trait BlockBackend: Send + Sync + 'static {
+    /// Size in bytes.
+    fn size_bytes(&self) -> u64;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make every completed write durable (fdatasync; concurrent callers share one sync).
+    fn flush(&self) -> io::Result<()>;
+    /// Deallocate a range; it reads back as zeroes afterwards.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Mapping of the range starting at `offset`: the state there and how many bytes from
+    /// `offset` (at most `len`) share it.
+    fn mapping(&self, offset: u64, len: u64) -> io::Result<(Mapping, u64)>;
+}
