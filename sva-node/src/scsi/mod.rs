@@ -5,7 +5,11 @@
 //! globally unique across nodes, so reservations and unit attentions work across paths.
 
 use bytes::Bytes;
+
+pub mod sense;
+
 use futures::future::BoxFuture;
+pub use sense::{ScsiError, SenseKey};
 
 /// An I_T nexus: initiator port name plus the relative target port it came in through.
 /// `initiator_port` is the iSCSI initiator port name, `"<InitiatorName>,i,0x<ISID hex>"`
