@@ -9,6 +9,10 @@
 //!   lease_witness  sva_node::witness::Witness on a coordination.k8s.io Lease
 //! ```
 pub mod crd;
+pub mod lease_witness;
 pub mod node_api;
 pub mod nodeconfig;
 pub mod plan;
+
+#[cfg(test)]
+pub mod fixtures;
