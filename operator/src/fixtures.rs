@@ -175,6 +175,8 @@ fn serve(
                 .unwrap_or(json!({"metadata": {}}));
             if sub {
                 obj["status"] = input["status"].clone();
+            } else if let Value::Array(ops) = &input {
+                json_patch_finalizers(&mut obj, ops);
             } else {
                 merge(&mut obj, &input);
             }
@@ -208,4 +210,34 @@ fn is_collection(path: &str) -> bool {
     path.rsplit('/')
         .next()
         .is_some_and(|last| PLURALS.contains(&last))
+}
+
+/// The JSON-patch operations kube's finalizer helper sends on `/metadata/finalizers`.
+fn json_patch_finalizers(obj: &mut Value, ops: &[Value]) {
+    for op in ops {
+        let path = op["path"].as_str().unwrap_or_default();
+        if !path.starts_with("/metadata/finalizers") {
+            continue;
+        }
+        let list = &mut obj["metadata"]["finalizers"];
+        match op["op"].as_str() {
+            Some("add") if path.ends_with("/-") => match list.as_array_mut() {
+                Some(a) => a.push(op["value"].clone()),
+                None => *list = json!([op["value"].clone()]),
+            },
+            Some("add") => *list = op["value"].clone(),
+            Some("remove") => {
+                let idx = path
+                    .rsplit('/')
+                    .next()
+                    .and_then(|i| i.parse::<usize>().ok());
+                if let (Some(a), Some(i)) = (list.as_array_mut(), idx) {
+                    if i < a.len() {
+                        a.remove(i);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
 }

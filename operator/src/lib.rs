@@ -14,5 +14,7 @@ pub mod node_api;
 pub mod nodeconfig;
 pub mod plan;
 
+pub mod controller;
 #[cfg(test)]
 pub mod fixtures;
+pub mod metrics;
