@@ -12,6 +12,9 @@
 //! rules the apiserver enforces: plexes in 2..=3 and never fewer than before, size > 0 (pattern),
 //! size / storageClassName / hostTopologyKey / cacheMode immutable (`self == oldSelf`).
 
+// kube's derive repeats `printcolumn` attributes on the generated type.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
@@ -188,19 +191,15 @@ pub struct ResyncProgress {
 impl ResyncProgress {
     /// Builds progress with the derived percent and ETA.
     pub fn new(done_bytes: u64, total_bytes: u64, bytes_per_sec: u64) -> Self {
-        let percent = if total_bytes == 0 {
-            "100%".to_string()
-        } else {
-            format!(
-                "{}%",
-                done_bytes.min(total_bytes).saturating_mul(100) / total_bytes
-            )
-        };
-        let eta_seconds = (bytes_per_sec > 0).then(|| {
-            total_bytes
-                .saturating_sub(done_bytes)
-                .div_ceil(bytes_per_sec)
-        });
+        let pct = done_bytes
+            .min(total_bytes)
+            .saturating_mul(100)
+            .checked_div(total_bytes);
+        let percent = format!("{}%", pct.unwrap_or(100));
+        let left = total_bytes.saturating_sub(done_bytes);
+        let eta_seconds = left
+            .checked_div(bytes_per_sec)
+            .map(|s| s + u64::from(!left.is_multiple_of(bytes_per_sec.max(1))));
         Self {
             done_bytes,
             total_bytes,
@@ -351,6 +350,18 @@ pub fn parse_bytes(quantity: &str) -> Option<u64> {
     (bytes > 0).then_some(bytes)
 }
 
+/// Both CRDs as one multi-document YAML (what `crdgen` prints).
+pub fn crds_yaml() -> String {
+    use kube::CustomResourceExt;
+    let docs = [
+        serde_yaml::to_string(&MirroredVolume::crd()),
+        serde_yaml::to_string(&Plex::crd()),
+    ];
+    docs.into_iter()
+        .map(|d| format!("---\n{}", d.unwrap_or_default()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,16 +398,24 @@ mod tests {
         assert_eq!(p.eta_seconds, Some(15));
         assert_eq!(ResyncProgress::new(0, 0, 0).percent, "100%");
     }
-}
 
-/// Both CRDs as one multi-document YAML (what `crdgen` prints).
-pub fn crds_yaml() -> String {
-    use kube::CustomResourceExt;
-    let docs = [
-        serde_yaml::to_string(&MirroredVolume::crd()),
-        serde_yaml::to_string(&Plex::crd()),
-    ];
-    docs.into_iter()
-        .map(|d| format!("---\n{}", d.unwrap_or_default()))
-        .collect()
+    #[test]
+    fn checked_in_crds_match_crdgen_output() {
+        let generated = crds_yaml();
+        assert!(generated == include_str!("../../crds/sva.io.yaml"), "crds/ is stale: run crdgen");
+        assert!(
+            generated == include_str!("../../charts/sva-operator/crds/sva.io.yaml"),
+            "chart CRDs differ from crdgen"
+        );
+    }
+
+    #[test]
+    fn example_manifest_parses_into_the_typed_spec() {
+        let mv: MirroredVolume =
+            serde_yaml::from_str(include_str!("../../kind/mirroredvolume.yaml")).unwrap();
+        assert_eq!(mv.spec.plexes, 2);
+        assert_eq!(parse_bytes(&mv.spec.size), Some(1 << 30));
+        assert_eq!(mv.spec.cache_mode, CacheMode::WriteThrough);
+        assert!((PLEXES_MIN..=PLEXES_MAX).contains(&mv.spec.plexes));
+    }
 }

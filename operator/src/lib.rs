@@ -13,6 +13,7 @@ pub mod lease_witness;
 pub mod node_api;
 pub mod nodeconfig;
 pub mod plan;
+pub mod telemetry;
 
 pub mod controller;
 #[cfg(test)]
