@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 
+pub mod pr;
 pub mod sense;
 
 use futures::future::BoxFuture;
