@@ -297,7 +297,8 @@ impl Registration {
     }
 
     fn overlaps(&self, initiator: &str, target_port: Option<u16>) -> bool {
-        initiators_overlap(&self.initiator, initiator) && ports_overlap(self.target_port, target_port)
+        initiators_overlap(&self.initiator, initiator)
+            && ports_overlap(self.target_port, target_port)
     }
 
     fn is_identity(&self, initiator: &str, target_port: Option<u16>) -> bool {
@@ -367,7 +368,7 @@ fn parse_transport_id(buf: &[u8]) -> Result<(String, usize), ScsiError> {
     }
     let additional = usize::from(be_u16(buf, 2));
     // The ADDITIONAL LENGTH is a multiple of four (the name is NUL-padded).
-    if additional == 0 || additional % 4 != 0 {
+    if additional == 0 || additional & 3 != 0 {
         return Err(bad_param());
     }
     let total = 4 + additional;
@@ -402,7 +403,7 @@ fn encode_transport_id(initiator: &str) -> Vec<u8> {
     let format: u8 = if sep_index(initiator).is_some() { 1 } else { 0 };
     let mut name = initiator.as_bytes().to_vec();
     name.push(0);
-    while name.len() % 4 != 0 || name.len() < 16 {
+    while name.len() & 3 != 0 || name.len() < 16 {
         name.push(0);
     }
     let mut t = Vec::with_capacity(4 + name.len());
@@ -461,7 +462,7 @@ fn classify(cdb: &[u8]) -> Access {
             _ => Access::Write,
         },
         op::SERVICE_ACTION_IN16 => match sa1 {
-            0x10 => Access::Always,       // READ CAPACITY (16)
+            0x10 => Access::Always,      // READ CAPACITY (16)
             0x11..=0x13 => Access::Read, // READ LONG (16), GET LBA STATUS, REPORT REFERRALS
             _ => Access::Write,
         },
@@ -782,7 +783,7 @@ impl Reservations {
     fn report_capabilities(&self) -> Vec<u8> {
         let mut d = vec![0u8; 8];
         d[1] = 8; // LENGTH
-        // CRH (SPC-3 §5.6.3 rules for RESERVE/RELEASE), SIP_C, ATP_C, PTPL_C. RLR_C=0.
+                  // CRH (SPC-3 §5.6.3 rules for RESERVE/RELEASE), SIP_C, ATP_C, PTPL_C. RLR_C=0.
         d[2] = 0x10 | 0x08 | 0x04 | 0x01;
         // TMV; ALLOW COMMANDS 011b: TEST UNIT READY through WE and EA, and MODE SENSE, READ
         // ATTRIBUTE, READ BUFFER, RECEIVE COPY RESULTS, RECEIVE DIAGNOSTIC RESULTS, REPORT
@@ -1083,12 +1084,7 @@ impl Reservations {
         if preempts_reservation {
             let old = self.res.clone();
             let all_reg = old.as_ref().is_some_and(|r| r.rtype.all_registrants());
-            self.remove_registrations(
-                n,
-                |g| !is_me(g) && (all_reg || g.key == sark),
-                abort,
-                out,
-            );
+            self.remove_registrations(n, |g| !is_me(g) && (all_reg || g.key == sark), abort, out);
             self.res = Some(Reservation {
                 holder_initiator: me_id.0.clone(),
                 holder_target_port: me_id.1,
@@ -1255,10 +1251,12 @@ impl Reservations {
             res: s.reservation,
             generation: s.generation,
             aptpl: s.aptpl,
-            scsi2: s.scsi2_holder.map(|(initiator_port, relative_target_port)| NexusId {
-                initiator_port,
-                relative_target_port,
-            }),
+            scsi2: s
+                .scsi2_holder
+                .map(|(initiator_port, relative_target_port)| NexusId {
+                    initiator_port,
+                    relative_target_port,
+                }),
         };
         r.drop_orphan_reservation();
         r
@@ -1276,3 +1274,1055 @@ fn check_scsi2_cdb(cdb: &[u8], op6: u8, op10: u8) -> Result<(), ScsiError> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const WE: PrType = PrType::WriteExclusive;
+    const EA: PrType = PrType::ExclusiveAccess;
+    const WE_RO: PrType = PrType::WriteExclusiveRegistrantsOnly;
+    const EA_RO: PrType = PrType::ExclusiveAccessRegistrantsOnly;
+    const WE_AR: PrType = PrType::WriteExclusiveAllRegistrants;
+    const EA_AR: PrType = PrType::ExclusiveAccessAllRegistrants;
+
+    const READ10: [u8; 10] = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    const WRITE10: [u8; 10] = [0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    const RESERVE6: [u8; 6] = [0x16, 0, 0, 0, 0, 0];
+    const RELEASE6: [u8; 6] = [0x17, 0, 0, 0, 0, 0];
+    const RESERVE10: [u8; 10] = [0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    const SPEC_I_PT: u8 = 0x08;
+    const ALL_TG_PT: u8 = 0x04;
+    const APTPL: u8 = 0x01;
+
+    fn port_name(name: &str, isid: u64) -> String {
+        format!("iqn.2024-01.test:{name},i,0x{isid:012x}")
+    }
+    fn nx(name: &str, isid: u64, port: u16) -> NexusId {
+        NexusId {
+            initiator_port: port_name(name, isid),
+            relative_target_port: port,
+        }
+    }
+    fn a() -> NexusId {
+        nx("a", 0x23d000000001, 1)
+    }
+    fn b() -> NexusId {
+        nx("b", 0x23d000000002, 2)
+    }
+    fn c() -> NexusId {
+        nx("c", 0x23d000000003, 1)
+    }
+
+    fn prout_cdb(sa: u8, scope_type: u8, plen: u32) -> Vec<u8> {
+        let mut c = vec![0x5f, sa, scope_type, 0, 0, 0, 0, 0, 0, 0];
+        c[5..9].copy_from_slice(&plen.to_be_bytes());
+        c
+    }
+    fn basic(rk: u64, sark: u64, flags: u8) -> Vec<u8> {
+        let mut p = vec![0u8; 24];
+        p[0..8].copy_from_slice(&rk.to_be_bytes());
+        p[8..16].copy_from_slice(&sark.to_be_bytes());
+        p[20] = flags;
+        p
+    }
+    fn tid(text: &str, format: u8) -> Vec<u8> {
+        let mut name = text.as_bytes().to_vec();
+        name.push(0);
+        while name.len() & 3 != 0 {
+            name.push(0);
+        }
+        let mut t = vec![(format << 6) | 5, 0];
+        t.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        t.extend_from_slice(&name);
+        t
+    }
+    fn prin_cdb(sa: u8) -> Vec<u8> {
+        vec![0x5e, sa, 0, 0, 0, 0, 0, 0x40, 0, 0]
+    }
+    fn illegal(e: &ScsiError) -> Option<Asc> {
+        match e {
+            ScsiError::Check {
+                key: super::super::SenseKey::IllegalRequest,
+                asc,
+                ..
+            } => Some(*asc),
+            _ => None,
+        }
+    }
+
+    /// A logical unit's reservation state driven by the commands an initiator would send.
+    #[derive(Default)]
+    struct Lu {
+        r: Reservations,
+    }
+
+    type Out = Result<PrOutcome, ScsiError>;
+
+    impl Lu {
+        fn out(&mut self, n: &NexusId, sa: u8, t: u8, p: &[u8]) -> Out {
+            let cdb = prout_cdb(sa, t, p.len() as u32);
+            self.r.persistent_reserve_out(n, &cdb, p)
+        }
+        fn register(&mut self, n: &NexusId, rk: u64, sark: u64) -> Out {
+            self.out(n, 0, 0, &basic(rk, sark, 0))
+        }
+        fn raiek(&mut self, n: &NexusId, sark: u64) -> Out {
+            self.out(n, 6, 0, &basic(0, sark, 0))
+        }
+        fn reserve(&mut self, n: &NexusId, key: u64, t: PrType) -> Out {
+            self.out(n, 1, t.code(), &basic(key, 0, 0))
+        }
+        fn release(&mut self, n: &NexusId, key: u64, t: PrType) -> Out {
+            self.out(n, 2, t.code(), &basic(key, 0, 0))
+        }
+        fn clear(&mut self, n: &NexusId, key: u64) -> Out {
+            self.out(n, 3, 0, &basic(key, 0, 0))
+        }
+        fn preempt(&mut self, n: &NexusId, rk: u64, sark: u64, t: PrType, abort: bool) -> Out {
+            self.out(n, if abort { 5 } else { 4 }, t.code(), &basic(rk, sark, 0))
+        }
+        fn read_keys(&self, n: &NexusId) -> (u32, Vec<u64>) {
+            let d = self.r.persistent_reserve_in(n, &prin_cdb(0)).unwrap();
+            let len = be_u32(&d, 4) as usize;
+            assert_eq!(d.len(), 8 + len);
+            let keys = d[8..].chunks(8).map(|k| be_u64(k, 0)).collect();
+            (be_u32(&d, 0), keys)
+        }
+        /// (reservation key, type code) from READ RESERVATION.
+        fn read_reservation(&self, n: &NexusId) -> Option<(u64, u8)> {
+            let d = self.r.persistent_reserve_in(n, &prin_cdb(1)).unwrap();
+            match be_u32(&d, 4) {
+                0 => {
+                    assert_eq!(d.len(), 8);
+                    None
+                }
+                16 => {
+                    assert_eq!(d.len(), 24);
+                    Some((be_u64(&d, 8), d[21]))
+                }
+                l => panic!("bad additional length {l}"),
+            }
+        }
+        fn can_read(&self, n: &NexusId) -> bool {
+            !self.r.conflicts(n, &READ10)
+        }
+        fn can_write(&self, n: &NexusId) -> bool {
+            !self.r.conflicts(n, &WRITE10)
+        }
+    }
+
+    fn uas(o: &PrOutcome) -> Vec<(String, Asc)> {
+        o.unit_attentions
+            .iter()
+            .map(|(n, a)| (n.initiator_port.clone(), *a))
+            .collect()
+    }
+
+    /// libiscsi test_prout_reserve_access: (type, registered B read, write, unregistered B
+    /// read, write). A registers, B registers, A reserves; B's access follows SPC-4 table 63.
+    #[test]
+    fn access_by_type_registered_and_unregistered() {
+        let table = [
+            (EA, false, false, false, false),
+            (WE, true, false, true, false),
+            (EA_RO, true, true, false, false),
+            (WE_RO, true, true, true, false),
+            (EA_AR, true, true, false, false),
+            (WE_AR, true, true, true, false),
+        ];
+        for (t, reg_r, reg_w, unreg_r, unreg_w) in table {
+            let mut lu = Lu::default();
+            lu.raiek(&a(), 0xa1).unwrap();
+            lu.raiek(&b(), 0xb2).unwrap();
+            lu.reserve(&a(), 0xa1, t).unwrap();
+            let key = if t.all_registrants() { 0 } else { 0xa1 };
+            assert_eq!(lu.read_reservation(&b()), Some((key, t.code())), "{t:?}");
+            assert!(lu.can_read(&a()) && lu.can_write(&a()), "{t:?}");
+            assert_eq!(
+                (lu.can_read(&b()), lu.can_write(&b())),
+                (reg_r, reg_w),
+                "{t:?}"
+            );
+            lu.register(&b(), 0xb2, 0).unwrap();
+            assert_eq!(
+                (lu.can_read(&b()), lu.can_write(&b())),
+                (unreg_r, unreg_w),
+                "{t:?} unregistered"
+            );
+            // Commands allowed whatever the reservation (SPC-4 table 63).
+            for cdb in [
+                &[0x12u8, 0, 0, 0, 36, 0][..],
+                &[0, 0, 0, 0, 0, 0],
+                &prin_cdb(0),
+            ] {
+                assert!(!lu.r.conflicts(&b(), cdb), "{t:?} {cdb:02x?}");
+            }
+            // MODE SENSE is a read-type command: allowed through Write Exclusive only.
+            let mode_sense = [0x1a, 0, 0x3f, 0, 0xff, 0];
+            assert_eq!(!lu.r.conflicts(&b(), &mode_sense), t.write_exclusive());
+            // SYNCHRONIZE CACHE is write-type.
+            assert!(lu.r.conflicts(&b(), &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
+            lu.release(&a(), 0xa1, t).unwrap();
+            assert!(lu.can_read(&b()) && lu.can_write(&b()));
+            lu.register(&a(), 0xa1, 0).unwrap();
+            assert_eq!(lu.read_keys(&a()).1, Vec::<u64>::new());
+        }
+    }
+
+    /// libiscsi test_prout_reserve_ownership: when the holder unregisters, a non-AR
+    /// reservation is released (registrants-only: others learn 2A/04); an AR reservation stays
+    /// and the remaining registrant may release it.
+    #[test]
+    fn holder_unregistering() {
+        for t in PrType::ALL {
+            let mut lu = Lu::default();
+            lu.raiek(&a(), 1).unwrap();
+            lu.raiek(&b(), 2).unwrap();
+            lu.reserve(&a(), 1, t).unwrap();
+            let out = lu.register(&a(), 1, 0).unwrap();
+            if t.all_registrants() {
+                assert_eq!(lu.read_reservation(&a()), Some((0, t.code())));
+                assert!(out.unit_attentions.is_empty());
+                let out = lu.release(&b(), 2, t).unwrap();
+                assert!(out.unit_attentions.is_empty(), "nobody else is registered");
+            } else if t.registrants_only() {
+                assert_eq!(
+                    uas(&out),
+                    vec![(b().initiator_port, asc::RESERVATIONS_RELEASED)]
+                );
+            } else {
+                assert!(out.unit_attentions.is_empty(), "{t:?}");
+            }
+            assert_eq!(lu.read_reservation(&a()), None, "{t:?}");
+            lu.register(&b(), 2, 0).unwrap();
+        }
+    }
+
+    /// libiscsi test_prout_register_simple plus the REGISTER rules of SPC-4 §5.9.7.
+    #[test]
+    fn register_rules() {
+        let mut lu = Lu::default();
+        // Unregistered nexus naming a non-zero RESERVATION KEY: conflict.
+        assert_eq!(lu.register(&a(), 5, 7), Err(ScsiError::ReservationConflict));
+        assert_eq!(lu.r.generation(), 0, "failed commands do not count");
+        lu.register(&a(), 0, 7).unwrap();
+        assert_eq!(lu.read_keys(&a()), (1, vec![7]));
+        // Re-registering with the wrong key conflicts; the right one replaces it.
+        assert_eq!(lu.register(&a(), 8, 9), Err(ScsiError::ReservationConflict));
+        lu.register(&a(), 7, 9).unwrap();
+        assert_eq!(lu.read_keys(&a()), (2, vec![9]));
+        // REGISTER AND IGNORE EXISTING KEY ignores the key.
+        lu.out(&a(), 6, 0, &basic(0xdead, 10, 0)).unwrap();
+        assert_eq!(lu.read_keys(&a()), (3, vec![10]));
+        // SARK zero from an unregistered nexus: GOOD, nothing registered, generation counts.
+        lu.register(&b(), 0, 0).unwrap();
+        assert_eq!(lu.read_keys(&a()), (4, vec![10]));
+        // Unregister.
+        lu.register(&a(), 10, 0).unwrap();
+        assert_eq!(lu.read_keys(&a()), (5, vec![]));
+        // Same initiator port through another target port is another I_T nexus.
+        lu.raiek(&a(), 1).unwrap();
+        let a2 = nx("a", 0x23d000000001, 2);
+        assert_eq!(lu.register(&a2, 1, 2), Err(ScsiError::ReservationConflict));
+        lu.register(&a2, 0, 2).unwrap();
+        assert_eq!(lu.read_keys(&a()).1, vec![1, 2]);
+    }
+
+    #[test]
+    fn cdb_and_parameter_list_errors() {
+        let mut lu = Lu::default();
+        // Parameter list length must be 24 without SPEC_I_PT (SPC-4 §6.16.3).
+        for plen in [0u32, 23, 25, 28] {
+            let p = vec![0u8; plen as usize];
+            let e =
+                lu.r.persistent_reserve_out(&a(), &prout_cdb(6, 0, plen), &p)
+                    .unwrap_err();
+            assert_eq!(
+                illegal(&e),
+                Some(asc::PARAMETER_LIST_LENGTH_ERROR),
+                "{plen}"
+            );
+        }
+        // Fewer bytes delivered than the CDB announces.
+        let e =
+            lu.r.persistent_reserve_out(&a(), &prout_cdb(6, 0, 24), &[0; 10])
+                .unwrap_err();
+        assert_eq!(illegal(&e), Some(asc::PARAMETER_LIST_LENGTH_ERROR));
+        // Unknown service actions (libiscsi test_prin_serviceaction_range for PR IN).
+        for sa in 8..0x20 {
+            let e = lu.out(&a(), sa, 0, &basic(0, 1, 0)).unwrap_err();
+            assert_eq!(illegal(&e), Some(asc::INVALID_FIELD_IN_CDB), "PR OUT {sa}");
+        }
+        for sa in 0..4 {
+            assert!(lu.r.persistent_reserve_in(&a(), &prin_cdb(sa)).is_ok());
+        }
+        for sa in 4..0x20 {
+            let e = lu.r.persistent_reserve_in(&a(), &prin_cdb(sa)).unwrap_err();
+            assert_eq!(illegal(&e), Some(asc::INVALID_FIELD_IN_CDB), "PR IN {sa}");
+        }
+        // Short CDBs.
+        assert!(lu.r.persistent_reserve_in(&a(), &[0x5e, 0]).is_err());
+        assert!(lu.r.persistent_reserve_out(&a(), &[0x5f], &[]).is_err());
+        // SPEC_I_PT is only valid for REGISTER.
+        let e = lu.out(&a(), 6, 0, &basic(0, 1, SPEC_I_PT)).unwrap_err();
+        assert_eq!(illegal(&e), Some(asc::INVALID_FIELD_IN_PARAMETER_LIST));
+        assert_eq!(lu.r, Reservations::new(), "errors change nothing");
+    }
+
+    #[test]
+    fn reserve_rules() {
+        let mut lu = Lu::default();
+        assert_eq!(lu.reserve(&a(), 0, WE), Err(ScsiError::ReservationConflict));
+        lu.raiek(&a(), 1).unwrap();
+        lu.raiek(&b(), 2).unwrap();
+        let gen = lu.r.generation();
+        assert_eq!(lu.reserve(&a(), 3, WE), Err(ScsiError::ReservationConflict));
+        // Invalid type codes and non-LU scope: INVALID FIELD IN CDB.
+        for st in [0x00, 0x02, 0x04, 0x09, 0x0f, 0x11, 0x21] {
+            let e = lu.out(&a(), 1, st, &basic(1, 0, 0)).unwrap_err();
+            assert_eq!(illegal(&e), Some(asc::INVALID_FIELD_IN_CDB), "{st:#x}");
+        }
+        lu.reserve(&a(), 1, WE).unwrap();
+        // The holder may repeat the same reservation, not change its type.
+        lu.reserve(&a(), 1, WE).unwrap();
+        assert_eq!(lu.reserve(&a(), 1, EA), Err(ScsiError::ReservationConflict));
+        assert_eq!(lu.reserve(&b(), 2, WE), Err(ScsiError::ReservationConflict));
+        assert_eq!(lu.r.generation(), gen, "RESERVE does not bump PRgeneration");
+        assert_eq!(lu.read_reservation(&c()), Some((1, WE.code())));
+        // All-registrants: every registrant is a holder and may re-reserve.
+        lu.release(&a(), 1, WE).unwrap();
+        lu.reserve(&a(), 1, EA_AR).unwrap();
+        lu.reserve(&b(), 2, EA_AR).unwrap();
+        assert_eq!(
+            lu.reserve(&b(), 2, WE_AR),
+            Err(ScsiError::ReservationConflict)
+        );
+    }
+
+    #[test]
+    fn release_rules() {
+        let mut lu = Lu::default();
+        lu.raiek(&a(), 1).unwrap();
+        lu.raiek(&b(), 2).unwrap();
+        lu.raiek(&c(), 3).unwrap();
+        // No reservation: GOOD.
+        lu.release(&a(), 1, WE).unwrap();
+        assert_eq!(
+            lu.release(&nx("z", 9, 1), 0, WE),
+            Err(ScsiError::ReservationConflict)
+        );
+        lu.reserve(&a(), 1, WE_RO).unwrap();
+        // Wrong key conflicts; a registered non-holder's RELEASE is a GOOD no-op.
+        assert_eq!(
+            lu.release(&a(), 2, WE_RO),
+            Err(ScsiError::ReservationConflict)
+        );
+        lu.release(&b(), 2, WE_RO).unwrap();
+        assert!(lu.read_reservation(&a()).is_some());
+        // The holder naming another type: INVALID RELEASE OF PERSISTENT RESERVATION.
+        let e = lu.release(&a(), 1, EA_RO).unwrap_err();
+        assert_eq!(
+            illegal(&e),
+            Some(asc::INVALID_RELEASE_OF_PERSISTENT_RESERVATION)
+        );
+        let e = lu.out(&a(), 2, 0x15, &basic(1, 0, 0)).unwrap_err();
+        assert_eq!(
+            illegal(&e),
+            Some(asc::INVALID_RELEASE_OF_PERSISTENT_RESERVATION)
+        );
+        // Releasing a registrants-only reservation tells the other registrants.
+        let out = lu.release(&a(), 1, WE_RO).unwrap();
+        assert_eq!(
+            uas(&out),
+            vec![
+                (b().initiator_port, asc::RESERVATIONS_RELEASED),
+                (c().initiator_port, asc::RESERVATIONS_RELEASED)
+            ]
+        );
+        // ... a Write Exclusive one does not.
+        lu.reserve(&a(), 1, WE).unwrap();
+        assert!(lu.release(&a(), 1, WE).unwrap().unit_attentions.is_empty());
+    }
+
+    /// libiscsi test_prout_clear_simple.
+    #[test]
+    fn clear_drops_everything_once() {
+        let mut lu = Lu::default();
+        lu.raiek(&a(), 1).unwrap();
+        lu.raiek(&b(), 2).unwrap();
+        let (gen, _) = lu.read_keys(&a());
+        lu.reserve(&a(), 1, EA).unwrap();
+        assert_eq!(lu.clear(&c(), 0), Err(ScsiError::ReservationConflict));
+        assert_eq!(lu.clear(&b(), 1), Err(ScsiError::ReservationConflict));
+        let out = lu.clear(&a(), 1).unwrap();
+        assert_eq!(
+            uas(&out),
+            vec![(b().initiator_port, asc::RESERVATIONS_PREEMPTED)]
+        );
+        assert_eq!(lu.read_reservation(&a()), None);
+        assert_eq!(lu.read_keys(&a()), (gen + 1, vec![]));
+        assert!(lu.can_write(&c()));
+    }
+
+    /// libiscsi test_prout_preempt_rm_reg: no reservation, B preempts A's key.
+    #[test]
+    fn preempt_removes_registration() {
+        let mut lu = Lu::default();
+        lu.raiek(&a(), 0x11).unwrap();
+        lu.clear(&a(), 0x11).unwrap();
+        lu.raiek(&a(), 0x11).unwrap();
+        lu.raiek(&b(), 0x22).unwrap();
+        let (gen, keys) = lu.read_keys(&a());
+        assert_eq!(keys, vec![0x11, 0x22]);
+        let out = lu.preempt(&b(), 0x22, 0x11, EA, false).unwrap();
+        assert_eq!(
+            uas(&out),
+            vec![(a().initiator_port, asc::REGISTRATIONS_PREEMPTED)]
+        );
+        assert!(out.abort_tasks_of.is_empty());
+        assert_eq!(lu.read_keys(&a()), (gen + 1, vec![0x22]));
+        assert_eq!(
+            lu.read_reservation(&a()),
+            None,
+            "no reservation was created"
+        );
+        // A key nobody holds: conflict. Zero without a reservation: invalid parameter.
+        assert_eq!(
+            lu.preempt(&b(), 0x22, 0x99, EA, false),
+            Err(ScsiError::ReservationConflict)
+        );
+        let e = lu.preempt(&b(), 0x22, 0, EA, false).unwrap_err();
+        assert_eq!(illegal(&e), Some(asc::INVALID_FIELD_IN_PARAMETER_LIST));
+        // Unregistered A cannot preempt.
+        assert_eq!(
+            lu.preempt(&a(), 0x11, 0x22, EA, false),
+            Err(ScsiError::ReservationConflict)
+        );
+    }
+
+    #[test]
+    fn preempt_and_abort_takes_the_reservation() {
+        let mut lu = Lu::default();
+        lu.raiek(&a(), 1).unwrap();
+        lu.raiek(&b(), 2).unwrap();
+        lu.raiek(&c(), 3).unwrap();
+        lu.reserve(&a(), 1, WE).unwrap();
+        // SARK zero under a non-AR reservation: INVALID FIELD IN PARAMETER LIST.
+        let e = lu.preempt(&c(), 3, 0, EA, true).unwrap_err();
+        assert_eq!(illegal(&e), Some(asc::INVALID_FIELD_IN_PARAMETER_LIST));
+        let out = lu.preempt(&c(), 3, 1, EA, true).unwrap();
+        assert_eq!(lu.read_reservation(&a()), Some((3, EA.code())));
+        assert_eq!(lu.read_keys(&a()).1, vec![2, 3]);
+        assert_eq!(out.abort_tasks_of, vec![a()]);
+        // A lost its registration; B kept its own but the old reservation was released.
+        assert_eq!(
+            uas(&out),
+            vec![
+                (a().initiator_port, asc::REGISTRATIONS_PREEMPTED),
+                (b().initiator_port, asc::RESERVATIONS_RELEASED)
+            ]
+        );
+        assert!(!lu.can_read(&b()) && lu.can_write(&c()));
+        // The holder may preempt itself to change type; same type: no RESERVATIONS RELEASED.
+        let out = lu.preempt(&c(), 3, 3, EA, false).unwrap();
+        assert!(out.unit_attentions.is_empty());
+        assert_eq!(lu.read_keys(&a()).1, vec![2, 3]);
+    }
+
+    #[test]
+    fn preempt_all_registrants() {
+        let mut lu = Lu::default();
+        lu.raiek(&a(), 1).unwrap();
+        lu.raiek(&b(), 2).unwrap();
+        lu.raiek(&c(), 3).unwrap();
+        lu.reserve(&a(), 1, WE_AR).unwrap();
+        // Non-zero SARK under AR: only removes that registration.
+        lu.preempt(&b(), 2, 3, EA, false).unwrap();
+        assert_eq!(lu.read_reservation(&a()), Some((0, WE_AR.code())));
+        assert_eq!(lu.read_keys(&a()).1, vec![1, 2]);
+        lu.raiek(&c(), 3).unwrap();
+        // Zero SARK under AR: B takes over alone with the new type.
+        let out = lu.preempt(&b(), 2, 0, EA, false).unwrap();
+        assert_eq!(lu.read_keys(&a()).1, vec![2]);
+        assert_eq!(lu.read_reservation(&a()), Some((2, EA.code())));
+        assert_eq!(
+            uas(&out),
+            vec![
+                (a().initiator_port, asc::REGISTRATIONS_PREEMPTED),
+                (c().initiator_port, asc::REGISTRATIONS_PREEMPTED)
+            ]
+        );
+    }
+
+    fn move_params(rk: u64, sark: u64, flags: u8, rtp: u16, t: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 24];
+        p[0..8].copy_from_slice(&rk.to_be_bytes());
+        p[8..16].copy_from_slice(&sark.to_be_bytes());
+        p[17] = flags;
+        p[18..20].copy_from_slice(&rtp.to_be_bytes());
+        p[20..24].copy_from_slice(&(t.len() as u32).to_be_bytes());
+        p.extend_from_slice(t);
+        p
+    }
+
+    #[test]
+    fn register_and_move() {
+        let mut lu = Lu::default();
+        lu.raiek(&a(), 1).unwrap();
+        let to_b = tid(&b().initiator_port, 1);
+        // Not a holder: conflict.
+        assert_eq!(
+            lu.out(&a(), 7, WE.code(), &move_params(1, 5, 0, 2, &to_b)),
+            Err(ScsiError::ReservationConflict)
+        );
+        lu.reserve(&a(), 1, WE).unwrap();
+        // To itself: invalid parameter; SARK zero: invalid parameter; wrong key: conflict.
+        let to_a = tid(&a().initiator_port, 1);
+        for (p, want) in [
+            (
+                move_params(1, 5, 0, 1, &to_a),
+                Some(asc::INVALID_FIELD_IN_PARAMETER_LIST),
+            ),
+            (
+                move_params(1, 0, 0, 2, &to_b),
+                Some(asc::INVALID_FIELD_IN_PARAMETER_LIST),
+            ),
+            (
+                move_params(1, 5, 0, 0, &to_b),
+                Some(asc::INVALID_FIELD_IN_PARAMETER_LIST),
+            ),
+            (
+                move_params(1, 5, 0, 2, &to_b[..8]),
+                Some(asc::PARAMETER_LIST_LENGTH_ERROR),
+            ),
+            (move_params(9, 5, 0, 2, &to_b), None),
+        ] {
+            let e = lu.out(&a(), 7, WE.code(), &p).unwrap_err();
+            assert_eq!(illegal(&e), want);
+        }
+        let gen = lu.r.generation();
+        let out = lu
+            .out(&a(), 7, EA.code(), &move_params(1, 5, 0x02, 2, &to_b))
+            .unwrap();
+        assert_eq!(out, PrOutcome::default());
+        assert_eq!(lu.read_reservation(&a()), Some((5, EA.code())));
+        assert_eq!(lu.read_keys(&a()), (gen + 1, vec![5]), "UNREG dropped A");
+        assert!(lu.can_write(&b()) && !lu.can_read(&a()));
+        // All-registrants reservations cannot be moved.
+        lu.release(&b(), 5, EA).unwrap();
+        lu.reserve(&b(), 5, WE_AR).unwrap();
+        assert_eq!(
+            lu.out(&b(), 7, WE.code(), &move_params(5, 6, 0, 1, &to_a)),
+            Err(ScsiError::ReservationConflict)
+        );
+    }
+
+    #[test]
+    fn spec_i_pt_registers_named_initiators() {
+        let mut lu = Lu::default();
+        let mut p = basic(0, 7, SPEC_I_PT);
+        let tids = [tid(&b().initiator_port, 1), tid("iqn.2024-01.test:c", 0)].concat();
+        p.extend_from_slice(&(tids.len() as u32).to_be_bytes());
+        p.extend_from_slice(&tids);
+        // Truncated TransportID list: PARAMETER LIST LENGTH ERROR, nothing registered.
+        let mut short = p.clone();
+        short.truncate(p.len() - 4);
+        let e = lu.out(&a(), 0, 0, &short).unwrap_err();
+        assert_eq!(illegal(&e), Some(asc::PARAMETER_LIST_LENGTH_ERROR));
+        assert_eq!(lu.r, Reservations::new());
+        lu.out(&a(), 0, 0, &p).unwrap();
+        assert_eq!(lu.read_keys(&a()).1, vec![7, 7, 7]);
+        // B through the port the command came in on (1), not port 2.
+        let b1 = NexusId {
+            relative_target_port: 1,
+            ..b()
+        };
+        assert_eq!(lu.register(&b1, 7, 8).map(|_| ()), Ok(()));
+        assert_eq!(lu.register(&b(), 7, 8), Err(ScsiError::ReservationConflict));
+        // Format 00b covers every ISID of initiator c.
+        lu.register(&nx("c", 0x999, 1), 7, 9).unwrap();
+        assert_eq!(lu.read_keys(&a()).1, vec![7, 8, 9]);
+        // Naming an already registered initiator: INVALID FIELD IN PARAMETER LIST.
+        let mut again = basic(0, 7, SPEC_I_PT);
+        let t = tid(
+            &a().initiator_port.to_uppercase().replace(",I,0X", ",i,0x"),
+            1,
+        );
+        again.extend_from_slice(&(t.len() as u32).to_be_bytes());
+        again.extend_from_slice(&t);
+        let e = lu.out(&nx("d", 1, 1), 0, 0, &again).unwrap_err();
+        assert_eq!(illegal(&e), Some(asc::INVALID_FIELD_IN_PARAMETER_LIST));
+        // A registered sender may not use SPEC_I_PT.
+        let mut own = basic(7, 7, SPEC_I_PT);
+        own.extend_from_slice(&0u32.to_be_bytes());
+        let e = lu.out(&a(), 0, 0, &own).unwrap_err();
+        assert_eq!(illegal(&e), Some(asc::INVALID_FIELD_IN_PARAMETER_LIST));
+        // Bad TransportIDs: wrong protocol, bad format, missing ISID.
+        for bad in [
+            {
+                let mut t = tid("iqn.x", 0);
+                t[0] = 0x01;
+                t
+            },
+            {
+                let mut t = tid("iqn.x", 0);
+                t[0] = 0x85;
+                t
+            },
+            tid("iqn.x", 1),
+            tid("iqn.x,i,0xzz", 1),
+        ] {
+            let mut p = basic(0, 1, SPEC_I_PT);
+            p.extend_from_slice(&(bad.len() as u32).to_be_bytes());
+            p.extend_from_slice(&bad);
+            let e = lu.out(&nx("e", 1, 1), 0, 0, &p).unwrap_err();
+            assert_eq!(illegal(&e), Some(asc::INVALID_FIELD_IN_PARAMETER_LIST));
+        }
+    }
+
+    #[test]
+    fn all_target_ports_and_full_status() {
+        let mut lu = Lu::default();
+        lu.out(&a(), 6, 0, &basic(0, 0xaa, ALL_TG_PT)).unwrap();
+        let a2 = nx("a", 0x23d000000001, 2);
+        // Registered on every target port: may reserve through port 2.
+        lu.reserve(&a2, 0xaa, EA).unwrap();
+        assert!(lu.can_write(&a()) && lu.can_write(&a2));
+        lu.raiek(&b(), 0xbb).unwrap();
+        let d = lu.r.persistent_reserve_in(&b(), &prin_cdb(3)).unwrap();
+        assert_eq!(be_u32(&d, 0), lu.r.generation());
+        assert_eq!(be_u32(&d, 4) as usize, d.len() - 8);
+        // First descriptor: A, ALL_TG_PT and R_HOLDER, type EA, port 0, TransportID 01b.
+        let desc = &d[8..];
+        assert_eq!(be_u64(desc, 0), 0xaa);
+        assert_eq!(desc[12], 0x03);
+        assert_eq!(desc[13], EA.code());
+        assert_eq!(be_u16(desc, 18), 0);
+        let tlen = be_u32(desc, 20) as usize;
+        let (name, used) = parse_transport_id(&desc[24..24 + tlen]).unwrap();
+        assert_eq!((name.as_str(), used), (a().initiator_port.as_str(), tlen));
+        // Second descriptor: B, port 2, not a holder.
+        let desc = &desc[24 + tlen..];
+        assert_eq!(be_u64(desc, 0), 0xbb);
+        assert_eq!(desc[12], 0);
+        assert_eq!(be_u16(desc, 18), 2);
+        // A's registration is one object: unregistering through port 2 releases.
+        lu.register(&a2, 0xaa, 0).unwrap();
+        assert_eq!(lu.read_reservation(&a()), None);
+        assert_eq!(lu.read_keys(&a()).1, vec![0xbb]);
+    }
+
+    #[test]
+    fn report_capabilities_describe_this_module() {
+        let lu = Lu::default();
+        let d = lu.r.persistent_reserve_in(&a(), &prin_cdb(2)).unwrap();
+        assert_eq!(d, vec![0, 8, 0x1d, 0xb0, 0xea, 0x01, 0, 0]);
+    }
+
+    #[test]
+    fn aptpl_persistence() {
+        let mut lu = Lu::default();
+        let out = lu.raiek(&a(), 1).unwrap();
+        assert!(!out.persist, "APTPL never active");
+        let out = lu.out(&a(), 6, 0, &basic(0, 1, APTPL)).unwrap();
+        assert!(out.persist);
+        let caps = lu.r.persistent_reserve_in(&a(), &prin_cdb(2)).unwrap();
+        assert_eq!(caps[3] & 0x01, 1, "PTPL_A");
+        assert!(lu.reserve(&a(), 1, WE).unwrap().persist);
+        assert!(!lu.reserve(&a(), 1, WE).unwrap().persist, "nothing changed");
+        let snap = lu.r.snapshot();
+        let after = snap.after_power_loss();
+        assert_eq!(after.generation, 0);
+        let back = Reservations::restore(after);
+        assert_eq!(back.keys(), vec![1]);
+        assert_eq!(back.reservation().map(|r| r.rtype), Some(WE));
+        // Turning APTPL off must be saved too; afterwards nothing is.
+        assert!(lu.raiek(&a(), 1).unwrap().persist);
+        assert!(!lu.release(&a(), 1, WE).unwrap().persist);
+        assert_eq!(lu.r.snapshot().after_power_loss(), PrSnapshot::default());
+    }
+
+    /// libiscsi test_reserve6_2initiators and friends.
+    #[test]
+    fn scsi2_reserve_release() {
+        let mut r = Reservations::new();
+        r.reserve(&a(), &RESERVE6).unwrap();
+        r.reserve(&a(), &RESERVE6).unwrap();
+        assert_eq!(
+            r.reserve(&b(), &RESERVE6),
+            Err(ScsiError::ReservationConflict)
+        );
+        assert!(r.conflicts(&b(), &RESERVE10));
+        r.release(&b(), &RELEASE6).unwrap();
+        assert_eq!(r.scsi2_holder(), Some(&a()));
+        let mode_sense = [0x1a, 0, 0x3f, 0, 0xff, 0];
+        assert!(!r.conflicts(&a(), &mode_sense));
+        assert!(r.conflicts(&b(), &mode_sense));
+        assert!(r.conflicts(&b(), &READ10) && r.conflicts(&b(), &[0u8; 6]));
+        for ok in [
+            &[0x12u8, 0, 0, 0, 36, 0][..],
+            &[0xa0; 12],
+            &RELEASE6,
+            &[3, 0, 0, 0, 18, 0],
+        ] {
+            assert!(!r.conflicts(&b(), ok), "{ok:02x?}");
+        }
+        // SPC-2 §5.5.1: PR IN/OUT conflict whoever sends them.
+        assert!(r.conflicts(&a(), &prin_cdb(0)));
+        assert_eq!(
+            r.persistent_reserve_in(&a(), &prin_cdb(0)),
+            Err(ScsiError::ReservationConflict)
+        );
+        assert_eq!(
+            r.persistent_reserve_out(&a(), &prout_cdb(6, 0, 24), &basic(0, 1, 0)),
+            Err(ScsiError::ReservationConflict)
+        );
+        r.release(&a(), &RELEASE6).unwrap();
+        r.reserve(&b(), &RESERVE10).unwrap();
+        r.nexus_lost(&a());
+        assert_eq!(r.scsi2_holder(), Some(&b()));
+        r.nexus_lost(&b());
+        assert_eq!(r.scsi2_holder(), None);
+        r.reserve(&b(), &RESERVE6).unwrap();
+        r.reset();
+        assert_eq!(r.scsi2_holder(), None);
+        // Third-party / extent reservations are not supported.
+        let e = r
+            .reserve(&a(), &[0x56, 0x10, 0, 0, 0, 0, 0, 0, 0, 0])
+            .unwrap_err();
+        assert_eq!(illegal(&e), Some(asc::INVALID_FIELD_IN_CDB));
+        assert!(r.reserve(&a(), &[0x16, 0x01, 0, 0, 0, 0]).is_err());
+        assert!(r.reserve(&a(), &RELEASE6).is_err());
+    }
+
+    /// CRH=1: RESERVE/RELEASE while registrations exist (SPC-3 §5.6.3).
+    #[test]
+    fn scsi2_commands_under_persistent_reservations() {
+        let mut lu = Lu::default();
+        lu.raiek(&a(), 1).unwrap();
+        lu.raiek(&b(), 2).unwrap();
+        // Registered, no reservation: RESERVE/RELEASE conflict.
+        assert_eq!(
+            lu.r.reserve(&a(), &RESERVE6),
+            Err(ScsiError::ReservationConflict)
+        );
+        assert_eq!(
+            lu.r.release(&a(), &RELEASE6),
+            Err(ScsiError::ReservationConflict)
+        );
+        lu.reserve(&a(), 1, WE).unwrap();
+        // The holder: GOOD without effect.
+        lu.r.reserve(&a(), &RESERVE6).unwrap();
+        lu.r.release(&a(), &RELEASE6).unwrap();
+        assert_eq!(lu.r.scsi2_holder(), None);
+        assert_eq!(lu.read_reservation(&a()), Some((1, WE.code())));
+        // A registrant under WE: conflict; under WE_RO its RELEASE is a GOOD no-op.
+        assert_eq!(
+            lu.r.release(&b(), &RELEASE6),
+            Err(ScsiError::ReservationConflict)
+        );
+        assert!(lu.r.conflicts(&b(), &RELEASE6));
+        lu.release(&a(), 1, WE).unwrap();
+        lu.reserve(&a(), 1, WE_RO).unwrap();
+        lu.r.release(&b(), &RELEASE6).unwrap();
+        assert!(!lu.r.conflicts(&b(), &RELEASE6));
+        assert_eq!(
+            lu.r.reserve(&b(), &RESERVE6),
+            Err(ScsiError::ReservationConflict)
+        );
+        assert_eq!(
+            lu.r.release(&c(), &RELEASE6),
+            Err(ScsiError::ReservationConflict)
+        );
+        assert_eq!(lu.read_reservation(&a()), Some((1, WE_RO.code())));
+    }
+
+    #[test]
+    fn snapshot_round_trips_through_json() {
+        let mut lu = Lu::default();
+        lu.out(&a(), 6, 0, &basic(0, 1, ALL_TG_PT | APTPL)).unwrap();
+        lu.raiek(&b(), 2).unwrap();
+        lu.reserve(&b(), 2, EA_RO).unwrap();
+        let snap = lu.r.snapshot();
+        let json = serde_json::to_string(&snap).unwrap();
+        let back: PrSnapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(Reservations::restore(back), lu.r);
+        // A damaged snapshot: overlapping registration and orphan reservation are dropped.
+        let mut bad = snap.clone();
+        bad.registrations.push(bad.registrations[0].clone());
+        bad.reservation = Some(Reservation {
+            holder_initiator: "nobody".into(),
+            holder_target_port: Some(1),
+            rtype: WE,
+        });
+        let r = Reservations::restore(bad);
+        assert_eq!(r.keys(), vec![1, 2]);
+        assert_eq!(r.reservation(), None);
+    }
+
+    #[test]
+    fn patterns_match_nexuses() {
+        let any_port = NexusId {
+            relative_target_port: 0,
+            ..a()
+        };
+        assert!(nexus_matches(&any_port, &nx("a", 0x23d000000001, 7)));
+        assert!(!nexus_matches(&any_port, &nx("a", 0x23d000000002, 7)));
+        let any_isid = NexusId {
+            initiator_port: "IQN.2024-01.test:a".into(),
+            relative_target_port: 1,
+        };
+        assert!(nexus_matches(&any_isid, &nx("a", 5, 1)));
+        assert!(!nexus_matches(&any_isid, &nx("a", 5, 2)));
+        assert!(!nexus_matches(&any_isid, &nx("ab", 5, 1)));
+    }
+
+    // ---- property tests ----
+
+    fn nexuses() -> Vec<NexusId> {
+        vec![
+            nx("a", 1, 1),
+            nx("a", 1, 2),
+            nx("a", 2, 1),
+            nx("b", 1, 1),
+            nx("b", 1, 2),
+            nx("c", 7, 2),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Out {
+            who: usize,
+            sa: u8,
+            scope_type: u8,
+            rk: usize,
+            sark: usize,
+            flags: u8,
+            tids: Vec<(usize, bool)>,
+            rtp: u16,
+            /// Send from a reservation holder when there is one.
+            as_holder: bool,
+        },
+        Reserve(usize, bool),
+        Release(usize, bool),
+        Lost(usize),
+        Reset,
+    }
+
+    const KEYS: [u64; 5] = [0, 1, 2, 3, 0xdead_beef];
+    /// Key index meaning "the sender's registered key" (0 when unregistered).
+    const OWN_KEY: usize = 5;
+    /// Key index meaning "the key of the first registration that is not the sender's".
+    const OTHER_KEY: usize = 6;
+
+    fn key_for(r: &Reservations, n: &NexusId, idx: usize) -> u64 {
+        match idx {
+            OWN_KEY => r.reg_index(n).map_or(0, |i| r.regs[i].key),
+            OTHER_KEY => r.regs.iter().find(|g| !g.matches(n)).map_or(3, |g| g.key),
+            i => KEYS[i],
+        }
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let out = (
+            0..6usize,
+            prop_oneof![8 => 0u8..8, 1 => 0u8..0x20],
+            prop_oneof![8 => prop::sample::select(vec![1u8, 3, 5, 6, 7, 8]), 1 => any::<u8>()],
+            prop_oneof![3 => Just(OWN_KEY), 1 => 0..5usize],
+            prop_oneof![1 => Just(OTHER_KEY), 2 => 0..5usize],
+            prop_oneof![4 => Just(0u8), 1 => 0u8..16],
+            prop::collection::vec((0..6usize, any::<bool>()), 1..3),
+            prop_oneof![1 => Just(0u16), 4 => 1u16..3],
+            any::<bool>(),
+        )
+            .prop_map(
+                |(who, sa, scope_type, rk, sark, flags, tids, rtp, as_holder)| Op::Out {
+                    who,
+                    sa,
+                    scope_type,
+                    rk,
+                    sark,
+                    flags,
+                    tids,
+                    rtp,
+                    as_holder,
+                },
+            );
+        prop_oneof![
+            24 => out,
+            1 => (0..6usize, any::<bool>()).prop_map(|(w, s)| Op::Reserve(w, s)),
+            1 => (0..6usize, any::<bool>()).prop_map(|(w, s)| Op::Release(w, s)),
+            1 => (0..6usize).prop_map(Op::Lost),
+            4 => Just(Op::Reset),
+        ]
+    }
+
+    fn apply(r: &mut Reservations, op: &Op) -> String {
+        let ns = nexuses();
+        match op {
+            Op::Out {
+                who,
+                sa,
+                scope_type,
+                rk,
+                sark,
+                flags,
+                tids,
+                rtp,
+                as_holder,
+            } => {
+                let holder = ns.iter().position(|n| r.is_holder(n));
+                let who = &match holder {
+                    Some(h) if *as_holder => h,
+                    _ => *who,
+                };
+                let mut tid_bytes = Vec::new();
+                for (i, full) in tids {
+                    let port = &ns[*i].initiator_port;
+                    if *full {
+                        tid_bytes.extend(tid(port, 1));
+                    } else {
+                        tid_bytes.extend(tid(name_part(port), 0));
+                    }
+                }
+                let (rk, sark) = (key_for(r, &ns[*who], *rk), key_for(r, &ns[*who], *sark));
+                let p = if *sa == 7 {
+                    let one = tid_bytes.get(..tid(&ns[tids[0].0].initiator_port, 1).len());
+                    let t = if tids[0].1 {
+                        one.unwrap_or(&tid_bytes)
+                    } else {
+                        &tid_bytes
+                    };
+                    move_params(rk, sark, *flags & 3, *rtp, t)
+                } else {
+                    let mut p = basic(rk, sark, *flags);
+                    if flags & SPEC_I_PT != 0 {
+                        p.extend((tid_bytes.len() as u32).to_be_bytes());
+                        p.extend(&tid_bytes);
+                    }
+                    p
+                };
+                let cdb = prout_cdb(*sa, *scope_type, p.len() as u32);
+                format!("{:?}", r.persistent_reserve_out(&ns[*who], &cdb, &p))
+            }
+            Op::Reserve(w, six) => {
+                let cdb: &[u8] = if *six { &RESERVE6 } else { &RESERVE10 };
+                format!("{:?}", r.reserve(&ns[*w], cdb))
+            }
+            Op::Release(w, six) => {
+                let cdb: &[u8] = if *six {
+                    &RELEASE6
+                } else {
+                    &[0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+                };
+                format!("{:?}", r.release(&ns[*w], cdb))
+            }
+            Op::Lost(w) => {
+                r.nexus_lost(&ns[*w]);
+                String::new()
+            }
+            Op::Reset => {
+                r.reset();
+                String::new()
+            }
+        }
+    }
+
+    fn check_invariants(r: &Reservations) {
+        assert!(r.regs.len() <= REGISTRATIONS_MAX);
+        for (i, g) in r.regs.iter().enumerate() {
+            assert_ne!(g.key, 0);
+            for o in &r.regs[..i] {
+                assert!(!o.overlaps(&g.initiator, g.target_port), "{r:?}");
+            }
+        }
+        match &r.res {
+            Some(res) if res.rtype.all_registrants() => assert!(!r.regs.is_empty()),
+            Some(_) => assert!(r.holder_index().is_some(), "{r:?}"),
+            None => {}
+        }
+        assert!(r.scsi2.is_none() || r.regs.is_empty(), "{r:?}");
+        // The holder never conflicts with itself.
+        for n in nexuses() {
+            if r.is_holder(&n) {
+                assert!(!r.conflicts(&n, &WRITE10));
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Same ordered commands on two nodes → same state and results (invariant 5); never a
+        /// panic; snapshot → restore is the identity.
+        #[test]
+        fn deterministic_and_round_trips(ops in prop::collection::vec(op(), 0..60)) {
+            let mut x = Reservations::new();
+            let mut y = Reservations::new();
+            for op in &ops {
+                let rx = apply(&mut x, op);
+                let ry = apply(&mut y, op);
+                prop_assert_eq!(rx, ry);
+                prop_assert_eq!(&x, &y);
+                check_invariants(&x);
+                for n in nexuses() {
+                    for sa in 0..4 {
+                        let _ = x.persistent_reserve_in(&n, &prin_cdb(sa));
+                    }
+                }
+                let snap = x.snapshot();
+                let json = serde_json::to_string(&snap).unwrap();
+                let back: PrSnapshot = serde_json::from_str(&json).unwrap();
+                prop_assert_eq!(&Reservations::restore(back), &x);
+            }
+        }
+
+        /// Arbitrary bytes into every entry point never panic, and errors change nothing.
+        #[test]
+        fn random_bytes_never_panic(
+            ops in prop::collection::vec(op(), 0..10),
+            cdb in prop::collection::vec(any::<u8>(), 0..20),
+            params in prop::collection::vec(any::<u8>(), 0..120),
+            opcode in prop::sample::select(vec![0x5eu8, 0x5f, 0x16, 0x17, 0x56, 0x57, 0x28, 0xa3]),
+            who in 0..6usize,
+        ) {
+            let mut r = Reservations::new();
+            for op in &ops {
+                apply(&mut r, op);
+            }
+            let n = &nexuses()[who];
+            let mut cdbs = vec![cdb.clone()];
+            let mut fixed = cdb.clone();
+            if let Some(b0) = fixed.first_mut() {
+                *b0 = opcode;
+            }
+            cdbs.push(fixed);
+            for cdb in &cdbs {
+                let _ = r.conflicts(n, cdb);
+                let _ = r.persistent_reserve_in(n, cdb);
+                let before = r.clone();
+                if r.persistent_reserve_out(n, cdb, &params).is_err() {
+                    prop_assert_eq!(&r, &before);
+                }
+                let before = r.clone();
+                if r.reserve(n, cdb).is_err() {
+                    prop_assert_eq!(&r, &before);
+                }
+                let before = r.clone();
+                if r.release(n, cdb).is_err() {
+                    prop_assert_eq!(&r, &before);
+                }
+                check_invariants(&r);
+            }
+            // Random TransportIDs.
+            let _ = parse_transport_id(&params);
+            let snap: Result<PrSnapshot, _> = serde_json::from_slice(&params);
+            if let Ok(s) = snap {
+                check_invariants(&Reservations::restore(s));
+            }
+        }
+    }
+}
