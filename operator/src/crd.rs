@@ -402,7 +402,10 @@ mod tests {
     #[test]
     fn checked_in_crds_match_crdgen_output() {
         let generated = crds_yaml();
-        assert!(generated == include_str!("../../crds/sva.io.yaml"), "crds/ is stale: run crdgen");
+        assert!(
+            generated == include_str!("../../crds/sva.io.yaml"),
+            "crds/ is stale: run crdgen"
+        );
         assert!(
             generated == include_str!("../../charts/sva-operator/crds/sva.io.yaml"),
             "chart CRDs differ from crdgen"
