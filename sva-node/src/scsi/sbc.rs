@@ -473,7 +473,7 @@ pub(crate) fn extended_copy(
     if 16 + tdl + sdl > plen {
         return Err(ScsiError::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
     }
-    if tdl % 32 != 0 {
+    if !tdl.is_multiple_of(32) {
         return Err(ScsiError::invalid_field_in_param());
     }
     let ntargets = tdl / 32;

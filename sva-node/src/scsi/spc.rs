@@ -339,10 +339,7 @@ pub(crate) fn mode_select(lu: &LogicalUnit, nexus: &NexusId, cdb: &[u8], data: &
     let mut st = lu.lock_state();
     let mut new = st.mode;
     while at < p.len() {
-        let Some(&[code, len]) = p
-            .get(at..at + 2)
-            .map(|s| <&[u8; 2]>::try_from(s).ok())
-            .flatten()
+        let Some(&[code, len]) = p.get(at..at + 2).and_then(|s| <&[u8; 2]>::try_from(s).ok())
         else {
             return Err(ScsiError::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
         };
