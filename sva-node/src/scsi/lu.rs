@@ -509,6 +509,7 @@ impl LogicalUnit {
     pub fn nexus_removed(&self, nexus: &NexusId) {
         let mut st = self.lock_state();
         st.nexuses.remove(nexus);
+        st.copies.retain(|c| c.nexus != *nexus);
         st.pr.nexus_lost(nexus);
     }
 

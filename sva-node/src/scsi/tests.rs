@@ -1063,3 +1063,53 @@ fn mapping_reported_for_fresh_lu_is_deallocated() {
         (Mapping::Deallocated, 512)
     );
 }
+
+// ---- edge cases from libiscsi's test-tool ----
+
+#[test]
+fn data_out_must_match_exactly_for_caw_and_write_same() {
+    let t = Lu::new();
+    // CAW: 4 blocks sent for a 1-block CAW (needs 2), and 4 for a 3-block one (needs 6).
+    assert_eq!(t.err(&caw_cdb(0, 1), &[0u8; 2048]).0, ILLEGAL);
+    assert_eq!(t.err(&caw_cdb(0, 3), &[0u8; 2048]).0, ILLEGAL);
+    // WRITE SAME with half a block or two blocks of data.
+    assert_eq!(t.err(&ws_cdb(0x41, 0, 1, 0x08), &[0u8; 256]).0, ILLEGAL);
+    assert_eq!(t.err(&ws_cdb(0x41, 0, 1, 0x08), &[0u8; 1024]).0, ILLEGAL);
+}
+
+#[test]
+fn start_stop_unit_cannot_eject_a_fixed_medium() {
+    let t = Lu::new();
+    assert_eq!(t.err(&[0x1b, 1, 0, 0, 0x02, 0], &[]), (ILLEGAL, 0x24, 0));
+    t.ok(&[0x1b, 1, 0, 0, 0x01, 0], &[]);
+    t.ok(&[0x1e, 0, 0, 0, 1, 0], &[]);
+}
+
+#[test]
+fn extended_copy_target_descriptor_checks_and_results_reported_once() {
+    let t = Lu::new();
+    let naa = super::lu::naa6_from_uid("vol-1");
+    let mut p = xcopy_param(&t, 1, &naa, &[(1, 0, 1)]);
+    p[17] = 0xc0; // LU ID TYPE 11b (reserved)
+    assert_eq!(t.err(&xcopy_cdb(p.len()), &p), (ILLEGAL, 0x24, 0));
+    p[17] = 0x20; // NUL
+    assert_eq!(t.err(&xcopy_cdb(p.len()), &p).0, 0x0a);
+    let p = xcopy_param(&t, 1, &naa, &[(1, 0, 1)]);
+    t.ok(&xcopy_cdb(p.len()), &p);
+    // Truncated parameter list.
+    assert_eq!(
+        t.err(&xcopy_cdb(p.len() - 1), &p[..p.len() - 1]),
+        (ILLEGAL, 0x1a, 0)
+    );
+    let mut rcr = [0u8; 16];
+    rcr[0] = 0x84;
+    rcr[2] = 1;
+    rcr[13] = 255;
+    t.ok(&rcr, &[]);
+    assert_eq!(t.err(&rcr, &[]), (ILLEGAL, 0x24, 0));
+    // Third-party Copy VPD lists RECEIVE COPY RESULTS / COPY STATUS.
+    let d = t.ok(&[0x12, 1, 0x8f, 0, 255, 0], &[]);
+    assert_eq!(&d[4..6], &[0x00, 0x01]);
+    assert!(d.windows(4).any(|w| w == [0x84, 0x02, 0x00, 0x03]));
+    assert_eq!(d.len() % 4, 0);
+}
