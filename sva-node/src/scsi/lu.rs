@@ -268,7 +268,8 @@ impl LogicalUnit {
             .as_ref()
             .and_then(|p| std::fs::read(p).ok())
             .and_then(|b| serde_json::from_slice::<PrSnapshot>(&b).ok())
-            .map(Reservations::restore)
+            // Loading from disk is a power cycle: only APTPL state survives (SPC-4 §5.9.5).
+            .map(|s| Reservations::restore(s.after_power_loss()))
             .unwrap_or_default();
         let alua_generation = cfg.port_groups.generation();
         LogicalUnit {

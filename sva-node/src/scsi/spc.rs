@@ -637,8 +637,19 @@ pub(crate) fn persistent_reserve_out(
     let params = &data[..plen];
     let mut st = lu.lock_state();
     let outcome = st.pr.persistent_reserve_out(nexus, cdb, params)?;
-    for (n, a) in &outcome.unit_attentions {
-        st.post_ua(n, *a);
+    // Outcome UAs may be patterns (every target port / every ISID): expand them against the
+    // nexuses this LU knows, never the sender. PREEMPT AND ABORT's `abort_tasks_of` needs
+    // nothing here: commands run to completion synchronously, none is queued to abort.
+    for (pattern, a) in &outcome.unit_attentions {
+        let targets: Vec<NexusId> = st
+            .nexuses
+            .keys()
+            .filter(|n| *n != nexus && super::pr::nexus_matches(pattern, n))
+            .cloned()
+            .collect();
+        for n in targets {
+            st.post_ua(&n, *a);
+        }
     }
     if outcome.persist {
         // Saved under the metadata lock so concurrent PR OUTs persist in apply order.

@@ -941,14 +941,11 @@ fn every_reported_opcode_is_implemented() {
         let r = t.run(&nexus(1), &c, &[]);
         let unsupported =
             r.status == ScsiStatus::CheckCondition && sense_of(&r) == (ILLEGAL, 0x20, 0);
-        // PR IN/OUT are routed to pr.rs, which may still be a stub here.
-        if op != 0x5e && op != 0x5f {
-            assert_eq!(
-                super::spc::is_reported(op),
-                !unsupported,
-                "opcode {op:#04x}"
-            );
-        }
+        assert_eq!(
+            super::spc::is_reported(op),
+            !unsupported,
+            "opcode {op:#04x}"
+        );
     }
 }
 
@@ -1112,4 +1109,73 @@ fn extended_copy_target_descriptor_checks_and_results_reported_once() {
     assert_eq!(&d[4..6], &[0x00, 0x01]);
     assert!(d.windows(4).any(|w| w == [0x84, 0x02, 0x00, 0x03]));
     assert_eq!(d.len() % 4, 0);
+}
+
+// ---- persistent reservations through the LU ----
+
+fn prout(sa: u8, rtype: u8, key: u64, sark: u64, aptpl: bool) -> ([u8; 10], Vec<u8>) {
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sark.to_be_bytes());
+    p[20] = u8::from(aptpl);
+    let mut c = [0u8; 10];
+    c[0] = 0x5f;
+    c[1] = sa;
+    c[2] = rtype;
+    c[5..9].copy_from_slice(&24u32.to_be_bytes());
+    (c, p)
+}
+
+#[test]
+fn persistent_reservation_conflicts_uas_and_aptpl_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pr.json");
+    let backend: Arc<dyn BlockBackend> = Arc::new(MemBackend::new(1 << 20));
+    let mut cfg = LuConfig::new("pr");
+    cfg.pr_state_path = Some(path.clone());
+    let t = Lu::with(cfg.clone(), backend.clone());
+    let n2 = nexus(2);
+    t.lu.nexus_added(&n2);
+    t.check(&n2, &[0; 6], &[]);
+
+    let (c, p) = prout(0x00, 0, 0, 0x11, true); // REGISTER, APTPL
+    t.ok(&c, &p);
+    assert!(path.exists(), "APTPL state saved");
+    let (c, p) = prout(0x01, 0x01, 0x11, 0, false); // RESERVE, Write Exclusive
+    t.ok(&c, &p);
+    let w = RwCdb {
+        lba: 0,
+        blocks: 1,
+        flags: 0,
+    }
+    .encode(0x2a);
+    let r = t.run(&n2, &w, &[0u8; 512]);
+    assert_eq!(r.status, ScsiStatus::ReservationConflict);
+    assert!(r.sense.is_none());
+    let rd = RwCdb {
+        lba: 0,
+        blocks: 1,
+        flags: 0,
+    }
+    .encode(0x28);
+    assert_eq!(t.run(&n2, &rd, &[]).status, ScsiStatus::Good);
+    t.ok(&w, &[0u8; 512]);
+
+    // A restart (new LU from the same state file) keeps the APTPL reservation.
+    let t2 = Lu::with(cfg, backend);
+    t2.lu.nexus_added(&n2);
+    t2.check(&n2, &[0; 6], &[]);
+    assert_eq!(
+        t2.run(&n2, &w, &[0u8; 512]).status,
+        ScsiStatus::ReservationConflict
+    );
+
+    // Nexus 2 registers and preempts nexus 1: nexus 1 hears about it.
+    let (c, p) = prout(0x00, 0, 0, 0x22, false);
+    assert_eq!(t2.run(&n2, &c, &p).status, ScsiStatus::Good);
+    let (c, p) = prout(0x04, 0x01, 0x22, 0x11, false); // PREEMPT
+    assert_eq!(t2.run(&n2, &c, &p).status, ScsiStatus::Good);
+    let (key, asc_, _) = t2.err(&[0; 6], &[]);
+    assert_eq!((key, asc_), (6, 0x2a));
+    assert_eq!(t2.run(&n2, &w, &[0u8; 512]).status, ScsiStatus::Good);
 }
