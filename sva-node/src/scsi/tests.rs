@@ -1179,3 +1179,31 @@ fn persistent_reservation_conflicts_uas_and_aptpl_survive_restart() {
     assert_eq!((key, asc_), (6, 0x2a));
     assert_eq!(t2.run(&n2, &w, &[0u8; 512]).status, ScsiStatus::Good);
 }
+
+#[test]
+fn admit_then_apply_on_every_plex() {
+    // The mirror engine's split: admission on the receiving node, then the ordered apply on
+    // every plex (here two LUs standing for two nodes).
+    let a = Lu::new();
+    let b = Lu::new();
+    let n3 = nexus(3);
+    let w = RwCdb {
+        lba: 9,
+        blocks: 1,
+        flags: 0,
+    }
+    .encode(0x2a);
+    let c = cmd(0, &w, &[0x5a; 512]);
+    // First contact on node A: the power-on UA is the answer, nothing is applied.
+    let r = a.lu.admit(&n3, &c).expect("UA ends the command");
+    assert_eq!(sense_of(&r), (6, 0x29, 0x00));
+    assert!(a.lu.admit(&n3, &c).is_none());
+    for plex in [&a, &b] {
+        assert_eq!(plex.lu.execute_admitted(&n3, &c).status, ScsiStatus::Good);
+    }
+    assert!(a.read10(9, 1).iter().all(|&x| x == 0x5a));
+    assert!(b.read10(9, 1).iter().all(|&x| x == 0x5a));
+    // Node B never saw n3 log in: applying did not register it, so its first own
+    // command there still gets the power-on UA.
+    assert_eq!(b.check(&n3, &[0; 6], &[]), (6, 0x29, 0x00));
+}
