@@ -234,8 +234,8 @@ pub(crate) fn verify(lu: &LogicalUnit, cdb: &[u8], data: &[u8]) -> CmdResult {
     Ok(Reply::good())
 }
 
-/// WRITE SAME(10/16) (SBC-3 §5.41, §5.42). UNMAP=1 with an all-zero block (or NDOB)
-/// deallocates, which reads back as zeroes (LBPRZ=1); ANCHOR is not supported.
+/// WRITE SAME(10/16) (SBC-3 §5.41, §5.42). UNMAP=1 deallocates, which reads back as
+/// zeroes (LBPRZ=1); NDOB writes zeroes; ANCHOR is not supported.
 pub(crate) fn write_same(lu: &LogicalUnit, cdb: &[u8], data: &[u8]) -> CmdResult {
     let r = RwCdb::parse(cdb)?;
     let sixteen = cdb[0] == 0x93;
@@ -267,7 +267,10 @@ pub(crate) fn write_same(lu: &LogicalUnit, cdb: &[u8], data: &[u8]) -> CmdResult
     };
     let blocks = u64::from(r.blocks);
     let _g = lu.ranges.lock(r.lba, blocks);
-    if unmap && pattern.iter().all(|&b| b == 0) {
+    // UNMAP=1 deallocates whatever the pattern (as Linux-IO does): libiscsi
+    // test_writesame10_unmap_until_end sends 0xFF blocks with UNMAP=1 and, since we report
+    // LBPRZ=1, expects zeroes back.
+    if unmap {
         lu.backend
             .discard(r.lba * lu.bs(), blocks * lu.bs())
             .map_err(write_error)?;

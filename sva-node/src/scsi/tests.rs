@@ -713,6 +713,10 @@ fn write_same_unmap_deallocates_and_reads_zero() {
     assert_eq!(lba_status(&t, 100), (100, 4, 1));
     assert_eq!(lba_status(&t, 104).2, 0);
     assert!(t.read10(100, 4).iter().all(|&x| x == 0));
+    // UNMAP=1 deallocates even with a non-zero pattern (libiscsi expects zeroes back).
+    t.write10(300, &[9u8; 2 * 512]);
+    t.ok(&ws_cdb(0x41, 300, 2, 0x08), &[0xffu8; 512]);
+    assert!(t.read10(300, 2).iter().all(|&x| x == 0));
     // Plain WRITE SAME fills the pattern.
     t.ok(&ws_cdb(0x93, 200, 3, 0), &[5u8; 512]);
     assert!(t.read10(200, 3).iter().all(|&x| x == 5));
