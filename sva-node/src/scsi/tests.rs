@@ -762,6 +762,9 @@ fn unmap_descriptors() {
     assert_eq!(lba_status(&t, 0), (0, 2, 1));
     assert_eq!(lba_status(&t, 2).2, 0);
     assert_eq!(lba_status(&t, 8), (8, 1, 1));
+    let edge = unmap_param(&[(BLOCKS, 0)]);
+    c[7..9].copy_from_slice(&(edge.len() as u16).to_be_bytes());
+    t.ok(&c, &edge);
     let bad = unmap_param(&[(BLOCKS - 1, 2)]);
     c[7..9].copy_from_slice(&(bad.len() as u16).to_be_bytes());
     assert_eq!(t.err(&c, &bad), (ILLEGAL, 0x21, 0));
