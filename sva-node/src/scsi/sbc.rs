@@ -316,7 +316,7 @@ pub(crate) fn unmap(lu: &LogicalUnit, cdb: &[u8], data: &[u8]) -> CmdResult {
         let count = be(d, 8, 4)?;
         // A 0-block descriptor right at the end of the medium is fine (libiscsi
         // test_unmap_0blocks); anything running past it is not.
-        if !lba.checked_add(count).is_some_and(|e| e <= lu.block_count) {
+        if lba.checked_add(count).is_none_or(|e| e > lu.block_count) {
             return Err(ScsiError::lba_out_of_range());
         }
         total += count;
