@@ -25,7 +25,8 @@ pub mod wire;
 
 pub use client::RemoteWitness;
 pub use memory::{MemoryFault, MemoryWitness};
-pub use server::serve;
+pub use server::{run, serve};
+pub use wire::load_secret;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};

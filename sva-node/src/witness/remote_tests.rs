@@ -338,6 +338,8 @@ async fn graceful_shutdown_with_idle_clients_connected() {
     let w = client(srv.addr);
     w.cas("v", None, record(1, 1)).await.unwrap(); // leaves an idle connection open
     let _raw = raw_authenticated(srv.addr).await;
+    let mut silent = TcpStream::connect(srv.addr).await.unwrap(); // never answers the Hello
+    let _: Hello = read_frame(&mut silent).await.unwrap();
     srv.stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(2), srv.task)
         .await
@@ -374,4 +376,34 @@ async fn many_clients_many_volumes_in_parallel() {
     let on_disk = store::load_all(dir.path()).unwrap();
     assert_eq!(on_disk.len(), 16);
     assert!(on_disk.values().all(|r| *r == record(11, 1)));
+}
+
+#[tokio::test]
+async fn storage_failure_fails_the_cas_and_fences_the_volume_until_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    let srv = start(&dir).await;
+    let w = client(srv.addr);
+    w.cas("v", None, record(1, 1)).await.unwrap();
+    w.cas("u", None, record(1, 1)).await.unwrap();
+    // The disk goes away under the witness.
+    let moved = root.path().join("moved");
+    std::fs::rename(&dir, &moved).unwrap();
+    assert!(matches!(
+        w.cas("v", Some(1), record(2, 2)).await,
+        Err(WitnessError::Unreachable(_))
+    ));
+    // In doubt: neither read nor written until a restart reloads it from disk.
+    assert!(matches!(
+        w.get("v").await,
+        Err(WitnessError::Unreachable(_))
+    ));
+    assert!(w.cas("v", Some(1), record(2, 2)).await.is_err());
+    // Other volumes are still readable.
+    assert_eq!(w.get("u").await.unwrap(), Some(record(1, 1)));
+    srv.task.abort();
+    let _ = srv.task.await;
+    std::fs::rename(&moved, &dir).unwrap();
+    let srv = start(&dir).await;
+    assert_eq!(client(srv.addr).get("v").await.unwrap(), Some(record(1, 1)));
 }

@@ -51,6 +51,36 @@ struct Shared {
     volumes: StdMutex<HashMap<String, Arc<Mutex<Slot>>>>,
 }
 
+/// `sva-node witness --listen ADDR --data DIR`: binds `listen` and serves until SIGINT or
+/// SIGTERM. The secret comes from [`wire::load_secret`].
+pub async fn run(listen: &str, data_dir: PathBuf, secret: Vec<u8>) -> io::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    serve(listener, data_dir, secret, shutdown_signal()).await
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM (what Kubernetes and systemd send).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 /// Serves the witness protocol on `listener`, keeping records under `data_dir`, until
 /// `shutdown` completes. Fails at once if the secret is shorter than `wire::SECRET_LEN_MIN`
 /// or a record under `data_dir` cannot be loaded.
@@ -145,9 +175,12 @@ async fn connection(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     let _ = stream.set_nodelay(true);
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, &shared.secret))
-        .await
-        .map_err(|_| ConnError::HandshakeTimeout)??;
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => return Ok(()),
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, &shared.secret)) => {
+            r.map_err(|_| ConnError::HandshakeTimeout)??
+        }
+    }
     loop {
         let req: Request = tokio::select! {
             _ = stop.wait_for(|s| *s) => return Ok(()),

@@ -239,6 +239,29 @@ pub fn check_secret(secret: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Environment variable holding the shared secret when no secret file is given.
+pub const SECRET_ENV: &str = "SVA_WITNESS_SECRET";
+
+/// The shared secret for `sva-node witness` and for a node's `RemoteWitness`: from `file` if
+/// given (preferred: a mounted Kubernetes Secret, never visible in `ps` or `/proc/*/environ`),
+/// else from the `SVA_WITNESS_SECRET` environment variable. At least `SECRET_LEN_MIN` bytes.
+pub fn load_secret(file: Option<&Path>) -> io::Result<Vec<u8>> {
+    if let Some(path) = file {
+        return read_secret_file(path);
+    }
+    match std::env::var_os(SECRET_ENV) {
+        Some(v) => {
+            let secret = v.into_encoded_bytes();
+            check_secret(&secret)?;
+            Ok(secret)
+        }
+        None => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no witness secret: give a secret file or set {SECRET_ENV}"),
+        )),
+    }
+}
+
 /// Reads a shared secret from a file (e.g. a mounted Kubernetes Secret): the file's bytes with
 /// trailing `\r`/`\n` removed, so `echo $S > file` and `printf %s $S > file` agree.
 pub fn read_secret_file(path: &Path) -> io::Result<Vec<u8>> {
