@@ -10,7 +10,8 @@
 //! stay free of metrics code. Latency is measured from hand-over to response, which is what
 //! the initiator sees minus the network.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
@@ -22,11 +23,19 @@ use crate::scsi::{NexusId, ScsiCommand, ScsiResponse, ScsiTarget, TaskManagement
 pub struct InstrumentedTarget {
     inner: Arc<dyn ScsiTarget>,
     metrics: Arc<Metrics>,
+    /// Live nexuses, so the sessions gauge counts each once even if the transport reports
+    /// an add or a remove twice (session reinstatement, a race between logout and loss).
+    /// Bounded by the transport's session limit; touched only at login and logout.
+    live: Mutex<HashSet<NexusId>>,
 }
 
 impl InstrumentedTarget {
     pub fn new(inner: Arc<dyn ScsiTarget>, metrics: Arc<Metrics>) -> Self {
-        InstrumentedTarget { inner, metrics }
+        InstrumentedTarget {
+            inner,
+            metrics,
+            live: Mutex::new(HashSet::new()),
+        }
     }
 }
 
@@ -58,12 +67,26 @@ impl ScsiTarget for InstrumentedTarget {
     }
 
     fn nexus_added(&self, nexus: NexusId) {
-        self.metrics.session_opened();
+        let new = self
+            .live
+            .lock()
+            .map(|mut l| l.insert(nexus.clone()))
+            .unwrap_or(false);
+        if new {
+            self.metrics.session_opened();
+        }
         self.inner.nexus_added(nexus);
     }
 
     fn nexus_removed(&self, nexus: NexusId) {
-        self.metrics.session_closed();
+        let was_live = self
+            .live
+            .lock()
+            .map(|mut l| l.remove(&nexus))
+            .unwrap_or(false);
+        if was_live {
+            self.metrics.session_closed();
+        }
         self.inner.nexus_removed(nexus);
     }
 }
@@ -147,7 +170,25 @@ mod tests {
             relative_target_port: 1,
         };
 
+        let other_nexus = NexusId {
+            initiator_port: "iqn.x,i,0x1".into(),
+            relative_target_port: 2,
+        };
         t.nexus_added(nexus.clone());
+        t.nexus_added(nexus.clone());
+        assert_eq!(
+            metrics.sessions(),
+            1,
+            "a nexus reported twice is one session"
+        );
+        t.nexus_added(other_nexus.clone());
+        assert_eq!(
+            metrics.sessions(),
+            2,
+            "another target port is another nexus"
+        );
+        t.nexus_removed(other_nexus.clone());
+        t.nexus_removed(other_nexus.clone());
         assert_eq!(metrics.sessions(), 1);
         // READ (10) asking for 4 KiB: the LU produced 8 KiB, only 4 KiB reach the wire.
         let r = t.execute(nexus.clone(), cmd(0x28, 0, 4096)).await;
@@ -183,6 +224,10 @@ mod tests {
             calls,
             [
                 "add iqn.x,i,0x1",
+                "add iqn.x,i,0x1",
+                "add iqn.x,i,0x1",
+                "remove iqn.x,i,0x1",
+                "remove iqn.x,i,0x1",
                 "exec 0x28",
                 "exec 0x2a",
                 "exec 0x12",

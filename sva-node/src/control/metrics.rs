@@ -647,7 +647,6 @@ mod tests {
                             .and_then(|v| v.strip_suffix('"'))
                             .expect("label value quoted");
                         assert!(labels.insert(k.to_string(), v.to_string()).is_none());
-                        labels.insert(k.to_string(), v.to_string());
                     }
                     (name.to_string(), labels)
                 }
