@@ -20,10 +20,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
 use crate::iscsi::{ChapConfig, TargetConfig};
+use crate::scsi::alua::PortGroups;
+use crate::scsi::lu::LuConfig;
 
 /// Why a config could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -53,13 +56,8 @@ pub struct Config {
     pub control: Option<ControlConfig>,
 }
 
-/// Write cache behaviour of the volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum CacheMode {
-    WriteThrough,
-    WriteBack,
-}
+/// Write cache behaviour of the volume (`writeThrough` | `writeBack`).
+pub use crate::scsi::lu::CacheMode;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -269,6 +267,20 @@ impl Config {
             .portal
             .parse()
             .map_err(|_| invalid("target.portal", "not host:port"))
+    }
+
+    /// What the logical unit needs from this config.
+    pub fn lu_config(&self) -> LuConfig {
+        let mut c = LuConfig::new(self.volume.uid.clone());
+        c.cache_mode = self.volume.cache_mode;
+        c.relative_target_port = self.target.relative_target_port_id;
+        c.target_port_group = self.target.target_port_group_id;
+        c.port_groups = Arc::new(PortGroups::single(
+            self.target.target_port_group_id,
+            self.target.relative_target_port_id,
+        ));
+        c.pr_state_path = Some(self.state_dir.join("pr-aptpl.json"));
+        c
     }
 
     /// What the iSCSI transport needs from this config.
