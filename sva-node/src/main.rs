@@ -16,7 +16,11 @@ use sva_node::store::file::FileBackend;
 use sva_node::store::BlockBackend;
 
 #[derive(Parser)]
-#[command(name = "sva-node", version, about = "SVA data plane: a mirrored iSCSI volume node")]
+#[command(
+    name = "sva-node",
+    version,
+    about = "SVA data plane: a mirrored iSCSI volume node"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -96,7 +100,10 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

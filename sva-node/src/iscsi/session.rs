@@ -781,23 +781,18 @@ impl Connection {
         );
         let edtl = t.edtl as usize;
         // Residuals (RFC 7143 §11.4.5): against what the command wanted to transfer.
-        let (over, under, residual) = {
-            let want = if t.write {
-                resp.data_out_len.map(|n| n as usize).unwrap_or(edtl)
-            } else {
-                resp.data_in.len()
-            };
-            if t.write || t.read || edtl > 0 {
-                if want > edtl {
-                    (true, false, (want - edtl) as u32)
-                } else if want < edtl {
-                    (false, true, (edtl - want) as u32)
-                } else {
-                    (false, false, 0)
-                }
-            } else {
-                (false, false, 0)
-            }
+        // The LU tells how much a data-out command wanted (even when EDTL is 0 and the
+        // task carries no write flag); otherwise compare the data-in produced.
+        let want = match resp.data_out_len {
+            Some(n) => Some(n as usize),
+            None if t.write => None,
+            None if t.read || edtl > 0 => Some(resp.data_in.len()),
+            None => None,
+        };
+        let (over, under, residual) = match want {
+            Some(w) if w > edtl => (true, false, (w - edtl).min(u32::MAX as usize) as u32),
+            Some(w) if w < edtl => (false, true, (edtl - w) as u32),
+            _ => (false, false, 0),
         };
         let data = resp.data_in.slice(..resp.data_in.len().min(edtl));
         let collapse = resp.sense.is_none() && !data.is_empty() && !t.write;
