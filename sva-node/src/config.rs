@@ -188,7 +188,7 @@ impl Config {
         if v.uid.is_empty() {
             return Err(invalid("volume.uid", "must not be empty"));
         }
-        if v.size_bytes == 0 || v.size_bytes % BLOCK_BYTES != 0 {
+        if v.size_bytes == 0 || !v.size_bytes.is_multiple_of(BLOCK_BYTES) {
             return Err(invalid(
                 "volume.sizeBytes",
                 format!(

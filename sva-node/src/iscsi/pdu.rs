@@ -921,7 +921,7 @@ pub fn decode(
 /// Append the encoded PDU to `out`. The AHS must be a multiple of 4 bytes and at most
 /// 1020 bytes, the data segment below 16 MiB; callers build PDUs within those bounds.
 pub fn encode(pdu: &Pdu, digests: Digests, out: &mut BytesMut) {
-    debug_assert!(pdu.ahs.len() % 4 == 0 && pdu.ahs.len() <= 1020);
+    debug_assert!(pdu.ahs.len().is_multiple_of(4) && pdu.ahs.len() <= 1020);
     debug_assert!(pdu.data.len() < (1 << 24));
     let mut b = pdu.bhs.to_bytes();
     b[4] = (pdu.ahs.len() / 4) as u8;
