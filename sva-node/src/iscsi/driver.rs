@@ -297,7 +297,8 @@ async fn run_connection(
             tokio::select! {
                 r = rd.read_buf(&mut buf), if !draining => {
                     if r? == 0 {
-                        return Err(IscsiError::Protocol("connection closed by initiator".into()));
+                        // The initiator closed the connection (after logout or not).
+                        return Ok(());
                     }
                 }
                 Some(c) = done_rx.recv() => t.complete(c),
