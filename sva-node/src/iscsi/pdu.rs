@@ -70,6 +70,7 @@ pub mod reject_reason {
     pub const SNACK_REJECT: u8 = 0x03;
     pub const PROTOCOL_ERROR: u8 = 0x04;
     pub const COMMAND_NOT_SUPPORTED: u8 = 0x05;
+    pub const IMMEDIATE_COMMAND_REJECT: u8 = 0x06;
     pub const TASK_IN_PROGRESS: u8 = 0x07;
     pub const INVALID_PDU_FIELD: u8 = 0x09;
     pub const OUT_OF_RESOURCES: u8 = 0x0a;

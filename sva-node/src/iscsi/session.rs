@@ -12,6 +12,7 @@
 //! ```
 //! Errors never panic: a bad PDU is rejected (RFC 7143 §11.17) or ends this connection.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
@@ -132,6 +133,8 @@ struct FullFeature {
     login: LoginResult,
     nexus: NexusId,
     exp_cmd_sn: u32,
+    /// Highest MaxCmdSN advertised so far.
+    max_cmd_sn: Cell<u32>,
     deferred: HashMap<u32, Deferred>,
     tasks: HashMap<u32, Task>,
     tmfs: Vec<PendingTmf>,
@@ -139,13 +142,17 @@ struct FullFeature {
 }
 
 impl FullFeature {
+    /// (ExpCmdSN, MaxCmdSN). The window shrinks with the number of open tasks, but
+    /// MaxCmdSN never moves back: an initiator ignores a smaller MaxCmdSN (RFC 7143
+    /// §4.2.2.1), so a command it then sends inside the old window must still be taken.
     fn window(&self, cmds_max: u32) -> (u32, u32) {
         let open = (self.tasks.len() + self.deferred.len()) as u32;
         let room = cmds_max.saturating_sub(open);
-        (
-            self.exp_cmd_sn,
-            self.exp_cmd_sn.wrapping_add(room).wrapping_sub(1),
-        )
+        let want = self.exp_cmd_sn.wrapping_add(room).wrapping_sub(1);
+        let adv = self.max_cmd_sn.get();
+        let max = if serial_lt(adv, want) { want } else { adv };
+        self.max_cmd_sn.set(max);
+        (self.exp_cmd_sn, max)
     }
 }
 
@@ -406,6 +413,11 @@ impl Connection {
         tracing::info!(initiator = %nexus.initiator_port, tsih = res.tsih, kind = ?res.session_type, "login complete");
         self.phase = Phase::Full(Box::new(FullFeature {
             exp_cmd_sn: res.exp_cmd_sn,
+            max_cmd_sn: Cell::new(
+                res.exp_cmd_sn
+                    .wrapping_add(self.cfg.limits.cmds_max)
+                    .wrapping_sub(1),
+            ),
             login: res,
             nexus,
             deferred: HashMap::new(),
@@ -476,6 +488,10 @@ impl Connection {
             return self.reject(reject_reason::PROTOCOL_ERROR, &pdu.bhs);
         }
         if immediate {
+            // Immediate commands take no CmdSN; bound them separately (§11.17.1 reason 6).
+            if f.tasks.len() >= 2 * cmds_max as usize {
+                return self.reject(reject_reason::IMMEDIATE_COMMAND_REJECT, &pdu.bhs);
+            }
             return self.dispatch(pdu, true);
         }
         let (exp, max) = f.window(cmds_max);

@@ -635,3 +635,52 @@ fn digests_switch_on_after_login() {
     );
     assert_eq!(i.c.max_recv_data_segment_len(), 262_144);
 }
+
+#[test]
+fn max_cmd_sn_never_moves_back() {
+    let mut i = Ini::normal("");
+    let nop = |itt| NopOut {
+        immediate: true,
+        lun: 0,
+        itt,
+        ttt: RESERVED_TAG,
+        cmd_sn: 0,
+        exp_stat_sn: 0,
+    };
+    i.c.handle_pdu(Pdu::new(Bhs::NopOut(nop(1)), Bytes::new()), i.now);
+    let out = i.out();
+    let Bhs::NopIn(n) = &out[0].bhs else { panic!() };
+    let before = n.max_cmd_sn;
+    // An immediate command opens a task without advancing ExpCmdSN.
+    let mut c = [0u8; 16];
+    c[0] = 0x00;
+    let h = ScsiCmd {
+        immediate: true,
+        final_: true,
+        read: false,
+        write: false,
+        attr: 1,
+        lun: 0,
+        itt: 2,
+        edtl: 0,
+        cmd_sn: i.cmd_sn,
+        exp_stat_sn: 0,
+        cdb: c,
+    };
+    i.c.handle_pdu(Pdu::new(Bhs::ScsiCmd(h), Bytes::new()), i.now);
+    assert_eq!(i.executed().len(), 1);
+    i.c.handle_pdu(Pdu::new(Bhs::NopOut(nop(3)), Bytes::new()), i.now);
+    let out = i.out();
+    let Bhs::NopIn(n) = &out[0].bhs else { panic!() };
+    assert_eq!(n.max_cmd_sn, before);
+    // A command at the advertised MaxCmdSN is still taken.
+    i.cmd_sn = before;
+    i.cmd(4, &[0x00], 0, false, true, &[]);
+    assert!(i.out().is_empty(), "held for CmdSN order, not dropped");
+    i.c.command_complete(2, ScsiResponse::good());
+    let out = i.out();
+    let Bhs::ScsiResp(r) = &out[0].bhs else {
+        panic!()
+    };
+    assert!(!serial_lt(r.max_cmd_sn, before));
+}
