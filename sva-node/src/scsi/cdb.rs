@@ -294,7 +294,7 @@ pub fn is_state_changing(cdb: &[u8]) -> bool {
         // 32-byte WRITE family: not implemented here, but state-changing if they ever are.
         Unsupported(0x04 | 0x3f | 0x9c) => true,
         Unsupported(0x9f) => service_action(cdb) == 0x11,
-        Unsupported(0x7f) => matches!(cdb.get(8..10), Some([0x00, 0x0b | 0x0c | 0x0d | 0x0e])),
+        Unsupported(0x7f) => matches!(cdb.get(8..10), Some([0x00, 0x0b..=0x0e])),
         _ => false,
     }
 }

@@ -268,7 +268,8 @@ impl LogicalUnit {
             .as_ref()
             .and_then(|p| std::fs::read(p).ok())
             .and_then(|b| serde_json::from_slice::<PrSnapshot>(&b).ok())
-            .map(Reservations::restore)
+            // Loading from disk is a power cycle: only APTPL state survives (SPC-4 §5.9.5).
+            .map(|s| Reservations::restore(s.after_power_loss()))
             .unwrap_or_default();
         let alua_generation = cfg.port_groups.generation();
         LogicalUnit {
@@ -303,9 +304,37 @@ impl LogicalUnit {
 
     /// Run one command to completion.
     pub fn execute(&self, nexus: &NexusId, cmd: &ScsiCommand) -> ScsiResponse {
+        match self.admission(nexus, cmd) {
+            Err((result, descriptor)) => self.respond(cmd, result, descriptor),
+            Ok(descriptor) => self.respond(cmd, self.ordered(nexus, cmd), descriptor),
+        }
+    }
+
+    /// The per-node half of `execute`, for the mirror engine: CDB length, LUN, unit
+    /// attention and ALUA access, checked on the node the command arrived at. `Some` is the
+    /// final response (the command must not run); `None` means it may be ordered and then
+    /// applied on every plex with [`LogicalUnit::execute_admitted`].
+    pub fn admit(&self, nexus: &NexusId, cmd: &ScsiCommand) -> Option<ScsiResponse> {
+        match self.admission(nexus, cmd) {
+            Err((result, descriptor)) => Some(self.respond(cmd, result, descriptor)),
+            Ok(_) => None,
+        }
+    }
+
+    /// Apply a command admitted by [`LogicalUnit::admit`] (possibly on another node) at its
+    /// place in the volume's order. Reservation conflicts are decided here, so every plex
+    /// decides them on the same reservation state. Reports no unit attention and does not
+    /// register the nexus.
+    pub fn execute_admitted(&self, nexus: &NexusId, cmd: &ScsiCommand) -> ScsiResponse {
+        let descriptor = self.lock_state().mode.d_sense;
+        self.respond(cmd, self.ordered(nexus, cmd), descriptor)
+    }
+
+    /// Build the wire response: data cut to the allocation length, sense in the format
+    /// D_SENSE asks for.
+    fn respond(&self, cmd: &ScsiCommand, result: CmdResult, descriptor: bool) -> ScsiResponse {
         let cdb: &[u8] = &cmd.cdb;
         let data_out_len = cdb::data_out_len(cdb, self.cfg.block_size);
-        let (result, descriptor) = self.execute_inner(nexus, cmd);
         match result {
             Ok(mut r) => {
                 let alloc = cdb::allocation_len(cdb).unwrap_or(u32::MAX) as usize;
@@ -326,22 +355,25 @@ impl LogicalUnit {
         }
     }
 
-    /// The command, and whether sense must be descriptor-format (D_SENSE).
-    fn execute_inner(&self, nexus: &NexusId, cmd: &ScsiCommand) -> (CmdResult, bool) {
-        let cdb: &[u8] = &cmd.cdb;
+    /// Two-step decode: every handler may index its CDB up to the group's length.
+    fn check_cdb(cdb: &[u8]) -> Result<Opcode, ScsiError> {
         let Some(&opb) = cdb.first() else {
-            return (Err(ScsiError::invalid_opcode()), false);
+            return Err(ScsiError::invalid_opcode());
         };
         let op = Opcode::from_u8(opb);
-        // Two-step decode: every handler may index its CDB up to the group's length.
         if let Some(need) = cdb::cdb_len(opb) {
             if cdb.len() < need && !matches!(op, Opcode::Unsupported(_)) {
-                return (Err(ScsiError::invalid_field_in_cdb()), false);
+                return Err(ScsiError::invalid_field_in_cdb());
             }
         }
+        Ok(op)
+    }
 
-        // Admission under the metadata lock: nexus registration, ALUA generation, UA,
-        // reservation conflict.
+    /// Per-node checks. `Ok(descriptor)`: go on; `Err`: the command's final result (a UA,
+    /// an ALUA refusal, or the answer for a LUN that does not exist), with the sense format.
+    fn admission(&self, nexus: &NexusId, cmd: &ScsiCommand) -> Result<bool, (CmdResult, bool)> {
+        let cdb: &[u8] = &cmd.cdb;
+        let op = Self::check_cdb(cdb).map_err(|e| (Err(e), false))?;
         let descriptor;
         {
             let mut st = self.lock_state();
@@ -358,7 +390,7 @@ impl LogicalUnit {
 
             if cmd.lun != 0 {
                 drop(st);
-                return (self.bad_lun(nexus, cdb, op), descriptor);
+                return Err((self.bad_lun(nexus, cdb, op), descriptor));
             }
 
             // SAM-5 §5.14: INQUIRY, REPORT LUNS and REQUEST SENSE do not report a UA.
@@ -368,24 +400,30 @@ impl LogicalUnit {
             );
             if reports_ua {
                 if let Some(ua) = st.nexuses.get_mut(nexus).and_then(|n| n.ua.pop_front()) {
-                    return (Err(ScsiError::unit_attention(ua)), descriptor);
+                    return Err((Err(ScsiError::unit_attention(ua)), descriptor));
                 }
             }
         }
-
         if let Err(e) = self
             .cfg
             .port_groups
             .check_access(self.cfg.target_port_group, cdb)
         {
-            return (Err(e), descriptor);
+            return Err((Err(e), descriptor));
         }
+        Ok(descriptor)
+    }
 
-        if self.lock_state().pr.conflicts(nexus, cdb) {
-            return (Err(ScsiError::ReservationConflict), descriptor);
+    /// The ordered half: reservation conflict, then the command itself.
+    fn ordered(&self, nexus: &NexusId, cmd: &ScsiCommand) -> CmdResult {
+        let op = Self::check_cdb(&cmd.cdb)?;
+        if cmd.lun != 0 {
+            return Err(ScsiError::illegal(asc::LUN_NOT_SUPPORTED));
         }
-
-        (self.dispatch(nexus, cmd, op), descriptor)
+        if self.lock_state().pr.conflicts(nexus, &cmd.cdb) {
+            return Err(ScsiError::ReservationConflict);
+        }
+        self.dispatch(nexus, cmd, op)
     }
 
     /// Commands to a LUN that does not exist (SPC-4 §4.7? / SAM-5 §5.8.4).
@@ -509,6 +547,7 @@ impl LogicalUnit {
     pub fn nexus_removed(&self, nexus: &NexusId) {
         let mut st = self.lock_state();
         st.nexuses.remove(nexus);
+        st.copies.retain(|c| c.nexus != *nexus);
         st.pr.nexus_lost(nexus);
     }
 

@@ -14,6 +14,9 @@ pub mod sbc;
 pub mod sense;
 pub mod spc;
 
+#[cfg(test)]
+mod tests;
+
 use futures::future::BoxFuture;
 pub use lu::{CacheMode, LocalTarget, LogicalUnit, LuConfig};
 pub use sense::{ScsiError, SenseKey};

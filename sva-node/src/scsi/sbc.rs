@@ -22,8 +22,9 @@ pub mod limits {
     pub const OPTIMAL_TRANSFER_BLOCKS: u32 = 2048;
     /// MAXIMUM COMPARE AND WRITE LENGTH, in blocks.
     pub const CAW_BLOCKS_MAX: u32 = 255;
-    /// MAXIMUM UNMAP LBA COUNT (2 GiB at 512 B), per UNMAP command.
-    pub const UNMAP_BLOCKS_MAX: u32 = 1 << 22;
+    /// MAXIMUM UNMAP LBA COUNT (512 MiB at 512 B), per UNMAP command. libiscsi's
+    /// test_inquiry_block_limits calls anything above 2^20 "insanely big".
+    pub const UNMAP_BLOCKS_MAX: u32 = 1 << 20;
     /// MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT.
     pub const UNMAP_DESCRIPTORS_MAX: u32 = 256;
     /// MAXIMUM WRITE SAME LENGTH, in blocks.
@@ -233,8 +234,8 @@ pub(crate) fn verify(lu: &LogicalUnit, cdb: &[u8], data: &[u8]) -> CmdResult {
     Ok(Reply::good())
 }
 
-/// WRITE SAME(10/16) (SBC-3 §5.41, §5.42). UNMAP=1 with an all-zero block (or NDOB)
-/// deallocates, which reads back as zeroes (LBPRZ=1); ANCHOR is not supported.
+/// WRITE SAME(10/16) (SBC-3 §5.41, §5.42). UNMAP=1 deallocates, which reads back as
+/// zeroes (LBPRZ=1); NDOB writes zeroes; ANCHOR is not supported.
 pub(crate) fn write_same(lu: &LogicalUnit, cdb: &[u8], data: &[u8]) -> CmdResult {
     let r = RwCdb::parse(cdb)?;
     let sixteen = cdb[0] == 0x93;
@@ -257,15 +258,19 @@ pub(crate) fn write_same(lu: &LogicalUnit, cdb: &[u8], data: &[u8]) -> CmdResult
     lu.check_writable()?;
     let bs = lu.bs() as usize;
     let zero_block = vec![0u8; bs];
-    let pattern: &[u8] = if ndob {
-        &zero_block
-    } else {
-        data.get(..bs)
-            .ok_or_else(|| ScsiError::illegal(asc::PARAMETER_LIST_LENGTH_ERROR))?
+    // Exactly one block of data-out, or none with NDOB (libiscsi
+    // test_writesame10_invalid_dataout_size: too little and too much both fail).
+    let pattern: &[u8] = match (ndob, data.len() == bs) {
+        (true, _) if data.is_empty() => &zero_block,
+        (false, true) => data,
+        _ => return Err(ScsiError::invalid_field_in_cdb()),
     };
     let blocks = u64::from(r.blocks);
     let _g = lu.ranges.lock(r.lba, blocks);
-    if unmap && pattern.iter().all(|&b| b == 0) {
+    // UNMAP=1 deallocates whatever the pattern (as Linux-IO does): libiscsi
+    // test_writesame10_unmap_until_end sends 0xFF blocks with UNMAP=1 and, since we report
+    // LBPRZ=1, expects zeroes back.
+    if unmap {
         lu.backend
             .discard(r.lba * lu.bs(), blocks * lu.bs())
             .map_err(write_error)?;
@@ -309,7 +314,11 @@ pub(crate) fn unmap(lu: &LogicalUnit, cdb: &[u8], data: &[u8]) -> CmdResult {
         let d = &p[8 + 16 * i..8 + 16 * (i + 1)];
         let lba = be(d, 0, 8)?;
         let count = be(d, 8, 4)?;
-        lu.check_lba(lba, count)?;
+        // A 0-block descriptor right at the end of the medium is fine (libiscsi
+        // test_unmap_0blocks); anything running past it is not.
+        if lba.checked_add(count).is_none_or(|e| e > lu.block_count) {
+            return Err(ScsiError::lba_out_of_range());
+        }
         total += count;
         if total > u64::from(limits::UNMAP_BLOCKS_MAX) {
             return Err(ScsiError::invalid_field_in_param());
@@ -375,9 +384,12 @@ pub(crate) fn compare_and_write(lu: &LogicalUnit, cdb: &[u8], data: &[u8]) -> Cm
     }
     lu.check_writable()?;
     let len = (u64::from(r.blocks) * lu.bs()) as usize;
-    let (Some(verify), Some(write)) = (data.get(..len), data.get(len..2 * len)) else {
+    // The data-out buffer must be exactly verify + write data (libiscsi
+    // test_compareandwrite_invalid_dataout_size): more or less is an error.
+    if data.len() != 2 * len {
         return Err(ScsiError::invalid_field_in_cdb().at_cdb(13, None));
-    };
+    }
+    let (verify, write) = data.split_at(len);
     let _g = lu.ranges.lock(r.lba, u64::from(r.blocks));
     let medium = lu.read_blocks(r.lba, u64::from(r.blocks))?;
     if let Some(off) = first_mismatch(&medium, verify) {
@@ -470,10 +482,12 @@ pub(crate) fn extended_copy(
     if inline != 0 {
         return Err(ScsiError::invalid_field_in_param());
     }
-    if 16 + tdl + sdl > plen {
+    // Truncated descriptors, or more descriptor bytes than MAXIMUM DESCRIPTOR LIST LENGTH
+    // (checked before the per-kind counts, as libiscsi test_extendedcopy_descr_limits wants).
+    if 16 + tdl + sdl > plen || tdl + sdl > limits::XCOPY_DESCRIPTOR_LIST_BYTES_MAX as usize {
         return Err(ScsiError::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
     }
-    if tdl % 32 != 0 {
+    if !tdl.is_multiple_of(32) {
         return Err(ScsiError::invalid_field_in_param());
     }
     let ntargets = tdl / 32;
@@ -485,6 +499,15 @@ pub(crate) fn extended_copy(
         let t = &p[16 + 32 * i..16 + 32 * (i + 1)];
         if t[0] != 0xe4 {
             return Err(ScsiError::illegal(asc::UNSUPPORTED_TARGET_DESCRIPTOR_TYPE));
+        }
+        // LU ID TYPE other than 00b (LUN) is not supported: libiscsi
+        // test_extendedcopy_validate_tgt_descr expects INVALID FIELD IN CDB.
+        if t[1] >> 6 != 0 {
+            return Err(ScsiError::invalid_field_in_cdb());
+        }
+        // NUL=1: "no device"; there is nothing to copy to or from.
+        if t[1] & 0x20 != 0 {
+            return Err(copy_aborted(asc::COPY_TARGET_DEVICE_NOT_REACHABLE));
         }
         let dtype = t[5] & 0x0f;
         let dlen = usize::from(t[7]).min(20);
@@ -608,13 +631,16 @@ pub(crate) fn receive_copy_results(lu: &LogicalUnit, nexus: &NexusId, cdb: &[u8]
         }
         rcr::COPY_STATUS => {
             let list_id = cdb[2];
-            let st = lu.lock_state();
-            let Some(c) = st
+            let mut st = lu.lock_state();
+            // A result is reported once, then forgotten (the list id may be reused).
+            let Some(pos) = st
                 .copies
                 .iter()
-                .rev()
-                .find(|c| c.nexus == *nexus && c.list_id == list_id)
+                .position(|c| c.nexus == *nexus && c.list_id == list_id)
             else {
+                return Err(ScsiError::invalid_field_in_cdb().at_cdb(2, None));
+            };
+            let Some(c) = st.copies.remove(pos) else {
                 return Err(ScsiError::invalid_field_in_cdb().at_cdb(2, None));
             };
             let mut d = vec![0u8; 12];

@@ -18,7 +18,7 @@ const VERSION_DESCRIPTORS: [u16; 4] = [
 ];
 
 /// VPD pages we implement, in ascending order (VPD 0x00 lists them).
-const VPD_PAGES: [u8; 7] = [0x00, 0x80, 0x83, 0x86, 0xb0, 0xb1, 0xb2];
+const VPD_PAGES: [u8; 8] = [0x00, 0x80, 0x83, 0x86, 0x8f, 0xb0, 0xb1, 0xb2];
 
 fn padded(s: &str, n: usize) -> Vec<u8> {
     let mut v: Vec<u8> = s
@@ -68,6 +68,7 @@ pub(crate) fn inquiry(lu: &LogicalUnit, cdb: &[u8]) -> CmdResult {
         0x80 => lu.serial.as_bytes().to_vec(),
         0x83 => device_identification(lu),
         0x86 => extended_inquiry(lu),
+        0x8f => third_party_copy(),
         0xb0 => block_limits(),
         0xb1 => {
             let mut b = vec![0u8; 0x3c];
@@ -122,6 +123,28 @@ fn extended_inquiry(lu: &LogicalUnit) -> Vec<u8> {
     b
 }
 
+/// VPD 0x8F Third-party Copy (SPC-4 §7.8.16): one Supported Commands descriptor listing
+/// EXTENDED COPY(LID1) and RECEIVE COPY RESULTS (COPY STATUS, OPERATING PARAMETERS).
+fn third_party_copy() -> Vec<u8> {
+    let commands: &[(u8, &[u8])] = &[(0x83, &[0x00]), (0x84, &[0x00, 0x03])];
+    let mut list = Vec::new();
+    for (op, sas) in commands {
+        list.push(*op);
+        list.push(sas.len() as u8);
+        list.extend_from_slice(sas);
+    }
+    let mut data = vec![list.len() as u8];
+    data.extend(list);
+    // Descriptors are padded to a multiple of 4 bytes.
+    while (data.len() + 4) % 4 != 0 {
+        data.push(0);
+    }
+    let mut d = vec![0x00, 0x01];
+    d.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    d.extend(data);
+    d
+}
+
 /// VPD 0xB0 (SBC-3 §6.5.3).
 fn block_limits() -> Vec<u8> {
     let mut b = vec![0u8; 0x3c];
@@ -157,10 +180,13 @@ pub(crate) fn request_sense(lu: &LogicalUnit, nexus: &NexusId, cdb: &[u8]) -> Cm
     ))
 }
 
-/// START STOP UNIT (SBC-3 §5.25): the medium is not removable and always ready; accepted
-/// and ignored.
+/// START STOP UNIT (SBC-3 §5.25): the medium is not removable and always ready. LOEJ
+/// (eject/load) on a non-removable medium is INVALID FIELD IN CDB (libiscsi
+/// test_startstopunit_simple); START/STOP and power conditions are accepted and ignored.
 pub(crate) fn start_stop_unit(cdb: &[u8]) -> CmdResult {
-    let _ = cdb;
+    if cdb[4] & 0x02 != 0 {
+        return Err(ScsiError::invalid_field_in_cdb().at_cdb(4, Some(1)));
+    }
     Ok(Reply::good())
 }
 
@@ -339,10 +365,7 @@ pub(crate) fn mode_select(lu: &LogicalUnit, nexus: &NexusId, cdb: &[u8], data: &
     let mut st = lu.lock_state();
     let mut new = st.mode;
     while at < p.len() {
-        let Some(&[code, len]) = p
-            .get(at..at + 2)
-            .map(|s| <&[u8; 2]>::try_from(s).ok())
-            .flatten()
+        let Some(&[code, len]) = p.get(at..at + 2).and_then(|s| <&[u8; 2]>::try_from(s).ok())
         else {
             return Err(ScsiError::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
         };
@@ -614,8 +637,19 @@ pub(crate) fn persistent_reserve_out(
     let params = &data[..plen];
     let mut st = lu.lock_state();
     let outcome = st.pr.persistent_reserve_out(nexus, cdb, params)?;
-    for (n, a) in &outcome.unit_attentions {
-        st.post_ua(n, *a);
+    // Outcome UAs may be patterns (every target port / every ISID): expand them against the
+    // nexuses this LU knows, never the sender. PREEMPT AND ABORT's `abort_tasks_of` needs
+    // nothing here: commands run to completion synchronously, none is queued to abort.
+    for (pattern, a) in &outcome.unit_attentions {
+        let targets: Vec<NexusId> = st
+            .nexuses
+            .keys()
+            .filter(|n| *n != nexus && super::pr::nexus_matches(pattern, n))
+            .cloned()
+            .collect();
+        for n in targets {
+            st.post_ua(&n, *a);
+        }
     }
     if outcome.persist {
         // Saved under the metadata lock so concurrent PR OUTs persist in apply order.

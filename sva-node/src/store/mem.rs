@@ -27,7 +27,7 @@ impl MemBackend {
 
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(self.size, offset, len)?;
-        if offset % SECTOR_BYTES != 0 || len % SECTOR_BYTES != 0 {
+        if !offset.is_multiple_of(SECTOR_BYTES) || !len.is_multiple_of(SECTOR_BYTES) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "unaligned access to MemBackend",
