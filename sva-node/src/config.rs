@@ -13,7 +13,7 @@
 //!   sendTargets: ["127.0.0.1:3260,1", "127.0.0.1:3261,2"]   # optional; default: own portal
 //! store: { path: /var/lib/sva/vol1.img, create: true }
 //! stateDir: /var/lib/sva/state
-//! control: { listen: 127.0.0.1:9100 }   # optional
+//! control: { listen: 127.0.0.1:9100, tokenFile: /etc/sva/token }   # optional
 //! ```
 //! Unknown fields are errors. [`Config::load`] reports YAML errors with the field path and
 //! line, and semantic errors with the field name.
@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::iscsi::{ChapConfig, TargetConfig};
 use crate::scsi::alua::PortGroups;
@@ -44,7 +44,7 @@ pub enum ConfigError {
     Invalid { field: &'static str, reason: String },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
     pub volume: VolumeConfig,
@@ -52,14 +52,14 @@ pub struct Config {
     pub store: StoreConfig,
     /// Directory for node state (APTPL persistent reservations, ...).
     pub state_dir: PathBuf,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<ControlConfig>,
 }
 
 /// Write cache behaviour of the volume (`writeThrough` | `writeBack`).
 pub use crate::scsi::lu::CacheMode;
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct VolumeConfig {
     pub name: String,
@@ -69,7 +69,7 @@ pub struct VolumeConfig {
     pub cache_mode: CacheMode,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TargetSection {
     pub iqn: String,
@@ -78,9 +78,9 @@ pub struct TargetSection {
     pub portal_group_tag: u16,
     pub relative_target_port_id: u16,
     pub target_port_group_id: u16,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alias: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chap: Option<ChapSection>,
     #[serde(default)]
     pub allowed_initiators: Vec<String>,
@@ -89,18 +89,18 @@ pub struct TargetSection {
     pub send_targets: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ChapSection {
     pub username: String,
     pub secret: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mutual_username: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mutual_secret: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StoreConfig {
     pub path: PathBuf,
@@ -108,10 +108,14 @@ pub struct StoreConfig {
     pub create: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ControlConfig {
     pub listen: String,
+    /// File holding the bearer token that mutating control endpoints require. Without it,
+    /// mutations are refused (403) and only the read-only endpoints work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Block size every LU uses (bytes).

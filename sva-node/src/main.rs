@@ -1,7 +1,11 @@
 //! `sva-node` binary: `serve`, `demo`, `witness`.
 //!
 //! `serve --config FILE` wires one node: FileBackend → LogicalUnit → LocalTarget →
-//! iSCSI driver, and stops gracefully on SIGTERM/SIGINT.
+//! InstrumentedTarget (metrics) → iSCSI driver, plus the control API when configured, and
+//! stops gracefully on SIGTERM/SIGINT. `demo` starts whole volumes of such processes
+//! (see `demo.rs`).
+
+mod demo;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sva_node::config::Config;
+use sva_node::control::{ControlState, InstrumentedTarget, Metrics, SingleNodeStatus};
 use sva_node::scsi::lu::{LocalTarget, LogicalUnit};
 use sva_node::scsi::ScsiTarget;
 use sva_node::store::file::FileBackend;
@@ -33,11 +38,9 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Start a whole mirrored volume on this machine (not yet implemented).
-    Demo {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
-    },
+    /// Start a whole volume on this machine: one `serve` process per plex, configs in DIR,
+    /// each path's iscsi:// URL printed; Ctrl-C stops everything it started.
+    Demo(demo::DemoArgs),
     /// Run a witness (not yet implemented).
     Witness {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
@@ -62,7 +65,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Demo { .. } | Cmd::Witness { .. } => {
+        Cmd::Demo(args) => match demo::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sva-node demo: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Witness { .. } => {
             eprintln!("not yet");
             ExitCode::from(2)
         }
@@ -77,7 +87,25 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
         .with_context(|| format!("opening store {}", cfg.store.path.display()))?;
     let backend: Arc<dyn BlockBackend> = Arc::new(backend);
     let lu = Arc::new(LogicalUnit::new(cfg.lu_config(), backend));
-    let target: Arc<dyn ScsiTarget> = Arc::new(LocalTarget::new(lu));
+    let metrics = Arc::new(Metrics::new());
+    let local: Arc<dyn ScsiTarget> = Arc::new(LocalTarget::new(lu));
+    let target: Arc<dyn ScsiTarget> = Arc::new(InstrumentedTarget::new(local, metrics.clone()));
+    let status = Arc::new(SingleNodeStatus::new(
+        &format!("{}-{}", cfg.volume.name, cfg.target.relative_target_port_id),
+        &cfg.volume.name,
+        cfg.target.relative_target_port_id,
+        &cfg.target.portal,
+        metrics.clone(),
+    ));
+    let token = match cfg.control.as_ref().and_then(|c| c.token_file.as_ref()) {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading control.tokenFile {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
     let iscsi_cfg = Arc::new(cfg.iscsi_target());
     let addr = cfg.portal_addr()?;
 
@@ -87,11 +115,32 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding iSCSI portal {addr}"))?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        if let Some(c) = &cfg.control {
+            let ctl = tokio::net::TcpListener::bind(&c.listen)
+                .await
+                .with_context(|| format!("binding control API {}", c.listen))?;
+            let state = ControlState {
+                metrics,
+                status: status.clone(),
+                token,
+            };
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = sva_node::control::serve(ctl, state, shutdown).await {
+                    tracing::error!("control API: {e}");
+                }
+            });
+        }
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("signal received; shutting down");
             let _ = stop_tx.send(true);
         });
+        status.set_serving();
+        tracing::info!(portal = %addr, iqn = %iscsi_cfg.iqn, "serving");
         sva_node::iscsi::driver::serve(listener, iscsi_cfg, target, stop_rx)
             .await
             .context("iSCSI target")
