@@ -91,7 +91,7 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
     let local: Arc<dyn ScsiTarget> = Arc::new(LocalTarget::new(lu));
     let target: Arc<dyn ScsiTarget> = Arc::new(InstrumentedTarget::new(local, metrics.clone()));
     let status = Arc::new(SingleNodeStatus::new(
-        &format!("{}-{}", cfg.volume.name, cfg.target.relative_target_port_id),
+        format!("{}-{}", cfg.volume.name, cfg.target.relative_target_port_id),
         &cfg.volume.name,
         cfg.target.relative_target_port_id,
         &cfg.target.portal,
