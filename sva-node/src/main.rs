@@ -41,10 +41,18 @@ enum Cmd {
     /// Start a whole volume on this machine: one `serve` process per plex, configs in DIR,
     /// each path's iscsi:// URL printed; Ctrl-C stops everything it started.
     Demo(demo::DemoArgs),
-    /// Run a witness (not yet implemented).
+    /// Run a standalone witness: the compare-and-swap store of volumes' membership records
+    /// (DESIGN.md §5). Records persist under DIR; peers authenticate with a shared secret.
     Witness {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
+        /// Address to listen on, host:port.
+        #[arg(long)]
+        listen: String,
+        /// Directory for the records (created if missing).
+        #[arg(long)]
+        data: PathBuf,
+        /// File holding the shared secret (at least 16 bytes); default: env SVA_WITNESS_SECRET.
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
     },
 }
 
@@ -72,10 +80,17 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Witness { .. } => {
-            eprintln!("not yet");
-            ExitCode::from(2)
-        }
+        Cmd::Witness {
+            listen,
+            data,
+            secret_file,
+        } => match witness(&listen, data, secret_file) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sva-node witness: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -145,6 +160,15 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
             .await
             .context("iSCSI target")
     })
+}
+
+fn witness(listen: &str, data: PathBuf, secret_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let secret = sva_node::witness::load_secret(secret_file.as_deref())
+        .context("loading the witness secret (--secret-file or SVA_WITNESS_SECRET)")?;
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
+    rt.block_on(sva_node::witness::run(listen, data, secret))
+        .with_context(|| format!("witness on {listen}"))
 }
 
 async fn wait_for_signal() {
