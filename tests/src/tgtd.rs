@@ -4,7 +4,7 @@
 //!
 //! Several instances run side by side: each gets its own iSCSI portal
 //! (`--iscsi portal=127.0.0.1:PORT`) and its own management socket (`-C N` →
-//! `/var/run/tgtd/socket.N`); the harness uses the portal port number as N.
+//! `/var/run/tgtd/socket.N`, N ≤ 32767); the harness derives N from the portal port.
 //!
 //! tgt specifics worth knowing:
 //! - LUN 0 is always tgt's own "controller" LU (peripheral type 0x0c); the disk is LUN 1.
@@ -29,6 +29,12 @@ const TGTADM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long to retry the first `tgtadm` call while tgtd creates its management socket.
 const CONTROL_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// tgtd rejects `-C` values above 32767.
+const CONTROL_PORT_MAX: u16 = 32767;
+
+/// Attempts to start tgtd (a derived control port may collide with another instance's).
+const START_ATTEMPTS: u32 = 5;
 
 /// Options for one tgtd instance.
 #[derive(Debug, Clone)]
@@ -74,20 +80,32 @@ impl Tgtd {
         };
         let backing = dir.path().join("volume.img");
         std::fs::File::create(&backing)?.set_len(opts.size_bytes)?;
-        let port = free_port()?;
-        let portal = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut cmd = Command::new(tgtd);
-        cmd.arg("-f")
-            .arg("-C")
-            .arg(port.to_string())
-            .arg("--iscsi")
-            .arg(format!("portal={portal}"));
-        let mut process = TargetProcess::spawn("tgtd", cmd, &dir.path().join("tgtd.log"))?;
-        process.wait_for_port(portal, PORTAL_READY_TIMEOUT)?;
+        let log = dir.path().join("tgtd.log");
+        let mut attempt = 0;
+        let (process, portal, control_port) = loop {
+            attempt += 1;
+            let port = free_port()?;
+            let portal = SocketAddr::from(([127, 0, 0, 1], port));
+            // tgtd accepts control ports 0..32767 only; derive one from the (unique) portal
+            // port and retry on the rare collision (tgtd exits if the socket lock is taken).
+            let control_port = 1 + port % CONTROL_PORT_MAX;
+            let mut cmd = Command::new(&tgtd);
+            cmd.arg("-f")
+                .arg("-C")
+                .arg(control_port.to_string())
+                .arg("--iscsi")
+                .arg(format!("portal={portal}"));
+            let mut process = TargetProcess::spawn("tgtd", cmd, &log)?;
+            match process.wait_for_port(portal, PORTAL_READY_TIMEOUT) {
+                Ok(()) => break (process, portal, control_port),
+                Err(e) if attempt >= START_ATTEMPTS => return Err(e),
+                Err(_) => continue,
+            }
+        };
         let mut me = Self {
             opts,
             portal,
-            control_port: port,
+            control_port,
             backing,
             process: Some(process),
             _dir: dir,

@@ -103,23 +103,26 @@ fn raw_login_on_tgtd() {
 }
 
 /// Runs every bad-input story on tgtd with a background session and prints what tgt did.
-/// Asserts only the background session and the stories tgt is known to pass.
+/// tgt 1.0.85 rejects a bad opcode (by closing) and ignores an out-of-window CmdSN as RFC 7143
+/// asks, so those two must pass here; it waits for the data "announced" by garbage before
+/// login and executes an over-long immediate data segment, so those are only printed.
 #[test]
 fn bad_input_stories_on_tgtd() {
     let Some(t) = tgtd("bad_input_stories_on_tgtd", &["qemu-io"]) else {
         return;
     };
     type Story = fn(&dyn IscsiTarget) -> anyhow::Result<String>;
-    let stories: [(&str, Story); 4] = [
-        ("garbage_before_login", garbage_before_login),
-        ("bad_opcode", bad_opcode),
-        ("oversize_data_segment", oversize_data_segment),
-        ("cmdsn_out_of_window", cmdsn_out_of_window),
+    let stories: [(&str, Story, bool); 4] = [
+        ("garbage_before_login", garbage_before_login, false),
+        ("bad_opcode", bad_opcode, true),
+        ("oversize_data_segment", oversize_data_segment, false),
+        ("cmdsn_out_of_window", cmdsn_out_of_window, true),
     ];
-    for (name, story) in stories {
+    for (name, story, tgt_passes) in stories {
         match with_background_session(&t, story) {
             Ok(what) => eprintln!("tgtd {name}: {what}"),
-            Err(e) => eprintln!("tgtd {name}: FAILS the story: {e:#}"),
+            Err(e) if !tgt_passes => eprintln!("tgtd {name}: fails the story (known): {e:#}"),
+            Err(e) => panic!("tgtd {name}: {e:#}"),
         }
     }
 }
