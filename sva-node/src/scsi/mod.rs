@@ -6,9 +6,19 @@
 
 use bytes::Bytes;
 
+pub mod alua;
+pub mod cdb;
+pub mod lu;
+pub mod pr;
+pub mod sbc;
 pub mod sense;
+pub mod spc;
+
+#[cfg(test)]
+mod tests;
 
 use futures::future::BoxFuture;
+pub use lu::{CacheMode, LocalTarget, LogicalUnit, LuConfig};
 pub use sense::{ScsiError, SenseKey};
 
 /// An I_T nexus: initiator port name plus the relative target port it came in through.

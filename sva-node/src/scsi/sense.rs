@@ -68,6 +68,11 @@ pub mod asc {
     pub const ALUA_UNAVAILABLE: Asc = (0x04, 0x0c);
     /// ALUA: LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN STANDBY STATE
     pub const ALUA_STANDBY: Asc = (0x04, 0x0b);
+    pub const NO_ADDITIONAL_SENSE: Asc = (0x00, 0x00);
+    pub const SCSI_BUS_RESET_OCCURRED: Asc = (0x29, 0x02);
+    pub const INVALID_FIELD_IN_INFORMATION_UNIT: Asc = (0x0e, 0x03);
+    pub const INVALID_MESSAGE_ERROR: Asc = (0x49, 0x00);
+    pub const COPY_SEGMENT_GRANULARITY_VIOLATION: Asc = (0x26, 0x0a);
 }
 
 /// Where in the CDB or parameter list an ILLEGAL REQUEST points (sense-key specific field,
@@ -175,6 +180,66 @@ impl ScsiError {
         Some(Bytes::copy_from_slice(&s))
     }
 
+    /// Descriptor-format sense data (SPC-4 §4.5.2), used when the control mode page has
+    /// D_SENSE=1 or REQUEST SENSE asks for DESC=1.
+    pub fn sense_descriptor(&self) -> Option<Bytes> {
+        let ScsiError::Check {
+            key,
+            asc,
+            field,
+            info,
+        } = self
+        else {
+            return None;
+        };
+        let mut s = vec![0x72, *key as u8, asc.0, asc.1, 0, 0, 0, 0];
+        if let Some(info) = info {
+            // Information descriptor (SPC-4 §4.5.2.2): type 0, length 0x0a, VALID=1.
+            s.extend_from_slice(&[0x00, 0x0a, 0x80, 0x00]);
+            s.extend_from_slice(&info.to_be_bytes());
+        }
+        if let Some(f) = field {
+            // Sense key specific descriptor (SPC-4 §4.5.2.3): type 2, length 6.
+            let mut b = 0x80 | if f.in_cdb { 0x40 } else { 0 };
+            if let Some(bit) = f.bit {
+                b |= 0x08 | (bit & 0x07);
+            }
+            let fb = f.byte.to_be_bytes();
+            s.extend_from_slice(&[0x02, 0x06, 0, 0, b, fb[0], fb[1], 0]);
+        }
+        s[7] = (s.len() - 8) as u8;
+        Some(Bytes::from(s))
+    }
+
+    /// Sense data in the requested format.
+    pub fn sense(&self, descriptor: bool) -> Option<Bytes> {
+        if descriptor {
+            self.sense_descriptor()
+        } else {
+            self.sense_fixed()
+        }
+    }
+
+    /// With an INFORMATION field.
+    pub fn with_info(mut self, value: u64) -> Self {
+        if let ScsiError::Check { info, .. } = &mut self {
+            *info = Some(value);
+        }
+        self
+    }
+
+    /// With a sense-key specific field pointer into the CDB.
+    pub fn at_cdb(mut self, byte: u16, bit: Option<u8>) -> Self {
+        if let ScsiError::Check { field, .. } = &mut self {
+            *field = Some(FieldPointer {
+                in_cdb: true,
+                byte,
+                bit,
+            });
+        }
+        self
+    }
+
     /// This error as a complete response.
     pub fn to_response(&self) -> ScsiResponse {
         ScsiResponse {
@@ -209,5 +274,18 @@ mod tests {
             ScsiError::ReservationConflict.status(),
             ScsiStatus::ReservationConflict
         );
+    }
+
+    #[test]
+    fn descriptor_sense_layout() {
+        let e = ScsiError::check(SenseKey::Miscompare, asc::MISCOMPARE_DURING_VERIFY).with_info(7);
+        let s = e.sense_descriptor().unwrap();
+        assert_eq!(&s[..4], &[0x72, 0x0e, 0x1d, 0x00]);
+        assert_eq!(s[7] as usize, s.len() - 8);
+        assert_eq!(&s[8..12], &[0x00, 0x0a, 0x80, 0x00]);
+        assert_eq!(&s[12..20], &7u64.to_be_bytes());
+        let f = e.sense_fixed().unwrap();
+        assert_eq!(f[0], 0xf0);
+        assert_eq!(&f[3..7], &[0, 0, 0, 7]);
     }
 }

@@ -27,3 +27,25 @@ pub trait BlockBackend: Send + Sync + 'static {
     /// `offset` (at most `len`) share it.
     fn mapping(&self, offset: u64, len: u64) -> io::Result<(Mapping, u64)>;
 }
+
+pub mod fault;
+pub mod file;
+pub mod mem;
+
+#[cfg(test)]
+mod conformance;
+
+pub use fault::FaultBackend;
+pub use file::FileBackend;
+pub use mem::MemBackend;
+
+/// Range check shared by the backends: `offset + len` must lie within `size`.
+pub(crate) fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("range {offset}+{len} beyond device size {size}"),
+        )),
+    }
+}
