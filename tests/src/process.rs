@@ -65,7 +65,9 @@ impl TargetProcess {
 
     /// Returns the exit status if the process has exited.
     pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Waits until `addr` accepts a TCP connection, failing early if the process exits.
@@ -206,12 +208,8 @@ pub fn run_tool<S: AsRef<std::ffi::OsStr>>(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let stdout = out_reader
-        .and_then(|h| h.join().ok())
-        .unwrap_or_default();
-    let stderr = err_reader
-        .and_then(|h| h.join().ok())
-        .unwrap_or_default();
+    let stdout = out_reader.and_then(|h| h.join().ok()).unwrap_or_default();
+    let stderr = err_reader.and_then(|h| h.join().ok()).unwrap_or_default();
     Ok(ToolOutput {
         command,
         status,

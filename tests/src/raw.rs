@@ -97,8 +97,7 @@ pub fn parse_text_keys(data: &[u8]) -> Vec<(String, String)> {
         .filter(|kv| !kv.is_empty())
         .filter_map(|kv| {
             let s = String::from_utf8_lossy(kv);
-            s.split_once('=')
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned()))
         })
         .collect()
 }
@@ -334,8 +333,7 @@ impl RawSession {
             ReadResult::Timeout => return Ok(Outcome::Silence),
         }
         let ahs_len = usize::from(bhs[4]) * 4;
-        let data_len =
-            u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
+        let data_len = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
         if data_len > DATA_SEGMENT_MAX {
             bail!("target sent a {data_len}-byte data segment");
         }
@@ -458,7 +456,10 @@ mod tests {
         let d = text_data(&[("A", "1"), ("TargetName", "iqn.x:y")]);
         assert_eq!(
             parse_text_keys(&d),
-            [("A".into(), "1".into()), ("TargetName".into(), "iqn.x:y".into())]
+            [
+                ("A".into(), "1".into()),
+                ("TargetName".into(), "iqn.x:y".into())
+            ]
         );
     }
 }

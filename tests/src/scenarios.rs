@@ -224,7 +224,8 @@ pub fn raw_login(t: &dyn IscsiTarget) -> Result<(RawSession, raw::LoginResult)> 
 /// a target that waits for the megabytes the garbage "announces" can be tied up by anyone.
 pub fn garbage_before_login(t: &dyn IscsiTarget) -> Result<String> {
     let mut s = RawSession::connect(t.portal())?;
-    let mut garbage = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: sva-tests\r\n\r\n".to_vec();
+    let mut garbage =
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: sva-tests\r\n\r\n".to_vec();
     garbage.resize(128, b'x');
     if !s.try_send(&garbage)? {
         return Ok("closed while we were sending".into());
@@ -281,7 +282,9 @@ pub fn bad_opcode(t: &dyn IscsiTarget) -> Result<String> {
                 "{}: session unusable after rejecting a bad opcode",
                 t.describe()
             );
-            Ok(format!("reject reason {reason:#04x}, session still answers NOP"))
+            Ok(format!(
+                "reject reason {reason:#04x}, session still answers NOP"
+            ))
         }
         Outcome::Pdu(p) => bail!("answered a bad opcode with opcode {:#04x}", p.opcode()),
         Outcome::Silence => bail!(
@@ -399,7 +402,11 @@ pub struct Inquiry {
 /// Runs `iscsi-inq` for the standard page and VPD 0x80.
 pub fn inquiry(t: &dyn IscsiTarget) -> Result<Inquiry> {
     let std_out = tools::iscsi_inq(&t.url(), &[])?;
-    ensure!(std_out.success(), "iscsi-inq failed:\n{}", std_out.describe());
+    ensure!(
+        std_out.success(),
+        "iscsi-inq failed:\n{}",
+        std_out.describe()
+    );
     let field = |name: &str| {
         std_out
             .stdout
@@ -411,7 +418,11 @@ pub fn inquiry(t: &dyn IscsiTarget) -> Result<Inquiry> {
     let product = field("Product:").context("no Product: in iscsi-inq output")?;
     // Page codes in decimal: iscsi-inq does not parse 0x80.
     let vpd = tools::iscsi_inq(&t.url(), &["-e", "1", "-c", "128"])?;
-    ensure!(vpd.success(), "iscsi-inq VPD 0x80 failed:\n{}", vpd.describe());
+    ensure!(
+        vpd.success(),
+        "iscsi-inq VPD 0x80 failed:\n{}",
+        vpd.describe()
+    );
     let serial = vpd
         .stdout
         .lines()

@@ -46,6 +46,12 @@ fn inquiry_identity_derives_from_volume_uid() {
         ia.standard
     );
     assert!(!ia.serial.is_empty(), "empty unit serial number");
-    assert_eq!(ia.serial, ib.serial, "two nodes of one volume differ in serial");
-    assert_ne!(ia.serial, io.serial, "serial does not depend on the volume uid");
+    assert_eq!(
+        ia.serial, ib.serial,
+        "two nodes of one volume differ in serial"
+    );
+    assert_ne!(
+        ia.serial, io.serial,
+        "serial does not depend on the volume uid"
+    );
 }

@@ -38,7 +38,10 @@ fn process_guard_kills_on_drop() {
     assert!(std::path::Path::new(&proc_dir).exists());
     drop(guard);
     // Reaped by the guard, so the pid is gone (not a zombie).
-    assert!(!std::path::Path::new(&proc_dir).exists(), "{pid} survived drop");
+    assert!(
+        !std::path::Path::new(&proc_dir).exists(),
+        "{pid} survived drop"
+    );
 }
 
 #[test]
@@ -68,7 +71,10 @@ fn two_tgtd_instances_side_by_side() {
         len: 4096,
         pattern: 0xac,
     }];
-    assert!(verify_regions(&a, &wrong).is_err(), "read -P mismatch undetected");
+    assert!(
+        verify_regions(&a, &wrong).is_err(),
+        "read -P mismatch undetected"
+    );
 }
 
 #[test]

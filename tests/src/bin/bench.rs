@@ -17,9 +17,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use sva_tests::tools::{parse_bench_seconds, qemu_img_bench, BenchCase, BENCH_CASES};
-use sva_tests::{
-    have_tools, CacheMode, IscsiTarget, SvaNode, SvaNodeOptions, Tgtd, TgtdOptions,
-};
+use sva_tests::{have_tools, CacheMode, IscsiTarget, SvaNode, SvaNodeOptions, Tgtd, TgtdOptions};
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark sva-node against tgtd with qemu-img bench")]
@@ -76,7 +74,11 @@ struct Measured {
 fn measure(t: &dyn IscsiTarget, case: &BenchCase, count: u64) -> Result<Measured> {
     let out = qemu_img_bench(&t.url(), case, count, MEASURE_TIMEOUT)?;
     if !out.success() {
-        bail!("qemu-img bench on {} failed:\n{}", t.describe(), out.describe());
+        bail!(
+            "qemu-img bench on {} failed:\n{}",
+            t.describe(),
+            out.describe()
+        );
     }
     let secs = parse_bench_seconds(&out.stdout)
         .with_context(|| format!("no 'Run completed' in:\n{}", out.describe()))?;
@@ -164,7 +166,13 @@ fn main() -> Result<()> {
         for (ci, case) in cases.iter().enumerate() {
             for (ti, (name, t)) in targets.iter().enumerate() {
                 let m = measure(t.as_ref(), case, counts[ci][ti])?;
-                eprintln!("run {} {:<14} {:<7} {:>10.0} IOPS", run + 1, case.name, name, m.iops);
+                eprintln!(
+                    "run {} {:<14} {:<7} {:>10.0} IOPS",
+                    run + 1,
+                    case.name,
+                    name,
+                    m.iops
+                );
                 iops[ci][ti].push(m.iops);
             }
         }
