@@ -98,7 +98,9 @@ pub enum Command {
     /// Persist this range in the write-intent bitmap before any later `Apply` runs.
     MarkDirty(LbaRange),
     /// Every op `<= up_to` is applied on every in-sync plex: the activity log may drop it.
-    Settled { up_to: Seq },
+    Settled {
+        up_to: Seq,
+    },
 }
 
 /// How the engine starts.
@@ -355,7 +357,8 @@ impl Engine {
                     p.acks.insert(self.cfg.me);
                 }
             }
-        } else if self.is_in_sync(origin) && matches!(self.role, Role::Active | Role::Holding { .. })
+        } else if self.is_in_sync(origin)
+            && matches!(self.role, Role::Active | Role::Holding { .. })
         {
             self.send(
                 origin,
@@ -611,7 +614,8 @@ impl Engine {
             p.applied_prefix = p.applied_prefix.max(prefix);
         }
         self.ack_from(from, |s| s <= prefix);
-        if from == self.membership.sequencer && matches!(self.role, Role::Active | Role::Holding { .. })
+        if from == self.membership.sequencer
+            && matches!(self.role, Role::Active | Role::Holding { .. })
         {
             let known = self.known_prefix();
             if seq_high > known {
@@ -628,8 +632,7 @@ impl Engine {
     }
 
     fn on_forward(&mut self, now: Millis, from: PlexId, fwd: u64, floor: u64, meta: OpMeta) {
-        if !matches!(self.role, Role::Active) || !self.i_am_sequencer() || !self.lease_valid(now)
-        {
+        if !matches!(self.role, Role::Active) || !self.i_am_sequencer() || !self.lease_valid(now) {
             return; // the origin retransmits
         }
         let seen = self.fwd_seen.entry(from).or_default();
@@ -662,7 +665,11 @@ impl Engine {
             fwd,
             meta,
         };
-        self.fwd_seen.entry(origin).or_default().seqs.insert(fwd, seq);
+        self.fwd_seen
+            .entry(origin)
+            .or_default()
+            .seqs
+            .insert(fwd, seq);
         let epoch = self.epoch();
         let ids: Vec<PlexId> = self.peers.keys().copied().collect();
         for id in ids {

@@ -9,6 +9,10 @@
 //!   view change with reconciliation, fencing).
 //! - [`msg`]: peer messages and their length-prefixed binary codec.
 //! - [`dirty`]: the write-intent bitmap kept while a plex is Stale.
+//! - [`op`]: what is replicated (state-changing commands, resets, nexus loss) and its codec.
+//! - [`link`]: authenticated TCP replication links between nodes.
+//! - [`node`]: the tokio driver of the engine and [`node::MirroredTarget`], the `ScsiTarget`
+//!   of a mirrored node.
 //! - [`sim`]: a seeded deterministic simulation (tigerbeetle VOPR style) of N engines with a
 //!   simulated network, disks, witness, clock and crashes, and the invariant checks of
 //!   DESIGN.md §5. The tests `sva-node/tests/sim_*.rs` run it, one file per invariant:
@@ -25,7 +29,10 @@
 
 pub mod dirty;
 pub mod engine;
+pub mod link;
 pub mod msg;
+pub mod node;
+pub mod op;
 pub mod sim;
 
 pub use dirty::DirtyMap;
