@@ -9,6 +9,7 @@
 //!   view change with reconciliation, fencing).
 //! - [`msg`]: peer messages and their length-prefixed binary codec.
 //! - [`dirty`]: the write-intent bitmap kept while a plex is Stale.
+//! - [`boot`]: starting a mirrored node from its config (witness record, restart detection).
 //! - [`op`]: what is replicated (state-changing commands, resets, nexus loss) and its codec.
 //! - [`link`]: authenticated TCP replication links between nodes.
 //! - [`node`]: the tokio driver of the engine and [`node::MirroredTarget`], the `ScsiTarget`
@@ -27,6 +28,7 @@
 //! A failing run prints its seed; replaying it with `SVA_SIM_SEED` is bit-for-bit identical
 //! (no real clock, no hash-map iteration order, one PRNG).
 
+pub mod boot;
 pub mod dirty;
 pub mod engine;
 pub mod link;

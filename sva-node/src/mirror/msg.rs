@@ -18,8 +18,10 @@ pub type Seq = u64;
 
 /// Largest frame body accepted (a view-change state message carries un-settled ops).
 pub const FRAME_BYTES_MAX: usize = 256 << 20;
-/// Largest opaque op payload (an encoded SCSI command with its data-out).
-pub const PAYLOAD_BYTES_MAX: usize = 32 << 20;
+/// Largest opaque op payload: an encoded SCSI command with its data-out, so the largest
+/// write the LU accepts plus room for the CDB, nexus and framing.
+pub const PAYLOAD_BYTES_MAX: usize =
+    crate::scsi::sbc::limits::TRANSFER_BLOCKS_MAX as usize * 512 + (64 << 10);
 /// Most entries in one view-change message (bounded by the engine's log).
 pub const ENTRIES_MAX: usize = 4096;
 /// Most plexes in a membership record.

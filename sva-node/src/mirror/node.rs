@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::engine::{Command, Config as EngineConfig, Engine, Millis, OpId, Outcome, PathState};
 use super::link::{self, Inbound, LinkConfig, Links};
-use super::msg::OpMeta;
+use super::msg::{OpMeta, PAYLOAD_BYTES_MAX};
 use super::op::{self, ReplicatedOp};
 use crate::scsi::alua::{AluaState, PortGroup, PortGroups};
 use crate::scsi::lu::LogicalUnit;
@@ -233,6 +233,12 @@ impl MirrorNode {
             range: op.range(),
             payload: op.encode(),
         };
+        if meta.payload.len() > PAYLOAD_BYTES_MAX {
+            // The transport already refuses writes this large; never put one on the link.
+            return Outcome::Done(op::encode_response(
+                &ScsiError::invalid_field_in_cdb().to_response(),
+            ));
+        }
         let id = OpId(
             self.shared
                 .next_op
