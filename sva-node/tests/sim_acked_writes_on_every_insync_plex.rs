@@ -6,5 +6,11 @@ use sva_node::mirror::sim::{check, Invariant};
 
 #[test]
 fn sim_acked_writes_on_every_insync_plex() {
-    check(&[Invariant::AckedWritesOnEveryInSyncPlex, Invariant::ReadsLinearizable], 40);
+    check(
+        &[
+            Invariant::AckedWritesOnEveryInSyncPlex,
+            Invariant::ReadsLinearizable,
+        ],
+        40,
+    );
 }

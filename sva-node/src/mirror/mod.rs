@@ -34,3 +34,6 @@ pub use engine::{
     HEARTBEAT_INTERVAL_MS, PEER_TIMEOUT_MS, READ_LEASE_MS,
 };
 pub use msg::{Entry, Epoch, LbaRange, Message, OpMeta, OpRange, PlexId, Seq};
+
+#[cfg(test)]
+mod tests;

@@ -110,11 +110,7 @@ pub enum Message {
     /// Sequencer → plex: apply this op at its place.
     Apply { epoch: Epoch, entry: Entry },
     /// Sequencer → origin: your op `fwd` got `seq` (the origin holds the payload).
-    Ordered {
-        epoch: Epoch,
-        seq: Seq,
-        fwd: u64,
-    },
+    Ordered { epoch: Epoch, seq: Seq, fwd: u64 },
     /// Plex → origin: I applied `seq`.
     Applied { epoch: Epoch, seq: Seq },
     /// Liveness, cumulative progress and read lease (`ts` is echoed back as `echo`).
@@ -531,15 +527,20 @@ mod tests {
             })
     }
     fn arb_entry() -> impl Strategy<Value = Entry> {
-        (any::<u64>(), any::<u64>(), any::<u16>(), any::<u64>(), arb_meta()).prop_map(
-            |(seq, tag, origin, fwd, meta)| Entry {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u16>(),
+            any::<u64>(),
+            arb_meta(),
+        )
+            .prop_map(|(seq, tag, origin, fwd, meta)| Entry {
                 seq,
                 tag,
                 origin,
                 fwd,
                 meta,
-            },
-        )
+            })
     }
     fn arb_membership() -> impl Strategy<Value = Membership> {
         (
@@ -606,14 +607,16 @@ mod tests {
                         entries
                     }
                 }),
-            (any::<[u64; 3]>(), proptest::collection::vec(arb_entry(), 0..4)).prop_map(
-                |(v, entries)| Message::Sync {
+            (
+                any::<[u64; 3]>(),
+                proptest::collection::vec(arb_entry(), 0..4)
+            )
+                .prop_map(|(v, entries)| Message::Sync {
                     epoch: v[0],
                     base: v[1],
                     high: v[2],
                     entries
-                }
-            ),
+                }),
         ]
     }
 

@@ -83,10 +83,22 @@ impl SimConfig {
             chaos_ms: 6_000,
             settle_ms: 6_000,
             delay_ms_max: [2, 10, 40][r.gen_range(0..3)],
-            loss: if faulty { [0.0, 0.01, 0.05][r.gen_range(0..3)] } else { 0.0 },
+            loss: if faulty {
+                [0.0, 0.01, 0.05][r.gen_range(0..3)]
+            } else {
+                0.0
+            },
             duplicate: if faulty { 0.01 } else { 0.0 },
-            partition: if faulty { [0.0, 0.0005, 0.002][r.gen_range(0..3)] } else { 0.0 },
-            crash: if faulty { [0.0, 0.0002, 0.001][r.gen_range(0..3)] } else { 0.0 },
+            partition: if faulty {
+                [0.0, 0.0005, 0.002][r.gen_range(0..3)]
+            } else {
+                0.0
+            },
+            crash: if faulty {
+                [0.0, 0.0002, 0.001][r.gen_range(0..3)]
+            } else {
+                0.0
+            },
             submit: [0.05, 0.2, 0.5][r.gen_range(0..3)],
             read: 0.2,
         }
@@ -229,7 +241,9 @@ fn blocks_of(r: &OpRange) -> std::ops::Range<u64> {
 }
 
 fn mix(state: u64, value: u64) -> u64 {
-    (state ^ value).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17)
+    (state ^ value)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .rotate_left(17)
 }
 
 impl Sim {
@@ -440,7 +454,11 @@ impl Sim {
             let blocks = self.rng.gen_range(1..=8u32);
             // A hot zone (overlaps, ordering) and a cold rest (divergence that no later write
             // hides).
-            let top = if self.rng.gen_bool(0.7) { 64 } else { self.cfg.blocks };
+            let top = if self.rng.gen_bool(0.7) {
+                64
+            } else {
+                self.cfg.blocks
+            };
             let lba = self.rng.gen_range(0..=top - u64::from(blocks));
             (Kind::Write, OpRange::Blocks(LbaRange { lba, blocks }))
         };
@@ -526,8 +544,7 @@ impl Sim {
                     range,
                 } => {
                     let n = (node - 1) as usize;
-                    if self.nodes[n].incarnation != incarnation || self.nodes[n].engine.is_none()
-                    {
+                    if self.nodes[n].incarnation != incarnation || self.nodes[n].engine.is_none() {
                         continue;
                     }
                     let nd = &mut self.nodes[n];
@@ -596,7 +613,11 @@ impl Sim {
                     let mut buf = BytesMut::new();
                     msg::encode(&msg, &mut buf);
                     let frame = buf.freeze();
-                    let copies = if self.rng.gen_bool(self.cfg.duplicate) { 2 } else { 1 };
+                    let copies = if self.rng.gen_bool(self.cfg.duplicate) {
+                        2
+                    } else {
+                        1
+                    };
                     for _ in 0..copies {
                         let at = self.now + self.rng.gen_range(1..=self.cfg.delay_ms_max);
                         self.schedule(
@@ -634,7 +655,8 @@ impl Sim {
                     *al = al.split_off(&(up_to + 1));
                 }
                 Command::PathState(s) => {
-                    if s == PathState::Unavailable && matches!(role, RoleKind::Fenced | RoleKind::Out)
+                    if s == PathState::Unavailable
+                        && matches!(role, RoleKind::Fenced | RoleKind::Out)
                     {
                         self.nodes[n].unavailable = true;
                     }
@@ -798,7 +820,11 @@ impl Sim {
             .map(|(v, _)| *v)
             .collect();
         if !open.is_empty() {
-            let what = format!("{} ops never completed, e.g. {:?}", open.len(), &open[..open.len().min(5)]);
+            let what = format!(
+                "{} ops never completed, e.g. {:?}",
+                open.len(),
+                &open[..open.len().min(5)]
+            );
             self.violate(Invariant::Liveness, what);
         }
         let in_sync = self.in_sync_nodes();
@@ -831,20 +857,21 @@ impl Sim {
         let mut found = Vec::new();
         for &m in &serving[1..] {
             let (a, b) = (&self.nodes[r], &self.nodes[m]);
-            let diff: Vec<usize> = (0..a.disk.len()).filter(|&i| a.disk[i] != b.disk[i]).collect();
+            let diff: Vec<usize> = (0..a.disk.len())
+                .filter(|&i| a.disk[i] != b.disk[i])
+                .collect();
             if !diff.is_empty() {
                 let what = format!(
                     "epoch {epoch}: plexes {} and {} differ at blocks {:?} ({:?} vs {:?})",
-                    a.id,
-                    b.id,
-                    diff,
-                    a.disk[diff[0]],
-                    b.disk[diff[0]]
+                    a.id, b.id, diff, a.disk[diff[0]], b.disk[diff[0]]
                 );
                 found.push((Invariant::InSyncPlexesIdentical, what));
             }
             if a.resv != b.resv {
-                let what = format!("plexes {} and {} hold different reservation state", a.id, b.id);
+                let what = format!(
+                    "plexes {} and {} hold different reservation state",
+                    a.id, b.id
+                );
                 found.push((Invariant::ReservationStateIdentical, what));
             }
             let common: Vec<Seq> = a
@@ -886,7 +913,9 @@ impl Sim {
                 }
                 let lba = b as u64;
                 self.stats.divergent_blocks += 1;
-                let covered = serving.iter().any(|&m| self.nodes[m].dirty.is_block_dirty(lba))
+                let covered = serving
+                    .iter()
+                    .any(|&m| self.nodes[m].dirty.is_block_dirty(lba))
                     || sn.al.values().any(|r| blocks_of(r).contains(&lba));
                 if !covered {
                     bad.push(format!(
@@ -916,8 +945,12 @@ fn engine_cfg(id: PlexId) -> Config {
 /// first violation of `invariant`.
 pub fn check(invariants: &[Invariant], default_seeds: u64) {
     let seeds: Vec<u64> = match (
-        std::env::var("SVA_SIM_SEED").ok().and_then(|s| s.parse().ok()),
-        std::env::var("SVA_SIM_SEEDS").ok().and_then(|s| s.parse().ok()),
+        std::env::var("SVA_SIM_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok()),
+        std::env::var("SVA_SIM_SEEDS")
+            .ok()
+            .and_then(|s| s.parse().ok()),
     ) {
         (Some(seed), _) => vec![seed],
         (None, Some(n)) => (0..n).collect(),
@@ -950,5 +983,8 @@ pub fn check(invariants: &[Invariant], default_seeds: u64) {
         }
     }
     eprintln!("{invariants:?}: ok; totals {total:?}");
-    assert!(total.acked > 0, "the simulation acked nothing: the check would be vacuous");
+    assert!(
+        total.acked > 0,
+        "the simulation acked nothing: the check would be vacuous"
+    );
 }
