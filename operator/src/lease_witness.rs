@@ -186,6 +186,15 @@ mod tests {
         }
     }
 
+    /// The shared suite every `Witness` runs (sva-node/src/witness/conformance.rs); the tests
+    /// below add what is specific to Leases.
+    #[tokio::test]
+    async fn conformance() {
+        let api = FakeApi::default();
+        sva_node::witness::conformance::run_conformance(|| LeaseWitness::new(api.client(), "ns"))
+            .await;
+    }
+
     #[tokio::test]
     async fn get_unknown_volume_is_none() {
         let w = LeaseWitness::new(FakeApi::default().client(), "ns");

@@ -1,1 +1,450 @@
 //! Node configuration (YAML), as read by `sva-node serve --config FILE`.
+//!
+//! ```yaml
+//! volume: { name: vol1, uid: 6a1c..., sizeBytes: 1073741824, cacheMode: writeThrough }
+//! target:
+//!   iqn: iqn.2024-01.io.sva:vol1
+//!   portal: 127.0.0.1:3260
+//!   portalGroupTag: 1
+//!   relativeTargetPortId: 1
+//!   targetPortGroupId: 1
+//!   chap: { username: u, secret: s3cret-12345, mutualUsername: t, mutualSecret: other-12345 }  # optional
+//!   allowedInitiators: []          # empty: any initiator
+//!   sendTargets: ["127.0.0.1:3260,1", "127.0.0.1:3261,2"]   # optional; default: own portal
+//! store: { path: /var/lib/sva/vol1.img, create: true }
+//! stateDir: /var/lib/sva/state
+//! control: { listen: 127.0.0.1:9100, tokenFile: /etc/sva/token }   # optional
+//! ```
+//! Unknown fields are errors. [`Config::load`] reports YAML errors with the field path and
+//! line, and semantic errors with the field name.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::iscsi::{ChapConfig, TargetConfig};
+use crate::scsi::alua::PortGroups;
+use crate::scsi::lu::LuConfig;
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// YAML syntax or schema error; the message names the field path and line.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A well-formed value that is not acceptable.
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    pub volume: VolumeConfig,
+    pub target: TargetSection,
+    pub store: StoreConfig,
+    /// Directory for node state (APTPL persistent reservations, ...).
+    pub state_dir: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlConfig>,
+}
+
+/// Write cache behaviour of the volume (`writeThrough` | `writeBack`).
+pub use crate::scsi::lu::CacheMode;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VolumeConfig {
+    pub name: String,
+    /// Volume UID; every node of the volume reports the same identity from it.
+    pub uid: String,
+    pub size_bytes: u64,
+    pub cache_mode: CacheMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TargetSection {
+    pub iqn: String,
+    /// Listen address, `host:port`.
+    pub portal: String,
+    pub portal_group_tag: u16,
+    pub relative_target_port_id: u16,
+    pub target_port_group_id: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chap: Option<ChapSection>,
+    #[serde(default)]
+    pub allowed_initiators: Vec<String>,
+    /// Portals SendTargets reports (`host:port,tpgt`); default: this node's portal.
+    #[serde(default)]
+    pub send_targets: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ChapSection {
+    pub username: String,
+    pub secret: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutual_username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutual_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub create: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ControlConfig {
+    pub listen: String,
+    /// File holding the bearer token that mutating control endpoints require. Without it,
+    /// mutations are refused (403) and only the read-only endpoints work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Block size every LU uses (bytes).
+const BLOCK_BYTES: u64 = 512;
+/// iSCSI names are at most 223 bytes (RFC 7143 §4.2.7.1).
+const ISCSI_NAME_LEN_MAX: usize = 223;
+
+/// Whether `name` is a well-formed iSCSI name: `iqn.YYYY-MM.reversed.domain[:anything]`,
+/// `eui.` + 16 hex digits, or `naa.` + 16/32 hex digits (RFC 7143 §4.2.7).
+pub fn valid_iscsi_name(name: &str) -> bool {
+    if name.is_empty() || name.len() > ISCSI_NAME_LEN_MAX || name.chars().any(|c| c.is_whitespace())
+    {
+        return false;
+    }
+    let hex_of = |s: &str, lens: &[usize]| {
+        lens.contains(&s.len()) && s.chars().all(|c| c.is_ascii_hexdigit())
+    };
+    if let Some(r) = name.strip_prefix("eui.") {
+        return hex_of(r, &[16]);
+    }
+    if let Some(r) = name.strip_prefix("naa.") {
+        return hex_of(r, &[16, 32]);
+    }
+    let Some(r) = name.strip_prefix("iqn.") else {
+        return false;
+    };
+    let b = r.as_bytes();
+    b.len() > 8
+        && b[..4].iter().all(u8::is_ascii_digit)
+        && b[4] == b'-'
+        && b[5..7].iter().all(u8::is_ascii_digit)
+        && b[7] == b'.'
+        && r[8..].split(':').next().is_some_and(|d| !d.is_empty())
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            e => e,
+        })
+    }
+
+    /// Parse and validate YAML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let v = &self.volume;
+        if v.name.is_empty() {
+            return Err(invalid("volume.name", "must not be empty"));
+        }
+        if v.uid.is_empty() {
+            return Err(invalid("volume.uid", "must not be empty"));
+        }
+        if v.size_bytes == 0 || !v.size_bytes.is_multiple_of(BLOCK_BYTES) {
+            return Err(invalid(
+                "volume.sizeBytes",
+                format!(
+                    "{} is not a positive multiple of {BLOCK_BYTES}",
+                    v.size_bytes
+                ),
+            ));
+        }
+        let t = &self.target;
+        if !valid_iscsi_name(&t.iqn) {
+            return Err(invalid(
+                "target.iqn",
+                format!("{:?} is not an iSCSI name (iqn.YYYY-MM.domain:name)", t.iqn),
+            ));
+        }
+        if t.portal.parse::<SocketAddr>().is_err() {
+            return Err(invalid(
+                "target.portal",
+                format!("{:?} is not host:port (IP address)", t.portal),
+            ));
+        }
+        if t.relative_target_port_id == 0 {
+            return Err(invalid("target.relativeTargetPortId", "must be at least 1"));
+        }
+        if let Some(c) = &t.chap {
+            if c.username.is_empty() || c.secret.is_empty() {
+                return Err(invalid(
+                    "target.chap",
+                    "username and secret must not be empty",
+                ));
+            }
+            if c.mutual_username.is_some() != c.mutual_secret.is_some() {
+                return Err(invalid(
+                    "target.chap",
+                    "mutualUsername and mutualSecret go together",
+                ));
+            }
+            if c.mutual_secret.as_ref().is_some_and(|m| *m == c.secret) {
+                return Err(invalid(
+                    "target.chap.mutualSecret",
+                    "must differ from secret",
+                ));
+            }
+        }
+        if let Some(bad) = t.allowed_initiators.iter().find(|n| !valid_iscsi_name(n)) {
+            return Err(invalid(
+                "target.allowedInitiators",
+                format!("{bad:?} is not an iSCSI name"),
+            ));
+        }
+        for p in &t.send_targets {
+            let ok = p.rsplit_once(',').is_some_and(|(addr, tag)| {
+                tag.parse::<u16>().is_ok() && addr.parse::<SocketAddr>().is_ok()
+            });
+            if !ok {
+                return Err(invalid(
+                    "target.sendTargets",
+                    format!("{p:?} is not host:port,tpgt"),
+                ));
+            }
+        }
+        if let Some(c) = &self.control {
+            if c.listen.parse::<SocketAddr>().is_err() {
+                return Err(invalid(
+                    "control.listen",
+                    format!("{:?} is not host:port", c.listen),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The portal as a socket address (validated by [`Config::load`]).
+    pub fn portal_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.target
+            .portal
+            .parse()
+            .map_err(|_| invalid("target.portal", "not host:port"))
+    }
+
+    /// What the logical unit needs from this config.
+    pub fn lu_config(&self) -> LuConfig {
+        let mut c = LuConfig::new(self.volume.uid.clone());
+        c.cache_mode = self.volume.cache_mode;
+        c.relative_target_port = self.target.relative_target_port_id;
+        c.target_port_group = self.target.target_port_group_id;
+        c.port_groups = Arc::new(PortGroups::single(
+            self.target.target_port_group_id,
+            self.target.relative_target_port_id,
+        ));
+        c.pr_state_path = Some(self.state_dir.join("pr-aptpl.json"));
+        c
+    }
+
+    /// What the iSCSI transport needs from this config.
+    pub fn iscsi_target(&self) -> TargetConfig {
+        let t = &self.target;
+        let mut c = TargetConfig::new(
+            t.iqn.clone(),
+            format!("{},{}", t.portal, t.portal_group_tag),
+        );
+        c.alias = t.alias.clone();
+        c.portal_group_tag = t.portal_group_tag;
+        c.relative_target_port = t.relative_target_port_id;
+        c.allowed_initiators = t.allowed_initiators.clone();
+        if !t.send_targets.is_empty() {
+            c.send_targets = t.send_targets.clone();
+        }
+        c.chap = t.chap.as_ref().map(|c| ChapConfig {
+            username: c.username.clone(),
+            secret: c.secret.clone(),
+            mutual_username: c.mutual_username.clone(),
+            mutual_secret: c.mutual_secret.clone(),
+        });
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+volume:
+  name: vol1
+  uid: 6a1c2f00-0000-4000-8000-000000000001
+  sizeBytes: 1073741824
+  cacheMode: writeBack
+target:
+  iqn: iqn.2024-01.io.sva:vol1
+  portal: 127.0.0.1:3260
+  portalGroupTag: 1
+  relativeTargetPortId: 1
+  targetPortGroupId: 1
+  chap:
+    username: user
+    secret: secret-12345
+  allowedInitiators: [iqn.1993-08.org.debian:01:abc]
+store:
+  path: /tmp/vol1.img
+  create: true
+stateDir: /tmp/state
+"#;
+
+    #[test]
+    fn good_config_loads_and_maps() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.volume.cache_mode, CacheMode::WriteBack);
+        assert_eq!(c.volume.size_bytes, 1 << 30);
+        assert!(c.control.is_none());
+        let t = c.iscsi_target();
+        assert_eq!(t.send_targets, vec!["127.0.0.1:3260,1".to_string()]);
+        assert_eq!(t.chap.unwrap().username, "user");
+        assert_eq!(t.allowed_initiators.len(), 1);
+    }
+
+    #[test]
+    fn load_from_file_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("n.yaml");
+        std::fs::write(
+            &p,
+            GOOD.replace("cacheMode: writeBack", "cacheMode: sometimes"),
+        )
+        .unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("n.yaml") && e.contains("volume.cacheMode"),
+            "{e}"
+        );
+        assert!(matches!(
+            Config::load(&dir.path().join("missing.yaml")),
+            Err(ConfigError::Io { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "sizeBytes: 1073741824",
+                "sizeBytes: 1000",
+                "volume.sizeBytes",
+            ),
+            ("sizeBytes: 1073741824", "sizeBytes: 0", "volume.sizeBytes"),
+            ("iqn: iqn.2024-01.io.sva:vol1", "iqn: vol1", "target.iqn"),
+            (
+                "portal: 127.0.0.1:3260",
+                "portal: localhost",
+                "target.portal",
+            ),
+            (
+                "  create: true",
+                "  create: true\n  extra: 1",
+                "unknown field `extra`",
+            ),
+            (
+                "  portalGroupTag: 1\n",
+                "",
+                "missing field `portalGroupTag`",
+            ),
+            (
+                "[iqn.1993-08.org.debian:01:abc]",
+                "[bob]",
+                "target.allowedInitiators",
+            ),
+            (
+                "    secret: secret-12345",
+                "    secret: secret-12345\n    mutualSecret: x",
+                "target.chap",
+            ),
+            (
+                "relativeTargetPortId: 1",
+                "relativeTargetPortId: 0",
+                "target.relativeTargetPortId",
+            ),
+        ];
+        for (from, to, want) in cases {
+            assert!(GOOD.contains(from), "{from}");
+            let e = Config::parse(&GOOD.replacen(from, to, 1))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{to:?}: {e}");
+        }
+        let e = Config::parse(&GOOD.replace("sizeBytes: 1073741824", "sizeBytes: lots"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("volume.sizeBytes") && e.contains("line 5"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn iscsi_names() {
+        for good in [
+            "iqn.2024-01.io.sva:vol1",
+            "iqn.1993-08.org.debian:01:abc",
+            "eui.0123456789ABCDEF",
+        ] {
+            assert!(valid_iscsi_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "iqn.",
+            "iqn.2024-1.io.sva",
+            "iqn.2024-01.",
+            "eui.123",
+            "foo",
+            "iqn.2024-01.a b",
+        ] {
+            assert!(!valid_iscsi_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,2 +1,190 @@
 //! `sva-node` binary: `serve`, `demo`, `witness`.
-fn main() {}
+//!
+//! `serve --config FILE` wires one node: FileBackend → LogicalUnit → LocalTarget →
+//! InstrumentedTarget (metrics) → iSCSI driver, plus the control API when configured, and
+//! stops gracefully on SIGTERM/SIGINT. `demo` starts whole volumes of such processes
+//! (see `demo.rs`).
+
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sva_node::config::Config;
+use sva_node::control::{ControlState, InstrumentedTarget, Metrics, SingleNodeStatus};
+use sva_node::scsi::lu::{LocalTarget, LogicalUnit};
+use sva_node::scsi::ScsiTarget;
+use sva_node::store::file::FileBackend;
+use sva_node::store::BlockBackend;
+
+#[derive(Parser)]
+#[command(
+    name = "sva-node",
+    version,
+    about = "SVA data plane: a mirrored iSCSI volume node"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve one volume over iSCSI as described by a YAML config.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start a whole volume on this machine: one `serve` process per plex, configs in DIR,
+    /// each path's iscsi:// URL printed; Ctrl-C stops everything it started.
+    Demo(demo::DemoArgs),
+    /// Run a standalone witness: the compare-and-swap store of volumes' membership records
+    /// (DESIGN.md §5). Records persist under DIR; peers authenticate with a shared secret.
+    Witness {
+        /// Address to listen on, host:port.
+        #[arg(long)]
+        listen: String,
+        /// Directory for the records (created if missing).
+        #[arg(long)]
+        data: PathBuf,
+        /// File holding the shared secret (at least 16 bytes); default: env SVA_WITNESS_SECRET.
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve { config } => match serve(config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sva-node: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Demo(args) => match demo::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sva-node demo: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Witness {
+            listen,
+            data,
+            secret_file,
+        } => match witness(&listen, data, secret_file) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sva-node witness: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn serve(path: PathBuf) -> anyhow::Result<()> {
+    let cfg = Config::load(&path)?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating stateDir {}", cfg.state_dir.display()))?;
+    let backend = FileBackend::open(&cfg.store.path, cfg.volume.size_bytes, cfg.store.create)
+        .with_context(|| format!("opening store {}", cfg.store.path.display()))?;
+    let backend: Arc<dyn BlockBackend> = Arc::new(backend);
+    let lu = Arc::new(LogicalUnit::new(cfg.lu_config(), backend));
+    let metrics = Arc::new(Metrics::new());
+    let local: Arc<dyn ScsiTarget> = Arc::new(LocalTarget::new(lu));
+    let target: Arc<dyn ScsiTarget> = Arc::new(InstrumentedTarget::new(local, metrics.clone()));
+    let status = Arc::new(SingleNodeStatus::new(
+        format!("{}-{}", cfg.volume.name, cfg.target.relative_target_port_id),
+        &cfg.volume.name,
+        cfg.target.relative_target_port_id,
+        &cfg.target.portal,
+        metrics.clone(),
+    ));
+    let token = match cfg.control.as_ref().and_then(|c| c.token_file.as_ref()) {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading control.tokenFile {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let iscsi_cfg = Arc::new(cfg.iscsi_target());
+    let addr = cfg.portal_addr()?;
+
+    let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding iSCSI portal {addr}"))?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        if let Some(c) = &cfg.control {
+            let ctl = tokio::net::TcpListener::bind(&c.listen)
+                .await
+                .with_context(|| format!("binding control API {}", c.listen))?;
+            let state = ControlState {
+                metrics,
+                status: status.clone(),
+                token,
+            };
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = sva_node::control::serve(ctl, state, shutdown).await {
+                    tracing::error!("control API: {e}");
+                }
+            });
+        }
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received; shutting down");
+            let _ = stop_tx.send(true);
+        });
+        status.set_serving();
+        tracing::info!(portal = %addr, iqn = %iscsi_cfg.iqn, "serving");
+        sva_node::iscsi::driver::serve(listener, iscsi_cfg, target, stop_rx)
+            .await
+            .context("iSCSI target")
+    })
+}
+
+fn witness(listen: &str, data: PathBuf, secret_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let secret = sva_node::witness::load_secret(secret_file.as_deref())
+        .context("loading the witness secret (--secret-file or SVA_WITNESS_SECRET)")?;
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
+    rt.block_on(sva_node::witness::run(listen, data, secret))
+        .with_context(|| format!("witness on {listen}"))
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

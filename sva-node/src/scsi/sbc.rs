@@ -16,8 +16,9 @@ use crate::store::Mapping;
 
 /// Limits reported in the Block Limits VPD page and enforced here.
 pub mod limits {
-    /// Largest READ/WRITE/VERIFY transfer, in blocks (8 MiB at 512 B).
-    pub const TRANSFER_BLOCKS_MAX: u32 = 16384;
+    /// Largest READ/WRITE/VERIFY transfer, in blocks (32 MiB at 512 B; libiscsi WriteSame16.Unmap
+    /// writes 65536 blocks in one WRITE(16)).
+    pub const TRANSFER_BLOCKS_MAX: u32 = 65536;
     /// Preferred transfer size, in blocks (1 MiB).
     pub const OPTIMAL_TRANSFER_BLOCKS: u32 = 2048;
     /// MAXIMUM COMPARE AND WRITE LENGTH, in blocks.
@@ -380,6 +381,12 @@ pub(crate) fn compare_and_write(lu: &LogicalUnit, cdb: &[u8], data: &[u8]) -> Cm
     }
     lu.check_lba(r.lba, u64::from(r.blocks))?;
     if r.blocks == 0 {
+        // SBC-3 §5.2: zero blocks is a no-op, but only with an empty Data-Out buffer. With data
+        // attached the CDB contradicts the transfer (an initiator that asked for 256 blocks
+        // wraps the one-byte field to 0), so refuse it rather than drop the data silently.
+        if !data.is_empty() {
+            return Err(ScsiError::invalid_field_in_cdb().at_cdb(13, None));
+        }
         return Ok(Reply::good());
     }
     lu.check_writable()?;
@@ -500,15 +507,8 @@ pub(crate) fn extended_copy(
         if t[0] != 0xe4 {
             return Err(ScsiError::illegal(asc::UNSUPPORTED_TARGET_DESCRIPTOR_TYPE));
         }
-        // LU ID TYPE other than 00b (LUN) is not supported: libiscsi
-        // test_extendedcopy_validate_tgt_descr expects INVALID FIELD IN CDB.
-        if t[1] >> 6 != 0 {
-            return Err(ScsiError::invalid_field_in_cdb());
-        }
-        // NUL=1: "no device"; there is nothing to copy to or from.
-        if t[1] & 0x20 != 0 {
-            return Err(copy_aborted(asc::COPY_TARGET_DEVICE_NOT_REACHABLE));
-        }
+        // Byte 1 (LU ID TYPE, NUL) is ignored: SPC-4 §6.4.5.6 made LU ID TYPE "ignored" for the
+        // identification descriptor and the NUL bit obsolete, and we report SPC-4 in INQUIRY.
         let dtype = t[5] & 0x0f;
         let dlen = usize::from(t[7]).min(20);
         let designator = &t[8..8 + dlen];
@@ -550,13 +550,17 @@ pub(crate) fn extended_copy(
             return Err(ScsiError::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
         };
         let (si, di) = (be(s, 4, 2)? as usize, be(s, 6, 2)? as usize);
+        // A segment naming a target descriptor that does not exist names an unreachable
+        // copy target (SPC-4 §6.4.6.1).
         if si >= ntargets || di >= ntargets {
-            return Err(copy_aborted(asc::INVALID_FIELD_IN_PARAMETER_LIST));
+            return Err(copy_aborted(asc::COPY_TARGET_DEVICE_NOT_REACHABLE));
         }
         let blocks = be(s, 10, 2)?;
         let (src, dst) = (be(s, 12, 8)?, be(s, 20, 8)?);
         if lu.check_lba(src, blocks).is_err() || lu.check_lba(dst, blocks).is_err() {
-            return Err(copy_aborted(asc::LBA_OUT_OF_RANGE));
+            // Segment processing failed before any data moved: COPY ABORTED with no further
+            // ASC, one of the three outcomes SPC-4 §6.4.3 and libiscsi accept.
+            return Err(copy_aborted(asc::NO_ADDITIONAL_SENSE));
         }
         segs.push(Segment { blocks, src, dst });
         at += 4 + dlen;

@@ -1094,10 +1094,16 @@ fn extended_copy_target_descriptor_checks_and_results_reported_once() {
     let t = Lu::new();
     let naa = super::lu::naa6_from_uid("vol-1");
     let mut p = xcopy_param(&t, 1, &naa, &[(1, 0, 1)]);
-    p[17] = 0xc0; // LU ID TYPE 11b (reserved)
-    assert_eq!(t.err(&xcopy_cdb(p.len()), &p), (ILLEGAL, 0x24, 0));
+    // SPC-4: LU ID TYPE is ignored and NUL is obsolete, so both copy normally.
+    p[17] = 0xc0; // LU ID TYPE 11b
+    t.ok(&xcopy_cdb(p.len()), &p);
     p[17] = 0x20; // NUL
-    assert_eq!(t.err(&xcopy_cdb(p.len()), &p).0, 0x0a);
+    t.ok(&xcopy_cdb(p.len()), &p);
+    // A segment naming a target descriptor that does not exist: COPY ABORTED 0D/02.
+    let mut bad = xcopy_param(&t, 1, &naa, &[(1, 0, 1)]);
+    let seg = bad.len() - 28;
+    bad[seg + 7] = 1; // destination index 1 of 1 descriptor
+    assert_eq!(t.err(&xcopy_cdb(bad.len()), &bad), (0x0a, 0x0d, 0x02));
     let p = xcopy_param(&t, 1, &naa, &[(1, 0, 1)]);
     t.ok(&xcopy_cdb(p.len()), &p);
     // Truncated parameter list.
@@ -1213,4 +1219,12 @@ fn admit_then_apply_on_every_plex() {
     // Node B never saw n3 log in: applying did not register it, so its first own
     // command there still gets the power-on UA.
     assert_eq!(b.check(&n3, &[0; 6], &[]), (6, 0x29, 0x00));
+}
+
+#[test]
+fn compare_and_write_zero_blocks_is_a_no_op_only_without_data() {
+    let t = Lu::new();
+    t.ok(&caw_cdb(0, 0), &[]);
+    // 256 blocks wraps the one-byte NUMBER OF LOGICAL BLOCKS to 0: the data must not be dropped.
+    assert_eq!(t.err(&caw_cdb(0, 0), &[0u8; 1024]), (ILLEGAL, 0x24, 0));
 }

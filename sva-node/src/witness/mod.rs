@@ -4,6 +4,29 @@
 //! CAS on the record kept by the witness, so at most one side of a partition can move the
 //! epoch forward. Implementations: the standalone `sva-node witness` server, an in-memory
 //! witness for tests, and (in the operator crate) a Kubernetes Lease per volume.
+//!
+//! ```text
+//!  mirror engine ──Witness──> RemoteWitness (client.rs) ──TCP, wire.rs──> server.rs ──> store.rs (DIR/<volume>.json)
+//!                         └─> MemoryWitness (memory.rs, tests and simulation)
+//!                         └─> LeaseWitness (operator crate)
+//! ```
+//!
+//! Every implementation runs the same [`conformance`] suite; the CAS rule itself lives in one
+//! place, [`decide_cas`].
+
+pub mod client;
+pub mod conformance;
+pub mod memory;
+#[cfg(test)]
+mod remote_tests;
+pub mod server;
+pub mod store;
+pub mod wire;
+
+pub use client::RemoteWitness;
+pub use memory::{MemoryFault, MemoryWitness};
+pub use server::{run, serve};
+pub use wire::load_secret;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -74,4 +97,31 @@ pub trait Witness: Send + Sync + 'static {
         expected_epoch: Option<u64>,
         record: Membership,
     ) -> BoxFuture<'_, Result<Membership, WitnessError>>;
+}
+
+/// The compare-and-swap rule every implementation applies (the contract of [`Witness`]):
+/// `Ok(())` when `record` may replace `current`, otherwise the error to answer.
+pub fn decide_cas(
+    current: Option<&Membership>,
+    expected_epoch: Option<u64>,
+    record: &Membership,
+) -> Result<(), WitnessError> {
+    if let Some(e) = expected_epoch {
+        // Checked before the current record so a malformed request never reads as a lost race.
+        if record.epoch <= e {
+            return Err(WitnessError::Protocol(format!(
+                "new epoch {} must exceed expected epoch {e}",
+                record.epoch
+            )));
+        }
+    }
+    match (current, expected_epoch) {
+        (None, None) => Ok(()),
+        (Some(cur), None) => Err(WitnessError::Conflict(Box::new(cur.clone()))),
+        (Some(cur), Some(e)) if cur.epoch == e => Ok(()),
+        (Some(cur), Some(_)) => Err(WitnessError::Conflict(Box::new(cur.clone()))),
+        (None, Some(e)) => Err(WitnessError::Protocol(format!(
+            "no record exists, expected epoch {e}"
+        ))),
+    }
 }
