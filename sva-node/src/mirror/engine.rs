@@ -45,6 +45,9 @@ pub const LOG_ENTRIES_MAX: usize = 1024;
 /// Ops held (waiting for a lease, a new epoch or log room); beyond, `Retry` at once.
 pub const HELD_OPS_MAX: usize = 1024;
 
+/// `Heartbeat::echo` when the sender has not heard the peer's timestamp yet.
+pub const NO_ECHO: Millis = Millis::MAX;
+
 const _: () = assert!(PEER_TIMEOUT_MS > READ_LEASE_MS + 2 * HEARTBEAT_INTERVAL_MS);
 const _: () = assert!(LOG_ENTRIES_MAX <= super::msg::ENTRIES_MAX);
 
@@ -182,7 +185,7 @@ struct Peer {
     /// My timestamp this peer echoed most recently (start of my lease from it).
     lease_from: Option<Millis>,
     /// The peer's latest timestamp, to echo.
-    their_ts: Millis,
+    their_ts: Option<Millis>,
     applied_prefix: Seq,
 }
 
@@ -481,7 +484,8 @@ impl Engine {
             self.next_heartbeat = now + HEARTBEAT_INTERVAL_MS;
             let ids: Vec<PlexId> = self.peers.keys().copied().collect();
             for id in ids {
-                let (ts_echo, prefix) = (self.peers[&id].their_ts, self.applied_prefix);
+                let ts_echo = self.peers.get(&id).and_then(|p| p.their_ts);
+                let prefix = self.applied_prefix;
                 self.send(
                     id,
                     Message::Heartbeat {
@@ -489,7 +493,7 @@ impl Engine {
                         applied_prefix: prefix,
                         seq_high: self.seq_high,
                         ts: now,
-                        echo: ts_echo,
+                        echo: ts_echo.unwrap_or(NO_ECHO),
                     },
                 );
             }
@@ -607,8 +611,10 @@ impl Engine {
         echo: Millis,
     ) {
         if let Some(p) = self.peers.get_mut(&from) {
-            p.their_ts = p.their_ts.max(ts);
-            if echo > 0 {
+            p.their_ts = Some(p.their_ts.map_or(ts, |t| t.max(ts)));
+            if echo != NO_ECHO {
+                // A timestamp from the future (a confused peer) must not stretch the lease.
+                let echo = echo.min(now);
                 p.lease_from = Some(p.lease_from.map_or(echo, |l| l.max(echo)));
             }
             p.applied_prefix = p.applied_prefix.max(prefix);
@@ -784,14 +790,13 @@ impl Engine {
             return;
         }
         let stale = self.has_stale();
-        let mut expect = self.settled + 1;
         let mut busy: Vec<OpRange> = Vec::new();
         let mut issue: Vec<Seq> = Vec::new();
-        for (s, le) in &self.log {
+        // Only the contiguous known prefix: an unknown earlier op might overlap.
+        for (expect, (s, le)) in (self.settled + 1..).zip(self.log.iter()) {
             if *s != expect {
                 break;
             }
-            expect += 1;
             let r = le.entry.meta.range;
             match le.state {
                 EntryState::Applied => {}
@@ -1190,9 +1195,10 @@ impl Engine {
     // ----- helpers -----
 
     fn lease_valid(&self, now: Millis) -> bool {
-        self.peers
-            .values()
-            .all(|p| p.lease_from.is_some_and(|l| now < l + READ_LEASE_MS))
+        self.peers.values().all(|p| {
+            p.lease_from
+                .is_some_and(|l| now < l.saturating_add(READ_LEASE_MS))
+        })
     }
 
     fn reset_peers(&mut self, now: Millis) {

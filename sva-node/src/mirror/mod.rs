@@ -25,6 +25,21 @@
 //! SVA_SIM_SEEDS=5000 cargo test -p sva-node --test sim_ -- --nocapture # a longer run
 //! ```
 //!
+//! # Driver contract
+//!
+//! - After every input, drain [`Engine::poll_command`] until `None` and execute the commands
+//!   in order. `MarkDirty` must be durable before the data write of any later `Apply`.
+//! - `Apply` commands may run concurrently (the engine only emits ops that do not overlap an
+//!   unapplied earlier one); call [`Engine::applied`] with the LU's encoded response for each.
+//! - Call [`Engine::handle_timeout`] at [`Engine::next_timeout`] (or earlier; it is idempotent).
+//! - Peer links may lose, duplicate and reorder messages; the engine retransmits forwards,
+//!   asks the sequencer to resend gaps (`Resend`) and acks cumulatively in heartbeats.
+//! - `WitnessCas`: run the CAS and feed the outcome to [`Engine::witness_result`]; a lost CAS
+//!   must be `WitnessError::Conflict` carrying the current record.
+//! - Reads: serve locally only while [`Engine::can_serve_reads`] is true; otherwise answer
+//!   with the ALUA state the last `PathState` command gave.
+//! - Times are the driver's monotonic milliseconds ([`Millis`]), never wall-clock time.
+//!
 //! A failing run prints its seed; replaying it with `SVA_SIM_SEED` is bit-for-bit identical
 //! (no real clock, no hash-map iteration order, one PRNG).
 
@@ -43,3 +58,6 @@ pub use engine::{
     HEARTBEAT_INTERVAL_MS, PEER_TIMEOUT_MS, READ_LEASE_MS,
 };
 pub use msg::{Entry, Epoch, LbaRange, Message, OpMeta, OpRange, PlexId, Seq};
+
+#[cfg(test)]
+mod tests;

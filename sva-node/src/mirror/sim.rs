@@ -118,6 +118,8 @@ pub struct Stats {
     pub messages: u64,
     /// Blocks where a Stale plex differed from the in-sync ones at the end.
     pub divergent_blocks: u64,
+    /// `Sync` messages delivered that carried reconciled ops (view changes mid-flight).
+    pub syncs_with_ops: u64,
     /// The final record had a serving in-sync plex (else invariant 2 was vacuous).
     pub served_at_end: bool,
 }
@@ -530,6 +532,9 @@ impl Sim {
                         Ok(Some(m)) => m,
                         other => panic!("codec failed on its own frame: {other:?}"),
                     };
+                    if matches!(&msg, msg::Message::Sync { entries, .. } if !entries.is_empty()) {
+                        self.stats.syncs_with_ops += 1;
+                    }
                     if let Some(e) = self.nodes[n].engine.as_mut() {
                         e.handle_message(self.now, from, msg);
                         self.drain(n);
@@ -970,6 +975,7 @@ pub fn check(invariants: &[Invariant], default_seeds: u64) {
         total.served_at_end |= s.served_at_end;
         total.divergent_blocks += s.divergent_blocks;
         total.messages += s.messages;
+        total.syncs_with_ops += s.syncs_with_ops;
         if let Some(v) = report
             .violations
             .iter()
