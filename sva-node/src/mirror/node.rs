@@ -229,8 +229,15 @@ impl MirrorNode {
 
     /// Order `op` across the volume and wait for it to be applied on every in-sync plex.
     async fn replicate(&self, op: ReplicatedOp) -> Outcome {
+        let Some(range) = op.range() else {
+            // An UNMAP/XCOPY spread over more than 2^32 blocks: its covering range cannot be
+            // recorded in the dirty map, so it is refused rather than risk a missed resync.
+            return Outcome::Done(op::encode_response(
+                &ScsiError::invalid_field_in_param().to_response(),
+            ));
+        };
         let meta = OpMeta {
-            range: op.range(),
+            range,
             payload: op.encode(),
         };
         if meta.payload.len() > PAYLOAD_BYTES_MAX {

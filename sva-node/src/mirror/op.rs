@@ -51,13 +51,14 @@ const K_RESET: u8 = 2;
 const K_NEXUS_LOST: u8 = 3;
 
 impl ReplicatedOp {
-    /// Ordering range: the blocks a write touches, or a barrier for everything else
-    /// (metadata changes, multi-range UNMAP, XCOPY, resets, SYNCHRONIZE CACHE).
-    pub fn range(&self) -> OpRange {
+    /// Ordering range: the blocks the op may write (the engine marks them dirty while a plex is
+    /// stale, so the range must cover every block written), or a barrier for ops that write no
+    /// block (metadata changes, resets, SYNCHRONIZE CACHE).
+    pub fn range(&self) -> Option<OpRange> {
         let ReplicatedOp::Command { cmd, .. } = self else {
-            return OpRange::Barrier;
+            return Some(OpRange::Barrier);
         };
-        command_range(&cmd.cdb)
+        command_range(&cmd.cdb, &cmd.data_out)
     }
 
     pub fn encode(&self) -> Bytes {
@@ -139,39 +140,72 @@ impl ReplicatedOp {
     }
 }
 
-/// The blocks a state-changing CDB may write. Single-range writes order against overlapping
-/// ops only; anything whose range is not in the CDB is a barrier.
-pub fn command_range(cdb_bytes: &[u8]) -> OpRange {
+/// The blocks a state-changing command may write: from the CDB for single-range writes, from
+/// the parameter data for UNMAP and EXTENDED COPY (a covering range). Commands that write no
+/// block are barriers. A command the LU will reject anyway (unparseable) is a barrier too: it
+/// writes nothing. `None`: the covering range is too long to express (see below).
+pub fn command_range(cdb_bytes: &[u8], data_out: &[u8]) -> Option<OpRange> {
     use cdb::Opcode::*;
     let Some(&opcode) = cdb_bytes.first() else {
-        return OpRange::Barrier;
+        return Some(OpRange::Barrier);
     };
-    let ranged = matches!(
-        cdb::Opcode::from_u8(opcode),
-        Write6
-            | Write10
-            | Write12
-            | Write16
-            | WriteAndVerify10
-            | WriteAndVerify12
-            | WriteAndVerify16
-            | WriteSame10
-            | WriteSame16
-            | CompareAndWrite
-            | OrWrite
-    );
-    // FUA writes flush the whole plex, which orders against everything anyway.
-    if !ranged || cdb::needs_flush_on_all_plexes(cdb_bytes) {
-        return OpRange::Barrier;
+    let covering = match cdb::Opcode::from_u8(opcode) {
+        Write6 | Write10 | Write12 | Write16 | WriteAndVerify10 | WriteAndVerify12
+        | WriteAndVerify16 | WriteSame10 | WriteSame16 | CompareAndWrite | OrWrite => {
+            cdb::RwCdb::parse(cdb_bytes)
+                .ok()
+                .map(|r| (r.lba, r.lba.saturating_add(u64::from(r.blocks))))
+        }
+        // SBC-3 §5.28: 8-byte header, then 16-byte descriptors (LBA 8, count 4).
+        Unmap => cover(
+            data_out
+                .get(8..)
+                .unwrap_or(&[])
+                .chunks_exact(16)
+                .map(|d| (be(&d[0..8]), u64::from(be(&d[8..12]) as u32))),
+        ),
+        // SPC-4 §6.4: segment descriptors follow the target descriptors; block→block (0x02)
+        // segments carry the destination LBA at 20..28 and the block count at 10..12.
+        ExtendedCopy => xcopy_destinations(data_out),
+        _ => None,
+    };
+    match covering {
+        // The engine's ranges count at most u32::MAX blocks (2 TiB at 512 B); a covering range
+        // that does not fit cannot be marked dirty, so the op is refused (`None`).
+        Some((start, end)) if end > start => u32::try_from(end - start)
+            .ok()
+            .map(|blocks| OpRange::Blocks(LbaRange { lba: start, blocks })),
+        _ => Some(OpRange::Barrier),
     }
-    match cdb::RwCdb::parse(cdb_bytes) {
-        // A zero-length write touches nothing, but keep it ordered: a barrier is always safe.
-        Ok(r) if r.blocks > 0 => OpRange::Blocks(LbaRange {
-            lba: r.lba,
-            blocks: r.blocks,
-        }),
-        _ => OpRange::Barrier,
+}
+
+fn be(b: &[u8]) -> u64 {
+    b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x))
+}
+
+fn cover(ranges: impl Iterator<Item = (u64, u64)>) -> Option<(u64, u64)> {
+    ranges
+        .filter(|&(_, n)| n > 0)
+        .map(|(lba, n)| (lba, lba.saturating_add(n)))
+        .reduce(|(a, b), (c, d)| (a.min(c), b.max(d)))
+}
+
+fn xcopy_destinations(p: &[u8]) -> Option<(u64, u64)> {
+    let hdr = p.get(0..16)?;
+    let tdl = be(&hdr[2..4]) as usize;
+    let sdl = be(&hdr[8..12]) as usize;
+    let segs = p.get(16 + tdl..16usize.checked_add(tdl)?.checked_add(sdl)?)?;
+    let mut at = 0;
+    let mut out = Vec::new();
+    while let Some(h) = segs.get(at..at + 4) {
+        let len = 4 + be(&h[2..4]) as usize;
+        let seg = segs.get(at..at + len)?;
+        if seg[0] == 0x02 && seg.len() >= 28 {
+            out.push((be(&seg[20..28]), be(&seg[10..12])));
+        }
+        at += len;
     }
+    cover(out.into_iter())
 }
 
 /// Encode the LU's response so the origin can answer its initiator with it.
@@ -300,11 +334,11 @@ mod tests {
         }
         .encode(0x2a);
         assert_eq!(
-            command_range(&w),
-            OpRange::Blocks(LbaRange {
+            command_range(&w, &[]),
+            Some(OpRange::Blocks(LbaRange {
                 lba: 100,
                 blocks: 8
-            })
+            }))
         );
         let fua = cdb::RwCdb {
             lba: 100,
@@ -312,12 +346,42 @@ mod tests {
             flags: 0x08,
         }
         .encode(0x2a);
-        assert_eq!(command_range(&fua), OpRange::Barrier);
+        // FUA flushes every plex, but the blocks it writes are still just its range.
         assert_eq!(
-            command_range(&[0x5f, 0, 0, 0, 0, 0, 0, 0, 24, 0]),
-            OpRange::Barrier
+            command_range(&fua, &[]),
+            Some(OpRange::Blocks(LbaRange {
+                lba: 100,
+                blocks: 8
+            }))
         );
-        assert_eq!(command_range(&[]), OpRange::Barrier);
+        assert_eq!(
+            command_range(&[0x5f, 0, 0, 0, 0, 0, 0, 0, 24, 0], &[0; 24]),
+            Some(OpRange::Barrier)
+        );
+        assert_eq!(command_range(&[], &[]), Some(OpRange::Barrier));
+        // UNMAP of [10, 14) and [100, 101): one covering range.
+        let mut unmap = vec![0u8; 8];
+        for (lba, n) in [(10u64, 4u32), (100, 1)] {
+            unmap.extend_from_slice(&lba.to_be_bytes());
+            unmap.extend_from_slice(&n.to_be_bytes());
+            unmap.extend_from_slice(&[0; 4]);
+        }
+        let unmap_cdb = [0x42, 0, 0, 0, 0, 0, 0, 0, 40, 0];
+        assert_eq!(
+            command_range(&unmap_cdb, &unmap),
+            Some(OpRange::Blocks(LbaRange {
+                lba: 10,
+                blocks: 91
+            }))
+        );
+        // Descriptors 2^33 blocks apart cannot be covered by one range: refused.
+        let mut far = vec![0u8; 8];
+        for lba in [0u64, 1 << 33] {
+            far.extend_from_slice(&lba.to_be_bytes());
+            far.extend_from_slice(&1u32.to_be_bytes());
+            far.extend_from_slice(&[0; 4]);
+        }
+        assert_eq!(command_range(&unmap_cdb, &far), None);
     }
 
     #[test]
