@@ -38,7 +38,8 @@ pub const READ_LEASE_MS: Millis = 500;
 pub const PEER_TIMEOUT_MS: Millis = 800;
 /// A forward not ordered after this long is sent again; a coordinator re-sends `NewEpoch`.
 pub const RETRANSMIT_MS: Millis = 200;
-/// A node holding ops (or waiting for a new epoch's `Sync`) this long fences itself.
+/// A node holding ops (or waiting for a new epoch's `Sync`) this long fences itself, unless
+/// its own witness CAS is still outstanding (the driver bounds that call).
 pub const HOLD_TIMEOUT_MS: Millis = 4 * PEER_TIMEOUT_MS;
 /// Ops ordered but not settled, per node; beyond, new ops wait (bounds memory and `State`).
 pub const LOG_ENTRIES_MAX: usize = 1024;
@@ -531,7 +532,11 @@ impl Engine {
             }
             _ => None,
         };
-        if since.is_some_and(|s| now >= s + HOLD_TIMEOUT_MS) {
+        // While our CAS is outstanding, wait for its answer instead: the driver bounds every
+        // witness call, and fencing now would throw away a CAS the witness may have granted
+        // (a slow witness disk, not a partition), leaving the volume with no serving node.
+        // Holding longer is safe: nothing is acknowledged while holding.
+        if since.is_some_and(|s| now >= s + HOLD_TIMEOUT_MS) && !self.cas_outstanding {
             self.fence();
             return;
         }

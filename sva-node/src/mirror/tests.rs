@@ -322,6 +322,28 @@ fn a_node_that_loses_the_cas_goes_unavailable_and_fails_held_ops_retryably() {
 }
 
 #[test]
+fn a_slow_witness_answer_is_awaited_past_the_hold_timeout() {
+    // The witness's disk is slow: the CAS is granted long after the hold timeout. The node
+    // must not fence while its own CAS is outstanding, or the volume is left with no server.
+    let mut p1 = engine(1, two_plexes());
+    with_lease(&mut p1, 2);
+    let t = 1_005 + PEER_TIMEOUT_MS;
+    p1.handle_timeout(t);
+    drain(&mut p1);
+    p1.handle_timeout(t + HOLD_TIMEOUT_MS + 500);
+    assert_eq!(
+        p1.role(),
+        RoleKind::Holding,
+        "fenced while its CAS was outstanding"
+    );
+    let granted = record(2, &[(1, PlexState::InSync), (2, PlexState::Stale)], 1);
+    p1.witness_result(t + HOLD_TIMEOUT_MS + 600, Ok(granted));
+    let cmds = drain(&mut p1);
+    assert!(cmds.contains(&Command::PathState(PathState::ActiveOptimized)));
+    assert_eq!(p1.epoch(), 2);
+}
+
+#[test]
 fn a_node_that_cannot_reach_the_witness_fences() {
     let mut p1 = engine(1, two_plexes());
     with_lease(&mut p1, 2);
