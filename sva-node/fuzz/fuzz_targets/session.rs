@@ -3,7 +3,8 @@
 //! `MemBackend`, TMF completions, clock ticks, shutdown and decode errors.
 //!
 //! Input: byte 0 picks the login (Normal/Discovery, ImmediateData, InitialR2T, burst
-//! sizes, digests, or no scripted login at all); then steps, each an op byte and its
+//! sizes, digests, or no scripted login at all), byte 1 the target's limits and offer;
+//! then steps, each an op byte and its
 //! operands (see `Op`). Invariants checked on every PDU the target sends: it encodes and
 //! decodes back to itself, and Data-In / Text Response segments fit the initiator's
 //! MaxRecvDataSegmentLength.
@@ -78,11 +79,6 @@ struct Harness {
 
 impl Harness {
     fn feed(&mut self, p: Pdu) {
-        if let Bhs::ScsiCmd(h) = &p.bhs {
-            if !h.immediate {
-                self.cmd_sn = h.cmd_sn.wrapping_add(1);
-            }
-        }
         self.conn.handle_pdu(p, self.now);
         self.drain();
     }
@@ -171,8 +167,12 @@ impl Harness {
                 let got = inp.take(BHS_LEN);
                 raw[..got.len()].copy_from_slice(got);
                 if op & 0x08 != 0 {
-                    // Put the next CmdSN in, so that commands land inside the window.
+                    // Put the next CmdSN in (bytes 24..28 in every initiator PDU that has
+                    // one), so that commands land inside the window.
                     raw[24..28].copy_from_slice(&self.cmd_sn.to_be_bytes());
+                    if raw[0] & 0x40 == 0 {
+                        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+                    }
                 }
                 let ahs = Bytes::copy_from_slice(inp.take(usize::from(raw[4]) * 4));
                 // The decoder refuses segments over our declared limit; so does the script.
@@ -274,8 +274,33 @@ impl Harness {
 fuzz_target!(|data: &[u8]| {
     let mut inp = Input(data);
     let sel = inp.byte();
+    let tsel = inp.byte();
     let now = Instant::now();
-    let cfg = Arc::new(TargetConfig::new(IQN, "127.0.0.1:3260,1"));
+    let mut cfg = TargetConfig::new(IQN, "127.0.0.1:3260,1");
+    // Tight limits and a restrictive offer reach the edges of the window / R2T logic.
+    if tsel & 0x01 != 0 {
+        cfg.limits.cmds_max = 4;
+    }
+    if tsel & 0x02 != 0 {
+        cfg.limits.write_bytes_max = 65_536;
+    }
+    if tsel & 0x04 != 0 {
+        cfg.offer.allow_immediate_data = false;
+    }
+    if tsel & 0x08 != 0 {
+        cfg.offer.allow_unsolicited = false;
+    }
+    if tsel & 0x10 != 0 {
+        cfg.offer.max_recv_dsl = 4096;
+    }
+    if tsel & 0x20 != 0 {
+        cfg.offer.max_outstanding_r2t = 1;
+    }
+    if tsel & 0x40 != 0 {
+        cfg.offer.max_burst_len = 8192;
+        cfg.offer.first_burst_len = 4096;
+    }
+    let cfg = Arc::new(cfg);
     let mut h = Harness {
         conn: Connection::new(cfg, 1, 1, [7; 16], now),
         lu: LogicalUnit::new(
