@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use sva_node::iscsi::pdu::{self, Bhs, DataOut, LoginReq, Pdu, PduError, BHS_LEN};
-use sva_node::iscsi::session::{Connection, Event};
+use sva_node::iscsi::pdu::{self, Bhs, DataOut, LoginReq, Pdu, PduError, BHS_LEN, RESERVED_TAG};
+use sva_node::iscsi::session::{serial_lt, Connection, Event};
 use sva_node::iscsi::TargetConfig;
 use sva_node::scsi::{LogicalUnit, LuConfig, NexusId, ScsiCommand, TaskManagement, TmfResponse};
 use sva_node::store::MemBackend;
@@ -75,6 +75,10 @@ struct Harness {
     /// The last R2T the target sent and how much of it the script has answered.
     last_r2t: Option<R2tProgress>,
     cmd_sn: u32,
+    /// StatSN the next status-carrying response must have (once login succeeded).
+    next_stat_sn: Option<u32>,
+    /// Last (ExpCmdSN, MaxCmdSN) the target sent in full feature phase.
+    window: Option<(u32, u32)>,
 }
 
 impl Harness {
@@ -96,6 +100,7 @@ impl Harness {
                     p.data.len()
                 );
             }
+            self.check_numbering(&p.bhs);
             if let Bhs::R2t(r) = &p.bhs {
                 self.last_r2t = Some(R2tProgress {
                     itt: r.itt,
@@ -119,6 +124,48 @@ impl Harness {
                 } => self.tmfs.push_back((nexus, itt, lun, tmf)),
             }
         }
+    }
+
+    /// RFC 7143 §4.2.2: StatSN advances by one per status-carrying response and is
+    /// echoed unchanged by R2T, Reject and unsolicited NOP-In; ExpCmdSN and MaxCmdSN
+    /// never move back, and the window is never below empty (MaxCmdSN = ExpCmdSN - 1).
+    fn check_numbering(&mut self, bhs: &Bhs) {
+        let (stat_sn, exp, max, advances) = match bhs {
+            Bhs::LoginResp(r) => {
+                if r.status_class == 0 {
+                    self.next_stat_sn = Some(r.stat_sn.wrapping_add(1));
+                }
+                return;
+            }
+            Bhs::ScsiResp(r) => (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn, true),
+            Bhs::DataIn(d) if d.has_status => (d.stat_sn, d.exp_cmd_sn, d.max_cmd_sn, true),
+            Bhs::DataIn(d) => (0, d.exp_cmd_sn, d.max_cmd_sn, false),
+            Bhs::NopIn(n) => (n.stat_sn, n.exp_cmd_sn, n.max_cmd_sn, n.itt != RESERVED_TAG),
+            Bhs::TmfResp(r) => (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn, true),
+            Bhs::TextResp(r) => (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn, true),
+            Bhs::LogoutResp(r) => (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn, true),
+            Bhs::R2t(r) => (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn, false),
+            Bhs::Reject(r) => (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn, false),
+            _ => return,
+        };
+        let Some(next) = self.next_stat_sn else {
+            return;
+        };
+        if !matches!(bhs, Bhs::DataIn(d) if !d.has_status) {
+            assert_eq!(stat_sn, next, "StatSN out of sequence in {bhs:?}");
+        }
+        if advances {
+            self.next_stat_sn = Some(next.wrapping_add(1));
+        }
+        if let Some((e, m)) = self.window {
+            assert!(!serial_lt(exp, e), "ExpCmdSN moved back: {e} -> {exp}");
+            assert!(!serial_lt(max, m), "MaxCmdSN moved back: {m} -> {max}");
+        }
+        assert!(
+            !serial_lt(max.wrapping_add(1), exp),
+            "window below empty: ExpCmdSN {exp}, MaxCmdSN {max}"
+        );
+        self.window = Some((exp, max));
     }
 
     fn login(&mut self, sel: u8) {
@@ -313,6 +360,8 @@ fuzz_target!(|data: &[u8]| {
         tmfs: VecDeque::new(),
         last_r2t: None,
         cmd_sn: 1,
+        next_stat_sn: None,
+        window: None,
     };
     if sel & 0x01 == 0 {
         h.login(sel);
