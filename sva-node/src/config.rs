@@ -14,6 +14,13 @@
 //! store: { path: /var/lib/sva/vol1.img, create: true }
 //! stateDir: /var/lib/sva/state
 //! control: { listen: 127.0.0.1:9100, tokenFile: /etc/sva/token }   # optional
+//! mirror:                                 # optional: a mirrored volume (2 or 3 plexes)
+//!   listen: 127.0.0.1:4001                # replication link of this node
+//!   secretFile: /etc/sva/replication-secret
+//!   plexes:                               # all of them; ours has id == relativeTargetPortId
+//!     - { id: 1, node: host-a, portal: 127.0.0.1:3260, peerAddr: 127.0.0.1:4001 }
+//!     - { id: 2, node: host-b, portal: 127.0.0.1:3261, peerAddr: 127.0.0.1:4002 }
+//!   witness: { address: 127.0.0.1:4000, secretFile: /etc/sva/witness-secret }
 //! ```
 //! Unknown fields are errors. [`Config::load`] reports YAML errors with the field path and
 //! line, and semantic errors with the field name.
@@ -25,7 +32,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::iscsi::{ChapConfig, TargetConfig};
-use crate::scsi::alua::PortGroups;
+use crate::scsi::alua::{AluaState, PortGroup, PortGroups};
 use crate::scsi::lu::LuConfig;
 
 /// Why a config could not be loaded.
@@ -54,6 +61,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<ControlConfig>,
+    /// Present when the volume is mirrored across nodes; absent for a single-node volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorSection>,
 }
 
 /// Write cache behaviour of the volume (`writeThrough` | `writeBack`).
@@ -117,6 +127,46 @@ pub struct ControlConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
 }
+
+/// Synchronous mirroring (DESIGN.md §5). This node's plex is the one whose `id` equals
+/// `target.relativeTargetPortId` (plex id = relative target port = target port group).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MirrorSection {
+    /// Replication link listen address (ip:port).
+    pub listen: String,
+    /// File holding the volume's replication secret (at least 16 bytes), shared by its nodes.
+    pub secret_file: PathBuf,
+    /// Every plex of the volume, this node's included.
+    pub plexes: Vec<PlexSection>,
+    pub witness: WitnessSection,
+}
+
+/// One plex of a mirrored volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PlexSection {
+    pub id: u16,
+    /// Node name, for people and the operator.
+    pub node: String,
+    /// iSCSI portal of that node (ip:port).
+    pub portal: String,
+    /// Replication link address of that node (host:port).
+    pub peer_addr: String,
+}
+
+/// Where the witness is and how to prove ourselves to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WitnessSection {
+    /// `sva-node witness` address (host:port).
+    pub address: String,
+    /// File holding the witness secret.
+    pub secret_file: PathBuf,
+}
+
+/// Most plexes a volume may have.
+pub const PLEXES_MAX: usize = 3;
 
 /// Block size every LU uses (bytes).
 const BLOCK_BYTES: u64 = 512;
@@ -254,6 +304,9 @@ impl Config {
                 ));
             }
         }
+        if let Some(m) = &self.mirror {
+            self.validate_mirror(m)?;
+        }
         if let Some(c) = &self.control {
             if c.listen.parse::<SocketAddr>().is_err() {
                 return Err(invalid(
@@ -261,6 +314,76 @@ impl Config {
                     format!("{:?} is not host:port", c.listen),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_mirror(&self, m: &MirrorSection) -> Result<(), ConfigError> {
+        if m.listen.parse::<SocketAddr>().is_err() {
+            return Err(invalid(
+                "mirror.listen",
+                format!("{:?} is not ip:port", m.listen),
+            ));
+        }
+        if m.plexes.len() < 2 || m.plexes.len() > PLEXES_MAX {
+            return Err(invalid(
+                "mirror.plexes",
+                format!(
+                    "a mirrored volume has 2 to {PLEXES_MAX} plexes, not {}",
+                    m.plexes.len()
+                ),
+            ));
+        }
+        let mut ids: Vec<u16> = m.plexes.iter().map(|p| p.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != m.plexes.len() || ids.first() == Some(&0) {
+            return Err(invalid(
+                "mirror.plexes",
+                "plex ids must be distinct and at least 1",
+            ));
+        }
+        let me = self.target.relative_target_port_id;
+        let Some(mine) = m.plexes.iter().find(|p| p.id == me) else {
+            return Err(invalid(
+                "mirror.plexes",
+                format!("no plex has id {me} (this node's target.relativeTargetPortId)"),
+            ));
+        };
+        if mine.portal != self.target.portal {
+            return Err(invalid(
+                "mirror.plexes",
+                format!(
+                    "plex {me}'s portal {:?} differs from target.portal {:?}",
+                    mine.portal, self.target.portal
+                ),
+            ));
+        }
+        if self.target.target_port_group_id != me {
+            return Err(invalid(
+                "target.targetPortGroupId",
+                "must equal relativeTargetPortId on a mirrored node (one group per plex)",
+            ));
+        }
+        for p in &m.plexes {
+            if p.portal.parse::<SocketAddr>().is_err() {
+                return Err(invalid(
+                    "mirror.plexes",
+                    format!("plex {}: portal {:?} is not ip:port", p.id, p.portal),
+                ));
+            }
+            if p.peer_addr.rsplit_once(':').is_none() {
+                return Err(invalid(
+                    "mirror.plexes",
+                    format!("plex {}: peerAddr {:?} is not host:port", p.id, p.peer_addr),
+                ));
+            }
+        }
+        if m.witness.address.rsplit_once(':').is_none() {
+            return Err(invalid(
+                "mirror.witness.address",
+                format!("{:?} is not host:port", m.witness.address),
+            ));
         }
         Ok(())
     }
@@ -279,10 +402,24 @@ impl Config {
         c.cache_mode = self.volume.cache_mode;
         c.relative_target_port = self.target.relative_target_port_id;
         c.target_port_group = self.target.target_port_group_id;
-        c.port_groups = Arc::new(PortGroups::single(
-            self.target.target_port_group_id,
-            self.target.relative_target_port_id,
-        ));
+        c.port_groups = Arc::new(match &self.mirror {
+            // Every group of the volume, Unavailable until the mirror engine says otherwise.
+            Some(m) => PortGroups::new(
+                m.plexes
+                    .iter()
+                    .map(|p| PortGroup {
+                        id: p.id,
+                        relative_ports: vec![p.id],
+                        state: AluaState::Unavailable,
+                        preferred: false,
+                    })
+                    .collect(),
+            ),
+            None => PortGroups::single(
+                self.target.target_port_group_id,
+                self.target.relative_target_port_id,
+            ),
+        });
         c.pr_state_path = Some(self.state_dir.join("pr-aptpl.json"));
         c
     }
@@ -300,6 +437,13 @@ impl Config {
         c.allowed_initiators = t.allowed_initiators.clone();
         if !t.send_targets.is_empty() {
             c.send_targets = t.send_targets.clone();
+        } else if let Some(m) = &self.mirror {
+            // SendTargets on any node lists every node's portal (DESIGN.md §4).
+            c.send_targets = m
+                .plexes
+                .iter()
+                .map(|p| format!("{},{}", p.portal, p.id))
+                .collect();
         }
         c.chap = t.chap.as_ref().map(|c| ChapConfig {
             username: c.username.clone(),

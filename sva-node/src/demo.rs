@@ -1,15 +1,19 @@
-//! `sva-node demo`: a whole volume on this machine, for trying SVA in one command.
+//! `sva-node demo`: a whole mirrored volume on this machine, for trying SVA in one command.
 //!
 //! ```text
-//!  sva-node demo ──spawns──> sva-node serve --config DIR/node-1.yaml   (portal 127.0.0.1:P1)
+//!  sva-node demo ──spawns──> sva-node witness --listen 127.0.0.1:W --data DIR/witness
+//!                 ──spawns──> sva-node serve --config DIR/node-1.yaml   (portal 127.0.0.1:P1)
 //!                 ──spawns──> sva-node serve --config DIR/node-2.yaml   (portal 127.0.0.1:P2) ...
 //! ```
 //!
-//! Everything lives in one directory (default `./sva-demo`): each node's YAML config (so a node
-//! can be restarted by hand with `sva-node serve --config`), its backing file (sparse), state
-//! directory and log. Running the demo again on the same directory keeps the data: the volume
-//! UID is stored in `DIR/volume-uid`, and portals are chosen afresh among free loopback ports.
-//! Ctrl-C (or SIGTERM) stops every process the demo started.
+//! Everything lives in one directory (default `./sva-demo`): the witness's records, the shared
+//! secrets (mode 0600), each node's YAML config (so a node can be restarted by hand with
+//! `sva-node serve --config`), its backing file (sparse), state directory and log. Ctrl-C (or
+//! SIGTERM) stops every process the demo started.
+//!
+//! A single-plex volume (`--plexes 1`) can be started again on the same directory and keeps
+//! its data. A mirrored one cannot yet: its restarted nodes come back out of sync and need the
+//! resync that a later issue adds, so the demo refuses such a directory instead of serving it.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -18,12 +22,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use sva_node::config::{Config, ControlConfig, StoreConfig, TargetSection, VolumeConfig};
+use sva_node::config::{
+    Config, ControlConfig, MirrorSection, PlexSection, StoreConfig, TargetSection, VolumeConfig,
+    WitnessSection,
+};
 use sva_node::scsi::lu::CacheMode;
 
-/// How many plexes this build can serve as one volume. Mirroring (more than one plex) comes
-/// with the replication engine; until then a larger `--plexes` is refused with that reason.
-const PLEXES_SUPPORTED_MAX: u8 = 1;
+/// Plexes a demo volume may have (DESIGN.md §5: 2-way or 3-way mirrors, or a single plex).
+const PLEXES_MAX: u8 = 3;
 /// How long a node may take to open its portal before the demo gives up.
 const NODE_START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long stopped nodes get to finish in-flight I/O before they are killed.
@@ -32,7 +38,7 @@ const NODE_STOP_GRACE: Duration = Duration::from_secs(5);
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Number of plexes (one node process each).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 2)]
     plexes: u8,
     /// Volume size: bytes, or with a K/M/G/T suffix (binary units), a multiple of 512.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
@@ -85,26 +91,30 @@ fn parse_cache_mode(s: &str) -> Result<CacheMode, String> {
     }
 }
 
-/// One started node.
-struct Node {
+/// One started process: a node (plex `id`) or the witness (`id` 0).
+struct Proc {
     id: u16,
+    label: String,
     child: Child,
+    /// Where it accepts connections once ready.
+    ready_addr: SocketAddr,
     portal: SocketAddr,
-    control: SocketAddr,
-    config: PathBuf,
+    control: Option<SocketAddr>,
+    config: Option<PathBuf>,
     log: PathBuf,
 }
 
+/// Addresses of one node, chosen before anything starts (every config lists every node).
+struct NodePlan {
+    id: u16,
+    portal: SocketAddr,
+    control: SocketAddr,
+    peer: SocketAddr,
+}
+
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
-    if args.plexes == 0 {
-        bail!("--plexes must be at least 1");
-    }
-    if args.plexes > PLEXES_SUPPORTED_MAX {
-        bail!(
-            "--plexes {}: this build serves volumes of at most {PLEXES_SUPPORTED_MAX} plex \
-             (synchronous mirroring is not in this build yet); use --plexes 1",
-            args.plexes
-        );
+    if args.plexes == 0 || args.plexes > PLEXES_MAX {
+        bail!("--plexes must be 1 to {PLEXES_MAX}");
     }
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
@@ -112,68 +122,104 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .dir
         .canonicalize()
         .with_context(|| format!("resolving {}", args.dir.display()))?;
+    if dir.join("witness").exists() {
+        bail!(
+            "{} holds a mirrored volume from an earlier run. Restarted nodes of a mirrored \
+             volume come back out of sync and need resync, which this build does not have yet; \
+             use a new --dir (or remove this one to start over)",
+            dir.display()
+        );
+    }
     let uid = volume_uid(&dir)?;
     let exe = std::env::current_exe().context("locating the sva-node binary")?;
+    let plan: Vec<NodePlan> = (1..=u16::from(args.plexes))
+        .map(|id| {
+            Ok(NodePlan {
+                id,
+                portal: free_port()?,
+                control: free_port()?,
+                peer: free_port()?,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
 
-    let ids: Vec<u16> = (1..=u16::from(args.plexes)).collect();
-    let portals: Vec<SocketAddr> = ids.iter().map(|_| free_port()).collect::<Result<_, _>>()?;
-    let send_targets: Vec<String> = ids
-        .iter()
-        .zip(&portals)
-        .map(|(id, p)| format!("{p},{id}"))
-        .collect();
-
-    let mut nodes: Vec<Node> = Vec::new();
-    let started = start_all(
-        &args,
-        &dir,
-        &uid,
-        &exe,
-        &ids,
-        &portals,
-        &send_targets,
-        &mut nodes,
-    );
-    if let Err(e) = started {
-        stop_all(&mut nodes);
+    let mut procs: Vec<Proc> = Vec::new();
+    if let Err(e) = start_all(&args, &dir, &uid, &exe, &plan, &mut procs) {
+        stop_all(&mut procs);
         return Err(e);
     }
-    print_banner(&args, &dir, &nodes);
+    print_banner(&args, &dir, &procs);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting tokio")?;
-    let exited = rt.block_on(wait_for_stop(&mut nodes));
-    if let Some((id, status)) = exited {
-        eprintln!(
-            "node {id} exited unexpectedly ({status}); see its log: {}",
-            nodes
-                .iter()
-                .find(|n| n.id == id)
-                .map(|n| n.log.display().to_string())
-                .unwrap_or_default()
-        );
+    if let Some((label, status, log)) = rt.block_on(wait_for_stop(&mut procs)) {
+        eprintln!("{label} exited ({status}); see its log: {}", log.display());
     }
-    eprintln!("stopping {} node(s)...", nodes.len());
-    stop_all(&mut nodes);
+    eprintln!("stopping {} process(es)...", procs.len());
+    stop_all(&mut procs);
     eprintln!("stopped; data kept in {}", dir.display());
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn start_all(
     args: &DemoArgs,
     dir: &Path,
     uid: &str,
     exe: &Path,
-    ids: &[u16],
-    portals: &[SocketAddr],
-    send_targets: &[String],
-    nodes: &mut Vec<Node>,
+    plan: &[NodePlan],
+    procs: &mut Vec<Proc>,
 ) -> anyhow::Result<()> {
-    for (&id, &portal) in ids.iter().zip(portals) {
-        let control = free_port()?;
+    let mirror = if plan.len() > 1 {
+        let witness_secret = write_secret(&dir.join("witness-secret"))?;
+        let replication_secret = write_secret(&dir.join("replication-secret"))?;
+        let witness_addr = free_port()?;
+        let log = dir.join("witness.log");
+        let child = Command::new(exe)
+            .arg("witness")
+            .arg("--listen")
+            .arg(witness_addr.to_string())
+            .arg("--data")
+            .arg(dir.join("witness"))
+            .arg("--secret-file")
+            .arg(&witness_secret)
+            .stdin(Stdio::null())
+            .stdout(log_file(&log)?)
+            .stderr(log_file(&log)?)
+            .spawn()
+            .context("starting the witness")?;
+        procs.push(Proc {
+            id: 0,
+            label: "witness".into(),
+            child,
+            ready_addr: witness_addr,
+            portal: witness_addr,
+            control: None,
+            config: None,
+            log,
+        });
+        Some(MirrorSection {
+            listen: String::new(),
+            secret_file: replication_secret,
+            plexes: plan
+                .iter()
+                .map(|n| PlexSection {
+                    id: n.id,
+                    node: format!("demo-node-{}", n.id),
+                    portal: n.portal.to_string(),
+                    peer_addr: n.peer.to_string(),
+                })
+                .collect(),
+            witness: WitnessSection {
+                address: witness_addr.to_string(),
+                secret_file: witness_secret,
+            },
+        })
+    } else {
+        None
+    };
+    for n in plan {
         let cfg = Config {
             volume: VolumeConfig {
                 name: "demo".into(),
@@ -183,61 +229,95 @@ fn start_all(
             },
             target: TargetSection {
                 iqn: DEMO_IQN.into(),
-                portal: portal.to_string(),
-                portal_group_tag: id,
-                relative_target_port_id: id,
-                target_port_group_id: id,
-                alias: Some(format!("sva-demo-node-{id}")),
+                portal: n.portal.to_string(),
+                portal_group_tag: n.id,
+                relative_target_port_id: n.id,
+                target_port_group_id: n.id,
+                alias: Some(format!("sva-demo-node-{}", n.id)),
                 chap: None,
                 allowed_initiators: Vec::new(),
-                send_targets: send_targets.to_vec(),
+                send_targets: Vec::new(),
             },
             store: StoreConfig {
-                path: dir.join(format!("plex-{id}.img")),
+                path: dir.join(format!("plex-{}.img", n.id)),
                 create: true,
             },
-            state_dir: dir.join(format!("state-{id}")),
+            state_dir: dir.join(format!("state-{}", n.id)),
             control: Some(ControlConfig {
-                listen: control.to_string(),
+                listen: n.control.to_string(),
                 token_file: None,
+            }),
+            mirror: mirror.clone().map(|mut m| {
+                m.listen = n.peer.to_string();
+                m
             }),
         };
         let text = serde_yaml::to_string(&cfg).context("rendering node config")?;
         // Parse what we wrote: the demo must only write configs `serve` accepts.
         Config::parse(&text).context("rendered node config is invalid")?;
-        let config = dir.join(format!("node-{id}.yaml"));
+        let config = dir.join(format!("node-{}.yaml", n.id));
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
-        let log = dir.join(format!("node-{id}.log"));
-        let log_file =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let log = dir.join(format!("node-{}.log", n.id));
         let child = Command::new(exe)
             .arg("serve")
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())
-            .stdout(log_file.try_clone().context("log file")?)
-            .stderr(log_file)
+            .stdout(log_file(&log)?)
+            .stderr(log_file(&log)?)
             .spawn()
-            .with_context(|| format!("starting node {id}"))?;
-        nodes.push(Node {
-            id,
+            .with_context(|| format!("starting node {}", n.id))?;
+        procs.push(Proc {
+            id: n.id,
+            label: format!("node {}", n.id),
             child,
-            portal,
-            control,
-            config,
+            ready_addr: n.portal,
+            portal: n.portal,
+            control: Some(n.control),
+            config: Some(config),
             log,
         });
     }
-    for node in nodes.iter_mut() {
-        wait_for_portal(node)?;
+    for p in procs.iter_mut() {
+        wait_until_ready(p)?;
     }
     Ok(())
+}
+
+fn log_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// A random 32-byte secret as hex, in a file only the owner can read.
+fn write_secret(path: &Path) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let secret = format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(secret.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path.to_path_buf())
 }
 
 /// The target name every node of the demo volume serves (DESIGN.md §4: same IQN on every node).
 const DEMO_IQN: &str = "iqn.2026-11.io.sva:demo";
 
-fn print_banner(args: &DemoArgs, dir: &Path, nodes: &[Node]) {
+fn print_banner(args: &DemoArgs, dir: &Path, procs: &[Proc]) {
+    let nodes: Vec<&Proc> = procs.iter().filter(|p| p.id > 0).collect();
     println!(
         "SVA demo volume: {} bytes, {} plex(es), cacheMode {:?}, files in {}",
         args.size,
@@ -245,42 +325,70 @@ fn print_banner(args: &DemoArgs, dir: &Path, nodes: &[Node]) {
         args.cache_mode,
         dir.display()
     );
-    for n in nodes {
+    for p in procs.iter().filter(|p| p.id == 0) {
+        println!("  witness {}   pid {}", p.portal, p.child.id());
+    }
+    for n in &nodes {
         println!(
-            "  path {}: iscsi://{}/{DEMO_IQN}/0   pid {}   control http://{}/v1/status   config {}",
+            "  path {}: iscsi://{}/{DEMO_IQN}/0   pid {}   status http://{}/v1/status   config {}",
             n.id,
             n.portal,
             n.child.id(),
-            n.control,
-            n.config.display()
+            n.control.map(|c| c.to_string()).unwrap_or_default(),
+            n.config
+                .as_ref()
+                .map(|c| c.display().to_string())
+                .unwrap_or_default()
         );
     }
     if let Some(n) = nodes.first() {
         let url = format!("iscsi://{}/{DEMO_IQN}/0", n.portal);
         println!("Try it:");
         println!("  iscsi-inq {url}");
-        println!("  qemu-io -f raw -c 'write -P 0x11 1M 4k' -c 'read -P 0x11 1M 4k' {url}");
+        println!("  qemu-io -f raw -c 'write -P 0x11 1M 4k' {url}");
+        if let Some(m) = nodes.get(1) {
+            let other = format!("iscsi://{}/{DEMO_IQN}/0", m.portal);
+            println!("  qemu-io -f raw -c 'read -P 0x11 1M 4k' {other}    # the write, read through path {}", m.id);
+            println!(
+                "  kill -9 {}    # lose node {}: after about a second, I/O through path {} carries on",
+                m.child.id(),
+                m.id,
+                n.id
+            );
+        }
         println!("  iscsi-test-cu --dataloss -t ALL {url}");
     }
     println!(
-        "Ctrl-C stops every node; the data stays in {}.",
+        "Ctrl-C stops everything; the data stays in {}.",
         dir.display()
     );
 }
 
-/// Waits for Ctrl-C/SIGTERM, or for a node to exit on its own (returned).
-async fn wait_for_stop(nodes: &mut [Node]) -> Option<(u16, std::process::ExitStatus)> {
+/// Waits for Ctrl-C/SIGTERM (`None`), or for a process to exit on its own: the demo then
+/// reports it and stops the rest. A killed node is the failover experiment, so only the
+/// witness or the last node exiting ends the demo.
+async fn wait_for_stop(procs: &mut [Proc]) -> Option<(String, std::process::ExitStatus, PathBuf)> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).ok();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut gone: Vec<u16> = Vec::new();
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return None,
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => return None,
             _ = tick.tick() => {
-                for n in nodes.iter_mut() {
-                    if let Ok(Some(status)) = n.child.try_wait() {
-                        return Some((n.id, status));
+                let nodes = procs.iter().filter(|p| p.id > 0).count();
+                for p in procs.iter_mut() {
+                    if gone.contains(&p.id) {
+                        continue;
+                    }
+                    if let Ok(Some(status)) = p.child.try_wait() {
+                        gone.push(p.id);
+                        let last_node = p.id > 0 && gone.iter().filter(|&&g| g > 0).count() == nodes;
+                        if p.id == 0 || last_node {
+                            return Some((p.label.clone(), status, p.log.clone()));
+                        }
+                        eprintln!("{} exited ({status}); the other paths carry on. Its log: {}", p.label, p.log.display());
                     }
                 }
             }
@@ -288,26 +396,26 @@ async fn wait_for_stop(nodes: &mut [Node]) -> Option<(u16, std::process::ExitSta
     }
 }
 
-fn wait_for_portal(node: &mut Node) -> anyhow::Result<()> {
+fn wait_until_ready(node: &mut Proc) -> anyhow::Result<()> {
     let deadline = Instant::now() + NODE_START_TIMEOUT;
     loop {
         if let Some(status) = node.child.try_wait().context("checking node")? {
             let tail = std::fs::read_to_string(&node.log).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(10).collect();
             bail!(
-                "node {} exited during start ({status}); last log lines:\n{}",
-                node.id,
+                "{} exited during start ({status}); last log lines:\n{}",
+                node.label,
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
-        if TcpStream::connect_timeout(&node.portal, Duration::from_millis(200)).is_ok() {
+        if TcpStream::connect_timeout(&node.ready_addr, Duration::from_millis(200)).is_ok() {
             return Ok(());
         }
         if Instant::now() > deadline {
             bail!(
-                "node {} did not open its portal {} within {:?}; see {}",
-                node.id,
-                node.portal,
+                "{} did not open {} within {:?}; see {}",
+                node.label,
+                node.ready_addr,
                 NODE_START_TIMEOUT,
                 node.log.display()
             );
@@ -317,7 +425,7 @@ fn wait_for_portal(node: &mut Node) -> anyhow::Result<()> {
 }
 
 /// SIGTERM every node, wait for a graceful exit, then SIGKILL what is left.
-fn stop_all(nodes: &mut [Node]) {
+fn stop_all(nodes: &mut [Proc]) {
     for n in nodes.iter() {
         if let Ok(pid) = i32::try_from(n.child.id()) {
             // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child,

@@ -14,7 +14,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sva_node::config::Config;
-use sva_node::control::{ControlState, InstrumentedTarget, Metrics, SingleNodeStatus};
+use sva_node::control::{
+    ControlState, InstrumentedTarget, Metrics, SingleNodeStatus, StatusSource,
+};
+use sva_node::mirror::boot::MirrorStatus;
+use sva_node::mirror::node::MirroredTarget;
 use sva_node::scsi::lu::{LocalTarget, LogicalUnit};
 use sva_node::scsi::ScsiTarget;
 use sva_node::store::file::FileBackend;
@@ -101,17 +105,11 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
     let backend = FileBackend::open(&cfg.store.path, cfg.volume.size_bytes, cfg.store.create)
         .with_context(|| format!("opening store {}", cfg.store.path.display()))?;
     let backend: Arc<dyn BlockBackend> = Arc::new(backend);
-    let lu = Arc::new(LogicalUnit::new(cfg.lu_config(), backend));
+    let lu_cfg = cfg.lu_config();
+    let port_groups = lu_cfg.port_groups.clone();
+    let lu = Arc::new(LogicalUnit::new(lu_cfg, backend));
     let metrics = Arc::new(Metrics::new());
-    let local: Arc<dyn ScsiTarget> = Arc::new(LocalTarget::new(lu));
-    let target: Arc<dyn ScsiTarget> = Arc::new(InstrumentedTarget::new(local, metrics.clone()));
-    let status = Arc::new(SingleNodeStatus::new(
-        format!("{}-{}", cfg.volume.name, cfg.target.relative_target_port_id),
-        &cfg.volume.name,
-        cfg.target.relative_target_port_id,
-        &cfg.target.portal,
-        metrics.clone(),
-    ));
+    let node_name = format!("{}-{}", cfg.volume.name, cfg.target.relative_target_port_id);
     let token = match cfg.control.as_ref().and_then(|c| c.token_file.as_ref()) {
         Some(f) => Some(
             std::fs::read_to_string(f)
@@ -126,6 +124,33 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
 
     let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
     rt.block_on(async move {
+        let (local, status): (Arc<dyn ScsiTarget>, Arc<dyn StatusSource>) = match &cfg.mirror {
+            None => {
+                let status = Arc::new(SingleNodeStatus::new(
+                    node_name,
+                    &cfg.volume.name,
+                    cfg.target.relative_target_port_id,
+                    &cfg.target.portal,
+                    metrics.clone(),
+                ));
+                status.set_serving();
+                (Arc::new(LocalTarget::new(lu)), status)
+            }
+            Some(m) => {
+                let node = sva_node::mirror::boot::start(&cfg, m, lu, port_groups)
+                    .await
+                    .context("starting the mirror")?;
+                let status = Arc::new(MirrorStatus {
+                    node: node.clone(),
+                    name: node_name,
+                    volume: cfg.volume.name.clone(),
+                    metrics: metrics.clone(),
+                    resync_rate: Default::default(),
+                });
+                (Arc::new(MirroredTarget::new(node)), status)
+            }
+        };
+        let target: Arc<dyn ScsiTarget> = Arc::new(InstrumentedTarget::new(local, metrics.clone()));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding iSCSI portal {addr}"))?;
@@ -154,7 +179,6 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
             tracing::info!("signal received; shutting down");
             let _ = stop_tx.send(true);
         });
-        status.set_serving();
         tracing::info!(portal = %addr, iqn = %iscsi_cfg.iqn, "serving");
         sva_node::iscsi::driver::serve(listener, iscsi_cfg, target, stop_rx)
             .await

@@ -71,7 +71,9 @@ impl Default for Limits {
             login_timeout: Duration::from_secs(30),
             login_text_bytes_max: 65_536,
             connections_max: 256,
-            write_bytes_max: 64 << 20,
+            // The LU's largest transfer (Block Limits VPD): a larger write could never
+            // succeed, so it is refused before its data is buffered.
+            write_bytes_max: crate::scsi::sbc::limits::TRANSFER_BLOCKS_MAX * 512,
         }
     }
 }

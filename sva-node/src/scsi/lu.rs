@@ -566,7 +566,7 @@ impl LogicalUnit {
 
     /// Task management for LUN `lun`. Commands run to completion synchronously, so there is
     /// never a task left to abort; the reset functions reset LU state (SAM-5 §7.11).
-    pub fn task_management(&self, nexus: &NexusId, lun: u64, tmf: &TaskManagement) -> TmfResponse {
+    pub fn task_management(&self, _nexus: &NexusId, lun: u64, tmf: &TaskManagement) -> TmfResponse {
         let reset_asc = match tmf {
             TaskManagement::AbortTask { .. }
             | TaskManagement::AbortTaskSet
@@ -583,8 +583,9 @@ impl LogicalUnit {
         let mut st = self.lock_state();
         st.pr.reset();
         st.mode = ModeState::default();
-        // SAM-5 §6.3.4: a UA for every other I_T nexus; the issuer knows.
-        st.post_ua_all(Some(nexus), reset_asc);
+        // SAM-5 §6.3.4: a unit attention on every I_T nexus, the issuer's included
+        // (libiscsi MultipathIO.Reset checks every path, the resetting one too).
+        st.post_ua_all(None, reset_asc);
         TmfResponse::Complete
     }
 

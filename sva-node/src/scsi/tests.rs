@@ -178,7 +178,7 @@ fn report_luns_lists_lun0_and_rejects_tiny_allocation() {
 }
 
 #[test]
-fn lun_reset_posts_ua_to_other_nexuses() {
+fn lun_reset_posts_ua_to_every_nexus_the_issuer_included() {
     let t = Lu::new();
     let n2 = nexus(2);
     t.lu.nexus_added(&n2);
@@ -187,6 +187,8 @@ fn lun_reset_posts_ua_to_other_nexuses() {
         t.lu.task_management(&nexus(1), 0, &TaskManagement::LogicalUnitReset);
     assert_eq!(resp, super::TmfResponse::Complete);
     assert_eq!(t.check(&n2, &[0; 6], &[]), (6, 0x29, 0x03));
+    // SAM-5 §6.3.4 and libiscsi MultipathIO.Reset: the issuing nexus gets one too.
+    assert_eq!(t.check(&nexus(1), &[0; 6], &[]), (6, 0x29, 0x03));
     t.ok(&[0; 6], &[]);
 }
 
@@ -352,8 +354,9 @@ fn mode_select_swp_protects_the_medium_and_tells_other_nexuses() {
         t.err(&[0x15, 0x10, 0, 0, bad.len() as u8, 0], &bad),
         (ILLEGAL, 0x26, 0)
     );
-    // A LUN reset restores defaults.
+    // A LUN reset restores defaults (after its unit attention).
     t.lu.task_management(&nexus(1), 0, &TaskManagement::LogicalUnitReset);
+    assert_eq!(t.check(&nexus(1), &[0; 6], &[]), (6, 0x29, 0x03));
     t.ok(&w, &[0u8; 512]);
 }
 

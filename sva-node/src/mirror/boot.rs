@@ -1,0 +1,255 @@
+//! Starting a mirrored node from its config: secrets, the witness record, restart detection,
+//! the replication listener, and the node's status for the control API.
+//!
+//! A node that has never served this volume starts as part of a new volume
+//! ([`Start::Bootstrap`]); the first node to reach the witness creates the membership record
+//! (epoch 1, every plex InSync), the others adopt it. A node that has served before (its
+//! `stateDir/mirror-started` marker exists) lost its in-memory state in the restart, so it
+//! starts out of sync ([`Start::Restart`]) and stays Unavailable until resynced: it never
+//! serves data its peers may have overwritten meanwhile.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::engine::{Config as EngineConfig, PathState, Start};
+use super::link::LinkConfig;
+use super::node::{MirrorNode, MirrorSetup};
+use crate::config::{Config, MirrorSection};
+use crate::control::{ControlError, NodeStatus, PlexStatus, ResyncProgress, StatusSource};
+use crate::scsi::alua::{AluaState, PortGroups};
+use crate::scsi::lu::LogicalUnit;
+use crate::witness::{
+    load_secret, Membership, PlexRecord, PlexState, RemoteWitness, Witness, WitnessError,
+};
+
+/// How long a starting node keeps trying to reach the witness before giving up.
+pub const BOOT_WITNESS_WAIT: Duration = Duration::from_secs(30);
+/// Marker file (in `stateDir`) of a node that has served its volume before.
+pub const STARTED_MARKER: &str = "mirror-started";
+
+/// Why a mirrored node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("reading {what} secret {path}: {source}")]
+    Secret {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("witness {address}: {source}")]
+    Witness {
+        address: String,
+        source: WitnessError,
+    },
+    #[error("binding replication listener {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Marker {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the witness record of volume {volume} does not list plex {plex}")]
+    NotAMember { volume: String, plex: u16 },
+}
+
+/// Start the mirror node of `cfg` (which must have a `mirror` section).
+pub async fn start(
+    cfg: &Config,
+    m: &MirrorSection,
+    lu: Arc<LogicalUnit>,
+    port_groups: Arc<PortGroups>,
+) -> Result<MirrorNode, BootError> {
+    let me = cfg.target.relative_target_port_id;
+    let secret = |what, path: &PathBuf| {
+        load_secret(Some(path)).map_err(|source| BootError::Secret {
+            what,
+            path: path.clone(),
+            source,
+        })
+    };
+    let replication_secret = secret("replication", &m.secret_file)?;
+    let witness_secret = secret("witness", &m.witness.secret_file)?;
+    let witness: Arc<dyn Witness> = Arc::new(RemoteWitness::new(
+        m.witness.address.clone(),
+        witness_secret,
+    ));
+    let membership = join_record(cfg, m, witness.as_ref()).await?;
+    if !membership.plexes.iter().any(|p| p.id == me) {
+        return Err(BootError::NotAMember {
+            volume: cfg.volume.name.clone(),
+            plex: me,
+        });
+    }
+    let marker = cfg.state_dir.join(STARTED_MARKER);
+    let start = if marker.exists() {
+        tracing::warn!(
+            "this node served volume {} before and lost its state in the restart: \
+             it stays out of sync (Unavailable) until resynced",
+            cfg.volume.name
+        );
+        Start::Restart
+    } else {
+        write_marker(&marker)?;
+        Start::Bootstrap
+    };
+    let listener = tokio::net::TcpListener::bind(&m.listen)
+        .await
+        .map_err(|source| BootError::Listen {
+            addr: m.listen.clone(),
+            source,
+        })?;
+    let mut engine = EngineConfig::new(me);
+    engine.block_size = lu.config().block_size;
+    Ok(MirrorNode::start(MirrorSetup {
+        engine,
+        membership,
+        start,
+        lu,
+        port_groups,
+        witness,
+        volume: cfg.volume.name.clone(),
+        links: LinkConfig {
+            me,
+            volume: cfg.volume.name.clone(),
+            secret: Arc::new(replication_secret),
+            peers: m
+                .plexes
+                .iter()
+                .filter(|p| p.id != me)
+                .map(|p| (p.id, p.peer_addr.clone()))
+                .collect(),
+        },
+        listener,
+    }))
+}
+
+/// The volume's current record, creating it (epoch 1, every plex InSync) if none exists.
+async fn join_record(
+    cfg: &Config,
+    m: &MirrorSection,
+    witness: &dyn Witness,
+) -> Result<Membership, BootError> {
+    let deadline = Instant::now() + BOOT_WITNESS_WAIT;
+    let volume = &cfg.volume.name;
+    let initial = Membership {
+        epoch: 1,
+        plexes: m
+            .plexes
+            .iter()
+            .map(|p| PlexRecord {
+                id: p.id,
+                node: p.node.clone(),
+                portal: p.portal.clone(),
+                peer_addr: p.peer_addr.clone(),
+                state: PlexState::InSync,
+            })
+            .collect(),
+        sequencer: m.plexes.iter().map(|p| p.id).min().unwrap_or(1),
+    };
+    loop {
+        let attempt = match witness.get(volume).await {
+            Ok(Some(rec)) => Ok(rec),
+            Ok(None) => match witness.cas(volume, None, initial.clone()).await {
+                Ok(rec) => {
+                    tracing::info!(volume, "created the volume's membership record (epoch 1)");
+                    Ok(rec)
+                }
+                Err(WitnessError::Conflict(rec)) => Ok(*rec),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Ok(rec) => return Ok(rec),
+            Err(e @ (WitnessError::Unreachable(_) | WitnessError::Protocol(_)))
+                if Instant::now() < deadline =>
+            {
+                tracing::warn!("witness {}: {e}; retrying", m.witness.address);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(source) => {
+                return Err(BootError::Witness {
+                    address: m.witness.address.clone(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+fn write_marker(path: &std::path::Path) -> Result<(), BootError> {
+    let err = |source| BootError::Marker {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::File::create(path).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// `/v1/status` and `/healthz` of a mirrored node.
+pub struct MirrorStatus {
+    pub node: MirrorNode,
+    pub name: String,
+    pub volume: String,
+    pub metrics: Arc<crate::control::Metrics>,
+    pub resync_rate: std::sync::atomic::AtomicU64,
+}
+
+impl StatusSource for MirrorStatus {
+    fn status(&self) -> NodeStatus {
+        let (epoch, path, membership) = self.node.status();
+        let alua_state = alua(path);
+        self.metrics.set_epoch(epoch);
+        self.metrics.set_alua_state(alua_state);
+        let rate = self.resync_rate.load(std::sync::atomic::Ordering::Relaxed);
+        NodeStatus {
+            node: self.name.clone(),
+            volume: self.volume.clone(),
+            epoch,
+            alua_state,
+            plexes: membership
+                .plexes
+                .iter()
+                .map(|p| PlexStatus {
+                    id: p.id,
+                    node: p.node.clone(),
+                    portal: p.portal.clone(),
+                    state: p.state,
+                    resync: ResyncProgress::default(),
+                })
+                .collect(),
+            resync_rate_limit_bytes_per_sec: (rate > 0).then_some(rate),
+        }
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match self.node.status().1 {
+            PathState::ActiveOptimized => Ok(()),
+            p => Err(format!("path {:?}", alua(p))),
+        }
+    }
+
+    fn set_resync_rate(&self, bytes_per_sec: u64) -> Result<(), ControlError> {
+        self.resync_rate
+            .store(bytes_per_sec, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn alua(p: PathState) -> AluaState {
+    match p {
+        PathState::ActiveOptimized => AluaState::ActiveOptimized,
+        PathState::Transitioning => AluaState::Transitioning,
+        PathState::Unavailable => AluaState::Unavailable,
+    }
+}

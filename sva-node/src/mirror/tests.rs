@@ -1,0 +1,503 @@
+//! Engine stories: each test feeds a few events and asserts the exact commands emitted.
+
+use bytes::Bytes;
+
+use super::engine::*;
+use super::msg::*;
+use crate::witness::{Membership, PlexRecord, PlexState, WitnessError};
+
+fn record(epoch: u64, states: &[(u16, PlexState)], sequencer: u16) -> Membership {
+    Membership {
+        epoch,
+        sequencer,
+        plexes: states
+            .iter()
+            .map(|&(id, state)| PlexRecord {
+                id,
+                node: format!("n{id}"),
+                portal: String::new(),
+                peer_addr: String::new(),
+                state,
+            })
+            .collect(),
+    }
+}
+
+fn two_plexes() -> Membership {
+    record(1, &[(1, PlexState::InSync), (2, PlexState::InSync)], 1)
+}
+
+fn engine(me: u16, m: Membership) -> Engine {
+    let mut e = Engine::new(Config::new(me), m, 1_000, Start::Bootstrap);
+    assert_eq!(
+        drain(&mut e),
+        vec![Command::PathState(PathState::ActiveOptimized)]
+    );
+    e
+}
+
+fn drain(e: &mut Engine) -> Vec<Command> {
+    std::iter::from_fn(|| e.poll_command()).collect()
+}
+
+fn write(lba: u64, blocks: u32) -> OpMeta {
+    OpMeta {
+        range: OpRange::Blocks(LbaRange { lba, blocks }),
+        payload: Bytes::from(format!("write {lba}+{blocks}")),
+    }
+}
+
+fn hb(epoch: u64, applied_prefix: u64, ts: u64, echo: u64) -> Message {
+    Message::Heartbeat {
+        epoch,
+        applied_prefix,
+        seq_high: 0,
+        ts,
+        echo,
+    }
+}
+
+/// Plex `me` sends its heartbeat at t=1000 and hears the peer echo it: it holds a lease.
+fn with_lease(e: &mut Engine, peer: u16) {
+    e.handle_timeout(1_000);
+    assert_eq!(
+        drain(e),
+        vec![Command::Send {
+            to: peer,
+            msg: hb(1, 0, 1_000, NO_ECHO)
+        }]
+    );
+    assert!(!e.can_serve_reads(1_001), "no lease before the peer echoed");
+    e.handle_message(1_005, peer, hb(1, 0, 1_002, 1_000));
+    assert_eq!(drain(e), vec![]);
+    assert!(e.can_serve_reads(1_005));
+}
+
+#[test]
+fn sequencer_orders_applies_and_acks_once_every_plex_applied() {
+    let mut p1 = engine(1, two_plexes());
+    // An initiator writes through plex 1 before any lease: the op waits.
+    p1.submit(1_000, OpId(7), write(0, 8));
+    assert_eq!(drain(&mut p1), vec![]);
+    with_lease_then_expect_order(&mut p1);
+    // The local LU applied it: still waiting for plex 2.
+    p1.applied(1_010, 1, Bytes::from_static(b"GOOD"));
+    assert_eq!(drain(&mut p1), vec![]);
+    // Plex 2 applied it: ack with plex 1's own response.
+    p1.handle_message(1_012, 2, Message::Applied { epoch: 1, seq: 1 });
+    assert_eq!(
+        drain(&mut p1),
+        vec![Command::Complete {
+            op: OpId(7),
+            outcome: Outcome::Done(Bytes::from_static(b"GOOD"))
+        }]
+    );
+    // Plex 2's heartbeat reports it applied everything up to 1: the activity log may forget.
+    p1.handle_message(1_100, 2, hb(1, 1, 1_090, 1_000));
+    assert_eq!(drain(&mut p1), vec![Command::Settled { up_to: 1 }]);
+}
+
+fn with_lease_then_expect_order(p1: &mut Engine) {
+    p1.handle_timeout(1_000);
+    assert_eq!(
+        drain(p1),
+        vec![Command::Send {
+            to: 2,
+            msg: hb(1, 0, 1_000, NO_ECHO)
+        }]
+    );
+    // The echo grants the lease: the held op is ordered (seq 1), sent to plex 2, applied here.
+    p1.handle_message(1_005, 2, hb(1, 0, 1_002, 1_000));
+    let entry = Entry {
+        seq: 1,
+        tag: 1,
+        origin: 1,
+        fwd: 1,
+        meta: write(0, 8),
+    };
+    assert_eq!(
+        drain(p1),
+        vec![
+            Command::Send {
+                to: 2,
+                msg: Message::Apply { epoch: 1, entry }
+            },
+            Command::Apply {
+                epoch: 1,
+                seq: 1,
+                origin: 1,
+                op: write(0, 8)
+            },
+        ]
+    );
+}
+
+#[test]
+fn origin_forwards_once_and_acks_after_the_sequencer_applied() {
+    let mut p2 = engine(2, two_plexes());
+    with_lease(&mut p2, 1);
+    p2.submit(1_006, OpId(3), write(16, 4));
+    assert_eq!(
+        drain(&mut p2),
+        vec![Command::Send {
+            to: 1,
+            msg: Message::Forward {
+                epoch: 1,
+                fwd: 1,
+                floor: 0,
+                meta: write(16, 4)
+            }
+        }]
+    );
+    // The sequencer answers with the seq only: the payload travelled once.
+    p2.handle_message(
+        1_008,
+        1,
+        Message::Ordered {
+            epoch: 1,
+            seq: 1,
+            fwd: 1,
+        },
+    );
+    assert_eq!(
+        drain(&mut p2),
+        vec![Command::Apply {
+            epoch: 1,
+            seq: 1,
+            origin: 2,
+            op: write(16, 4)
+        }]
+    );
+    p2.handle_message(1_009, 1, Message::Applied { epoch: 1, seq: 1 });
+    assert_eq!(drain(&mut p2), vec![]);
+    p2.applied(1_010, 1, Bytes::from_static(b"OK"));
+    assert_eq!(
+        drain(&mut p2),
+        vec![Command::Complete {
+            op: OpId(3),
+            outcome: Outcome::Done(Bytes::from_static(b"OK"))
+        }]
+    );
+}
+
+#[test]
+fn overlapping_ops_apply_in_order_and_disjoint_ones_at_once() {
+    let mut p1 = engine(1, two_plexes());
+    with_lease(&mut p1, 2);
+    p1.submit(1_006, OpId(1), write(0, 8));
+    p1.submit(1_006, OpId(2), write(4, 8)); // overlaps seq 1
+    p1.submit(1_006, OpId(3), write(100, 8)); // disjoint
+    let applies: Vec<u64> = drain(&mut p1)
+        .into_iter()
+        .filter_map(|c| match c {
+            Command::Apply { seq, .. } => Some(seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(applies, vec![1, 3]);
+    p1.applied(1_007, 1, Bytes::new());
+    assert_eq!(
+        drain(&mut p1),
+        vec![Command::Apply {
+            epoch: 1,
+            seq: 2,
+            origin: 1,
+            op: write(4, 8)
+        }]
+    );
+}
+
+#[test]
+fn a_barrier_waits_for_everything_before_it() {
+    let mut p1 = engine(1, two_plexes());
+    with_lease(&mut p1, 2);
+    p1.submit(1_006, OpId(1), write(0, 1));
+    let barrier = OpMeta {
+        range: OpRange::Barrier,
+        payload: Bytes::from_static(b"PR OUT"),
+    };
+    p1.submit(1_006, OpId(2), barrier.clone());
+    p1.submit(1_006, OpId(3), write(500, 1));
+    let applies = |cmds: Vec<Command>| -> Vec<u64> {
+        cmds.into_iter()
+            .filter_map(|c| match c {
+                Command::Apply { seq, .. } => Some(seq),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(applies(drain(&mut p1)), vec![1]);
+    p1.applied(1_007, 1, Bytes::new());
+    assert_eq!(applies(drain(&mut p1)), vec![2]);
+    p1.applied(1_008, 2, Bytes::new());
+    assert_eq!(applies(drain(&mut p1)), vec![3]);
+}
+
+#[test]
+fn lost_peer_is_marked_stale_through_the_witness_and_writes_go_dirty() {
+    let mut p1 = engine(1, two_plexes());
+    with_lease(&mut p1, 2);
+    // Plex 2 falls silent. The lease runs out first (no reads), then the peer is suspected.
+    assert!(!p1.can_serve_reads(1_005 + READ_LEASE_MS));
+    p1.submit(1_600, OpId(9), write(0, 8));
+    drain(&mut p1);
+    let t = 1_005 + PEER_TIMEOUT_MS;
+    p1.handle_timeout(t);
+    let cmds = drain(&mut p1);
+    let proposed = record(2, &[(1, PlexState::InSync), (2, PlexState::Stale)], 1);
+    assert_eq!(
+        &cmds[cmds.len() - 2..],
+        &[
+            Command::PathState(PathState::Transitioning),
+            Command::WitnessCas {
+                expected_epoch: 1,
+                record: proposed.clone()
+            }
+        ]
+    );
+    // The CAS won: plex 1 serves alone. The in-flight op (not acked by plex 2) is dirty, and
+    // it completes once plex 1 alone applied it.
+    p1.witness_result(t + 5, Ok(proposed));
+    let cmds = drain(&mut p1);
+    assert!(cmds.contains(&Command::MarkDirty(LbaRange { lba: 0, blocks: 8 })));
+    assert!(cmds.contains(&Command::PathState(PathState::ActiveOptimized)));
+    assert_eq!(p1.epoch(), 2);
+    p1.applied(t + 6, 1, Bytes::from_static(b"A"));
+    let cmds = drain(&mut p1);
+    assert!(cmds.contains(&Command::Complete {
+        op: OpId(9),
+        outcome: Outcome::Done(Bytes::from_static(b"A"))
+    }));
+    // A new write while plex 2 is stale: marked dirty before it is applied.
+    p1.submit(t + 7, OpId(10), write(4096, 1));
+    assert_eq!(
+        drain(&mut p1),
+        vec![
+            Command::MarkDirty(LbaRange {
+                lba: 4096,
+                blocks: 1
+            }),
+            Command::Apply {
+                epoch: 2,
+                seq: 2,
+                origin: 1,
+                op: write(4096, 1)
+            },
+        ]
+    );
+    assert!(p1.dirty().is_block_dirty(4096));
+}
+
+#[test]
+fn a_node_that_loses_the_cas_goes_unavailable_and_fails_held_ops_retryably() {
+    let mut p2 = engine(2, two_plexes());
+    with_lease(&mut p2, 1);
+    let t = 1_005 + PEER_TIMEOUT_MS;
+    p2.handle_timeout(t);
+    drain(&mut p2);
+    p2.submit(t + 1, OpId(5), write(0, 1));
+    assert_eq!(drain(&mut p2), vec![], "held, never acked");
+    // Plex 1 won the race to the witness and marked plex 2 stale.
+    let theirs = record(2, &[(1, PlexState::InSync), (2, PlexState::Stale)], 1);
+    p2.witness_result(t + 3, Err(WitnessError::Conflict(Box::new(theirs))));
+    assert_eq!(
+        drain(&mut p2),
+        vec![
+            Command::Complete {
+                op: OpId(5),
+                outcome: Outcome::Retry
+            },
+            Command::PathState(PathState::Unavailable),
+        ]
+    );
+    assert!(!p2.can_serve_reads(t + 4));
+    p2.submit(t + 5, OpId(6), write(0, 1));
+    assert_eq!(
+        drain(&mut p2),
+        vec![Command::Complete {
+            op: OpId(6),
+            outcome: Outcome::Retry
+        }]
+    );
+}
+
+#[test]
+fn a_slow_witness_answer_is_awaited_past_the_hold_timeout() {
+    // The witness's disk is slow: the CAS is granted long after the hold timeout. The node
+    // must not fence while its own CAS is outstanding, or the volume is left with no server.
+    let mut p1 = engine(1, two_plexes());
+    with_lease(&mut p1, 2);
+    let t = 1_005 + PEER_TIMEOUT_MS;
+    p1.handle_timeout(t);
+    drain(&mut p1);
+    p1.handle_timeout(t + HOLD_TIMEOUT_MS + 500);
+    assert_eq!(
+        p1.role(),
+        RoleKind::Holding,
+        "fenced while its CAS was outstanding"
+    );
+    let granted = record(2, &[(1, PlexState::InSync), (2, PlexState::Stale)], 1);
+    p1.witness_result(t + HOLD_TIMEOUT_MS + 600, Ok(granted));
+    let cmds = drain(&mut p1);
+    assert!(cmds.contains(&Command::PathState(PathState::ActiveOptimized)));
+    assert_eq!(p1.epoch(), 2);
+}
+
+#[test]
+fn a_node_that_cannot_reach_the_witness_fences() {
+    let mut p1 = engine(1, two_plexes());
+    with_lease(&mut p1, 2);
+    let t = 1_005 + PEER_TIMEOUT_MS;
+    p1.handle_timeout(t);
+    drain(&mut p1);
+    p1.witness_result(t + 1, Err(WitnessError::Unreachable("timeout".into())));
+    assert_eq!(
+        drain(&mut p1),
+        vec![Command::PathState(PathState::Unavailable)]
+    );
+    assert_eq!(p1.role(), RoleKind::Fenced);
+    // A fenced node ignores its peers entirely.
+    p1.handle_message(t + 2, 2, Message::Applied { epoch: 1, seq: 1 });
+    assert_eq!(drain(&mut p1), vec![]);
+    assert_eq!(p1.next_timeout(), None);
+}
+
+#[test]
+fn a_message_from_an_older_epoch_is_refused_and_answered_with_the_new_record() {
+    let m = record(3, &[(1, PlexState::InSync), (2, PlexState::InSync)], 1);
+    let mut p1 = engine(1, m.clone());
+    p1.handle_message(1_001, 2, Message::Applied { epoch: 2, seq: 9 });
+    assert_eq!(
+        drain(&mut p1),
+        vec![Command::Send {
+            to: 2,
+            msg: Message::NewEpoch { membership: m }
+        }]
+    );
+}
+
+#[test]
+fn a_restarted_node_stays_out_whatever_the_record_says() {
+    let mut e = Engine::new(Config::new(2), two_plexes(), 0, Start::Restart);
+    assert_eq!(
+        drain(&mut e),
+        vec![Command::PathState(PathState::Unavailable)]
+    );
+    e.submit(1, OpId(1), write(0, 1));
+    assert_eq!(
+        drain(&mut e),
+        vec![Command::Complete {
+            op: OpId(1),
+            outcome: Outcome::Retry
+        }]
+    );
+    assert!(!e.can_serve_reads(1));
+}
+
+#[test]
+fn view_change_reconciles_an_op_only_one_survivor_received() {
+    // Three plexes; plex 1 (the sequencer) dies after sending seq 1 to plex 2 only.
+    let three = record(
+        1,
+        &[
+            (1, PlexState::InSync),
+            (2, PlexState::InSync),
+            (3, PlexState::InSync),
+        ],
+        1,
+    );
+    let mut p2 = engine(2, three.clone());
+    let mut p3 = engine(3, three);
+    let entry = Entry {
+        seq: 1,
+        tag: 1,
+        origin: 1,
+        fwd: 1,
+        meta: write(0, 8),
+    };
+    p2.handle_message(
+        1_001,
+        1,
+        Message::Apply {
+            epoch: 1,
+            entry: entry.clone(),
+        },
+    );
+    drain(&mut p2);
+    p2.applied(1_002, 1, Bytes::new());
+    drain(&mut p2);
+    // Both lose plex 1; p2 (lowest survivor) coordinates, p3 keeps hearing p2.
+    let t = 1_001 + PEER_TIMEOUT_MS;
+    p3.handle_message(t - 1, 2, hb(1, 1, t - 1, NO_ECHO));
+    drain(&mut p3);
+    p2.handle_message(t - 1, 3, hb(1, 0, t - 1, NO_ECHO));
+    drain(&mut p2);
+    p2.handle_timeout(t);
+    let new = record(
+        2,
+        &[
+            (1, PlexState::Stale),
+            (2, PlexState::InSync),
+            (3, PlexState::InSync),
+        ],
+        2,
+    );
+    assert!(drain(&mut p2).contains(&Command::WitnessCas {
+        expected_epoch: 1,
+        record: new.clone()
+    }));
+    p2.witness_result(t + 1, Ok(new.clone()));
+    let cmds = drain(&mut p2);
+    assert!(cmds.contains(&Command::Send {
+        to: 3,
+        msg: Message::NewEpoch {
+            membership: new.clone()
+        }
+    }));
+    // p3 adopts the epoch and reports its (empty) log.
+    p3.handle_message(t + 2, 2, Message::NewEpoch { membership: new });
+    let state = drain(&mut p3)
+        .into_iter()
+        .find_map(|c| match c {
+            Command::Send {
+                to: 2,
+                msg: m @ Message::State { .. },
+            } => Some(m),
+            _ => None,
+        })
+        .expect("p3 reports its log to the coordinator");
+    p2.handle_message(t + 3, 3, state);
+    let cmds = drain(&mut p2);
+    let sync = cmds
+        .iter()
+        .find_map(|c| match c {
+            Command::Send {
+                to: 3,
+                msg: m @ Message::Sync { .. },
+            } => Some(m.clone()),
+            _ => None,
+        })
+        .expect("coordinator sends the reconciled log");
+    assert_eq!(
+        sync,
+        Message::Sync {
+            epoch: 2,
+            base: 0,
+            high: 1,
+            entries: vec![entry]
+        }
+    );
+    // The coordinator marked it dirty when it entered the epoch (plex 1 never acked it).
+    assert!(p2.dirty().covers(&LbaRange { lba: 0, blocks: 8 }));
+    // p3 applies the op it never received before serving epoch 2.
+    p3.handle_message(t + 4, 2, sync);
+    let cmds = drain(&mut p3);
+    assert!(cmds.contains(&Command::MarkDirty(LbaRange { lba: 0, blocks: 8 })));
+    assert!(cmds.contains(&Command::Apply {
+        epoch: 2,
+        seq: 1,
+        origin: 1,
+        op: write(0, 8)
+    }));
+    assert_eq!(p3.role(), RoleKind::Active);
+}
