@@ -318,6 +318,25 @@ impl LogicalUnit {
     /// checks (unit attention, ALUA, reservations) and dropped if they fail; the response is
     /// exactly what `execute` would have produced.
     pub fn try_execute_cached(&self, nexus: &NexusId, cmd: &ScsiCommand) -> Option<ScsiResponse> {
+        let data = self.read_ahead_cached(cmd)?;
+        Some(self.execute_with(nexus, cmd, Some(data)))
+    }
+
+    /// [`LogicalUnit::execute_admitted`] for a READ whose data is in the page cache, on the
+    /// caller's thread; `None` as for [`LogicalUnit::try_execute_cached`]. For the mirror
+    /// engine's local (not replicated) reads.
+    pub fn try_execute_admitted_cached(
+        &self,
+        nexus: &NexusId,
+        cmd: &ScsiCommand,
+    ) -> Option<ScsiResponse> {
+        let data = self.read_ahead_cached(cmd)?;
+        let descriptor = self.lock_state().mode.d_sense;
+        Some(self.respond(cmd, self.ordered(nexus, cmd, Some(data)), descriptor))
+    }
+
+    /// The medium data of a small READ, if the backend has it without blocking.
+    fn read_ahead_cached(&self, cmd: &ScsiCommand) -> Option<Vec<u8>> {
         let op = Self::check_cdb(&cmd.cdb).ok()?;
         if !matches!(
             op,
@@ -337,7 +356,7 @@ impl LogicalUnit {
         let mut buf = vec![0u8; bytes as usize];
         let offset = r.lba * u64::from(self.cfg.block_size);
         match self.backend.try_read_at_cached(&mut buf, offset) {
-            Ok(true) => Some(self.execute_with(nexus, cmd, Some(buf))),
+            Ok(true) => Some(buf),
             _ => None,
         }
     }

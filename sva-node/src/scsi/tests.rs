@@ -1260,6 +1260,11 @@ fn cached_read_matches_execute() {
     assert_eq!(r.status, ScsiStatus::Good);
     assert_eq!(&r.data_in[..], &data[..]);
 
+    let r =
+        t.lu.try_execute_admitted_cached(&nexus(1), &read(16, 16))
+            .unwrap();
+    assert_eq!(&r.data_in[..], &data[..]);
+
     // A nexus the LU has not seen gets its POWER ON UA first, as with `execute`.
     let r = t.lu.try_execute_cached(&nexus(2), &read(16, 16)).unwrap();
     assert_eq!(r.status, ScsiStatus::CheckCondition);
