@@ -333,6 +333,10 @@ impl ScsiTarget for MirroredTarget {
                 if !lock(&node.shared.engine).can_serve_reads(now) {
                     return node.retry_response();
                 }
+                // Page-cache hits run inline; anything that could block goes to the pool.
+                if let Some(r) = lu.try_execute_admitted_cached(&nexus, &cmd) {
+                    return r;
+                }
                 return tokio::task::spawn_blocking(move || lu.execute_admitted(&nexus, &cmd))
                     .await
                     .unwrap_or_else(|_| internal_error());
