@@ -287,6 +287,9 @@ impl MirrorNode {
             match next {
                 Some(t) if t <= now => {
                     self.with_engine(|e, now| e.handle_timeout(now));
+                    // Never loop without an await point: tasks this one spawned (the witness
+                    // CAS) sit in this worker's LIFO slot, which other workers cannot steal.
+                    tokio::task::yield_now().await;
                     continue;
                 }
                 Some(t) => {
