@@ -170,8 +170,21 @@ impl QemuIoReply {
 impl QemuIoSession {
     /// Starts qemu-io on `url` and waits for its first prompt (the image is open then).
     pub fn open(url: &str, timeout: Duration) -> Result<Self> {
+        Self::open_in(None, url, timeout)
+    }
+
+    /// Like [`open`](Self::open), with qemu-io inside network namespace `netns`.
+    pub fn open_in(netns: Option<&str>, url: &str, timeout: Duration) -> Result<Self> {
         use std::process::{Command, Stdio};
-        let mut child = Command::new("qemu-io")
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-io"]);
+                c
+            }
+            None => Command::new("qemu-io"),
+        };
+        let mut child = cmd
             .args(["-f", "raw", url])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
