@@ -124,7 +124,10 @@ impl MirroredVolume {
         let v = Self::start_unready(opts)?;
         for plex in 1..=v.plexes() {
             let ok = wait_until(
-                || v.status(plex).is_ok_and(|s| s.alua_state == "ActiveOptimized"),
+                || {
+                    v.status(plex)
+                        .is_ok_and(|s| s.alua_state == "ActiveOptimized")
+                },
                 VOLUME_READY_TIMEOUT,
             );
             if ok.is_none() {

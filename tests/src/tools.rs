@@ -190,12 +190,21 @@ impl QemuIoSession {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
-        let stdin = child.stdin.take().ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdin"))?;
         let (tx, rx) = std::sync::mpsc::channel();
         // stdout and stderr both feed the reply stream (qemu-io reports errors on either).
         for stream in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -240,7 +249,10 @@ impl QemuIoSession {
             match self.out.recv_timeout(left) {
                 Ok(bytes) => self.pending.push_str(&String::from_utf8_lossy(&bytes)),
                 Err(RecvTimeoutError::Timeout) => {
-                    anyhow::bail!("qemu-io: no prompt within {timeout:?}; output: {}", self.pending)
+                    anyhow::bail!(
+                        "qemu-io: no prompt within {timeout:?}; output: {}",
+                        self.pending
+                    )
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     anyhow::bail!("qemu-io exited; output: {}", self.pending)

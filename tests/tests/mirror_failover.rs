@@ -166,7 +166,11 @@ fn kill_during_writes(victim: u16) {
     // Every acknowledged write reads back through the survivor, in a new session.
     let mut s = QemuIoSession::open(&v.url(survivor), COMMAND_TIMEOUT).expect("qemu-io");
     for r in log.iter().filter(|r| r.ok) {
-        let cmd = format!("read -P {:#x} {} {BLOCK}", pattern(r.index), r.index * BLOCK);
+        let cmd = format!(
+            "read -P {:#x} {} {BLOCK}",
+            pattern(r.index),
+            r.index * BLOCK
+        );
         let reply = s.run(&cmd, COMMAND_TIMEOUT).expect("read");
         assert!(
             reply.ok(),

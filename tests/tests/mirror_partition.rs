@@ -108,7 +108,14 @@ impl Netns {
         // From here on, drop cleans up whatever was made.
         let (root_cidr, ns_cidr) = (format!("{}/30", n.root_ip), format!("{}/30", n.ns_ip));
         ip(&[
-            "link", "add", &n.veth_root, "type", "veth", "peer", "name", &n.veth_ns,
+            "link",
+            "add",
+            &n.veth_root,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &n.veth_ns,
         ])?;
         ip(&["link", "set", &n.veth_ns, "netns", &n.name])?;
         ip(&["addr", "add", &root_cidr, "dev", &n.veth_root])?;
@@ -240,7 +247,10 @@ fn partition(isolated: u16, slot: u32) {
         let b = s.spawn(|| write_loop(&mut i, ISOLATED_BASE, &stop));
         std::thread::sleep(PARTITION_WRITES);
         stop.store(true, Ordering::Relaxed);
-        (a.join().expect("winner writer"), b.join().expect("isolated writer"))
+        (
+            a.join().expect("winner writer"),
+            b.join().expect("isolated writer"),
+        )
     });
 
     let resumed = won
@@ -289,7 +299,11 @@ fn partition(isolated: u16, slot: u32) {
     assert!(!r.ok(), "the isolated node served a read: {}", r.output);
 
     let st = v.status(winner).expect("winner status");
-    assert!(st.epoch > epoch_before, "epoch did not advance: {:?}", st.raw);
+    assert!(
+        st.epoch > epoch_before,
+        "epoch did not advance: {:?}",
+        st.raw
+    );
     assert_eq!(st.plex_state(isolated), Some("Stale"), "{:?}", st.raw);
     assert_eq!(st.alua_state, "ActiveOptimized", "{:?}", st.raw);
 
@@ -301,7 +315,11 @@ fn partition(isolated: u16, slot: u32) {
     let r = i
         .run(&format!("read 0 {BLOCK}"), COMMAND_TIMEOUT)
         .expect("read via isolated");
-    assert!(!r.ok(), "the fenced node served a read after heal: {}", r.output);
+    assert!(
+        !r.ok(),
+        "the fenced node served a read after heal: {}",
+        r.output
+    );
     let r = w
         .run("write -P 0xee 20M 64k", COMMAND_TIMEOUT)
         .expect("winner write after heal");
@@ -327,14 +345,18 @@ fn partition(isolated: u16, slot: u32) {
     }
     for a in won.iter().filter(|a| a.ok) {
         assert!(
-            file_block(&data_w, a.block).iter().all(|&x| x == pattern(a.block)),
+            file_block(&data_w, a.block)
+                .iter()
+                .all(|&x| x == pattern(a.block)),
             "winner-acknowledged block {} missing from the winner's plex",
             a.block
         );
     }
     for a in &isolated_acked {
         assert!(
-            file_block(&data_w, a.block).iter().all(|&x| x == pattern(a.block)),
+            file_block(&data_w, a.block)
+                .iter()
+                .all(|&x| x == pattern(a.block)),
             "block {} acknowledged by the isolated node is not on the winner",
             a.block
         );

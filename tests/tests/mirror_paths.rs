@@ -55,7 +55,11 @@ fn write_on_one_path_read_on_the_other(cache_mode: CacheMode) {
         .collect();
         let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
         let out = tools::qemu_io(&v.url(p), &refs).expect("qemu-io read");
-        assert!(out.success(), "final picture via plex {p}: {}", out.describe());
+        assert!(
+            out.success(),
+            "final picture via plex {p}: {}",
+            out.describe()
+        );
         assert!(!out.stdout.contains("failed"), "{}", out.describe());
     }
     // Orderly stop: the backing files are the same bytes.

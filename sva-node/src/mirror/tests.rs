@@ -329,7 +329,11 @@ fn a_silent_peer_does_not_keep_the_timer_due() {
     let mut p1 = engine(1, two_plexes());
     with_lease(&mut p1, 2);
     let t = 1_005 + PEER_TIMEOUT_MS;
-    assert_eq!(p1.next_timeout(), Some(1_100), "the next heartbeat comes first");
+    assert_eq!(
+        p1.next_timeout(),
+        Some(1_100),
+        "the next heartbeat comes first"
+    );
     p1.handle_timeout(1_100);
     drain(&mut p1);
     assert_eq!(p1.next_timeout(), Some(1_200));
@@ -345,7 +349,10 @@ fn a_silent_peer_does_not_keep_the_timer_due() {
         .iter()
         .any(|c| matches!(c, Command::WitnessCas { .. })));
     let next = p1.next_timeout().expect("still holding");
-    assert!(next > t, "next timeout {next} is not after {t}: the timer would spin");
+    assert!(
+        next > t,
+        "next timeout {next} is not after {t}: the timer would spin"
+    );
 }
 
 #[test]
