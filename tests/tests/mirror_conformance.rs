@@ -38,6 +38,10 @@ fn tests_ran(stdout: &str) -> Vec<String> {
     out
 }
 
+/// The suites run one at a time: each is CPU-heavy, and a node starved of CPU for longer than
+/// the peer timeout is (correctly) voted out, which ends the run for its path.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run(v: &MirroredVolume, a: u16, b: u16) -> CunitSummary {
     let (ua, ub) = (v.url(a), v.url(b));
     let (out, summary) = tools::iscsi_test_cu(&[&ua, &ub], "ALL").expect("run iscsi-test-cu");
@@ -47,6 +51,17 @@ fn run(v: &MirroredVolume, a: u16, b: u16) -> CunitSummary {
     );
     for name in &summary.failed_tests {
         eprintln!("  FAILED {name}");
+        // libiscsi's own account of the failure: the lines after the test's header.
+        let test = name.rsplit('.').next().unwrap_or(name);
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        if let Some(i) = lines
+            .iter()
+            .position(|l| l.trim().starts_with(&format!("Test: {test} ")))
+        {
+            for l in lines.iter().skip(i).take(25) {
+                eprintln!("    | {l}");
+            }
+        }
     }
     assert!(
         summary.complete,
@@ -80,6 +95,7 @@ fn two_plexes_both_orders() {
     if !have_tools("two_plexes_both_orders", &["iscsi-test-cu", "qemu-io"]) {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let v = MirroredVolume::start(MirroredVolumeOptions {
         size_bytes: VOLUME_BYTES,
         ..MirroredVolumeOptions::default()
@@ -94,6 +110,7 @@ fn three_plexes() {
     if !have_tools("three_plexes", &["iscsi-test-cu", "qemu-io"]) {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let v = MirroredVolume::start(MirroredVolumeOptions {
         plexes: 3,
         size_bytes: VOLUME_BYTES,
