@@ -216,6 +216,8 @@ pub struct Engine {
     cmds: VecDeque<Command>,
     peers: BTreeMap<PlexId, Peer>,
     next_heartbeat: Millis,
+    /// `now` of the last `handle_timeout`: suspicion deadlines at or before it were acted on.
+    last_timeout: Option<Millis>,
     cas_outstanding: bool,
     // ordering
     next_seq: Seq,
@@ -245,6 +247,7 @@ impl Engine {
             cmds: VecDeque::new(),
             peers: BTreeMap::new(),
             next_heartbeat: now,
+            last_timeout: None,
             cas_outstanding: false,
             next_seq: 1,
             seq_high: 0,
@@ -310,10 +313,14 @@ impl Engine {
         match self.role {
             Role::Fenced | Role::Out => None,
             _ => {
+                // A suspicion deadline already handled must not come back: it would stay in
+                // the past while the peer is silent, and a driver timer that fires "now"
+                // would spin instead of sleeping (starving the witness CAS it waits for).
                 let suspect = self
                     .peers
                     .values()
                     .map(|p| p.last_heard + PEER_TIMEOUT_MS)
+                    .filter(|&d| self.last_timeout.is_none_or(|t| d > t))
                     .min();
                 Some(suspect.map_or(self.next_heartbeat, |s| s.min(self.next_heartbeat)))
             }
@@ -481,6 +488,7 @@ impl Engine {
         if matches!(self.role, Role::Fenced | Role::Out) {
             return;
         }
+        self.last_timeout = Some(self.last_timeout.map_or(now, |t| t.max(now)));
         if now >= self.next_heartbeat {
             self.next_heartbeat = now + HEARTBEAT_INTERVAL_MS;
             let ids: Vec<PlexId> = self.peers.keys().copied().collect();
