@@ -408,7 +408,11 @@ fn wait_until_ready(node: &mut Proc) -> anyhow::Result<()> {
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
-        if TcpStream::connect_timeout(&node.ready_addr, Duration::from_millis(200)).is_ok() {
+        let portal_open =
+            TcpStream::connect_timeout(&node.ready_addr, Duration::from_millis(200)).is_ok();
+        // A node is ready when its portal is open and, if it has a control API, it reports
+        // itself healthy (a mirrored node first needs its peers' read lease).
+        if portal_open && node.control.is_none_or(healthy) {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -422,6 +426,22 @@ fn wait_until_ready(node: &mut Proc) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `GET /healthz` answers 200.
+fn healthy(control: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect_timeout(&control, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
 }
 
 /// SIGTERM every node, wait for a graceful exit, then SIGKILL what is left.

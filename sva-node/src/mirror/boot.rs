@@ -234,7 +234,8 @@ impl StatusSource for MirrorStatus {
 
     fn health(&self) -> Result<(), String> {
         match self.node.status().1 {
-            PathState::ActiveOptimized => Ok(()),
+            PathState::ActiveOptimized if self.node.serving() => Ok(()),
+            PathState::ActiveOptimized => Err("waiting for the read lease from its peers".into()),
             p => Err(format!("path {:?}", alua(p))),
         }
     }

@@ -270,6 +270,14 @@ impl MirrorNode {
     }
 
     /// Current engine facts for status reporting.
+    /// Whether the node serves I/O right now: its path is Active/Optimized and it holds the
+    /// read lease (right after start the lease needs one heartbeat round trip).
+    pub fn serving(&self) -> bool {
+        let now = self.now();
+        let e = lock(&self.shared.engine);
+        *lock(&self.shared.path) == PathState::ActiveOptimized && e.can_serve_reads(now)
+    }
+
     pub fn status(&self) -> (u64, PathState, Membership) {
         let e = lock(&self.shared.engine);
         let path = *lock(&self.shared.path);
