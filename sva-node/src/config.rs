@@ -265,7 +265,8 @@ const K8S_NAMESPACE_LEN_MAX: usize = 63;
 
 /// Whether `s` is a lowercase RFC 1123 name of at most `max` bytes (`.` allowed when `dots`).
 fn valid_k8s_name(s: &str, max: usize, dots: bool) -> bool {
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dots && c == '.');
+    let ok_char =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dots && c == '.');
     let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     !s.is_empty()
         && s.len() <= max

@@ -144,12 +144,13 @@ async fn lease_witness(
     volume: &str,
     lease: &KubernetesLeaseSection,
 ) -> Result<Arc<dyn Witness>, BootError> {
-    let w = crate::witness::LeaseWitness::from_config(volume, lease.namespace.as_deref(), &lease.name)
-        .await
-        .map_err(|source| BootError::Witness {
-            address: format!("lease {}", lease.name),
-            source,
-        })?;
+    let w =
+        crate::witness::LeaseWitness::from_config(volume, lease.namespace.as_deref(), &lease.name)
+            .await
+            .map_err(|source| BootError::Witness {
+                address: format!("lease {}", lease.name),
+                source,
+            })?;
     Ok(Arc::new(w))
 }
 
