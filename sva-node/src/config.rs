@@ -210,16 +210,16 @@ impl TryFrom<WitnessYaml> for WitnessSection {
             }),
             (None, None, Some(lease)) => Ok(WitnessSection::KubernetesLease(lease)),
             (None, None, None) => Err(
-                "needs either `address` and `secretFile` (standalone witness) or \
+                "witness needs either `address` and `secretFile` (standalone witness) or \
                  `kubernetesLease: {name}` (in-cluster witness)"
                     .into(),
             ),
             (_, _, Some(_)) => Err(
-                "`kubernetesLease` excludes `address` and `secretFile` (one witness per volume)"
+                "witness: `kubernetesLease` excludes `address` and `secretFile` (one witness per volume)"
                     .into(),
             ),
-            (Some(_), None, None) => Err("standalone witness: missing field `secretFile`".into()),
-            (None, Some(_), None) => Err("standalone witness: missing field `address`".into()),
+            (Some(_), None, None) => Err("witness (standalone): missing field `secretFile`".into()),
+            (None, Some(_), None) => Err("witness (standalone): missing field `address`".into()),
         }
     }
 }
@@ -698,6 +698,116 @@ stateDir: /tmp/state
             e.contains("volume.sizeBytes") && e.contains("line 5"),
             "{e}"
         );
+    }
+
+    /// GOOD with plex 1 of a 2-plex mirror, `witness` as given (indented YAML mapping body).
+    fn mirrored(witness: &str) -> String {
+        format!(
+            "{GOOD}mirror:\n  listen: 127.0.0.1:4001\n  secretFile: /tmp/rs\n  plexes:\n    \
+             - {{ id: 1, node: a, portal: 127.0.0.1:3260, peerAddr: 127.0.0.1:4001 }}\n    \
+             - {{ id: 2, node: b, portal: 127.0.0.1:3261, peerAddr: 127.0.0.1:4002 }}\n  \
+             witness:\n{witness}"
+        )
+    }
+
+    #[test]
+    fn witness_standalone_or_kubernetes_lease() {
+        let c = Config::parse(&mirrored(
+            "    address: 127.0.0.1:4000\n    secretFile: /tmp/ws\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.mirror.as_ref().unwrap().witness,
+            WitnessSection::Standalone {
+                address: "127.0.0.1:4000".into(),
+                secret_file: PathBuf::from("/tmp/ws")
+            }
+        );
+        // Serializing gives back the same YAML shape.
+        assert_eq!(
+            Config::parse(&serde_yaml::to_string(&c).unwrap()).unwrap(),
+            c
+        );
+
+        let c = Config::parse(&mirrored(
+            "    kubernetesLease: { name: vol1-sva-witness }\n",
+        ))
+        .unwrap();
+        let lease = KubernetesLeaseSection {
+            namespace: None,
+            name: "vol1-sva-witness".into(),
+        };
+        assert_eq!(
+            c.mirror.as_ref().unwrap().witness,
+            WitnessSection::KubernetesLease(lease)
+        );
+        assert_eq!(
+            Config::parse(&serde_yaml::to_string(&c).unwrap()).unwrap(),
+            c
+        );
+        let yaml = serde_yaml::to_string(&c).unwrap();
+        assert!(!yaml.contains("address"), "{yaml}");
+
+        let c = Config::parse(&mirrored(
+            "    kubernetesLease: { namespace: storage, name: l }\n",
+        ))
+        .unwrap();
+        assert!(c.mirror.unwrap().witness.describe().contains("storage/l"));
+    }
+
+    #[test]
+    fn bad_witness_sections_say_what_is_wrong() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "    address: 127.0.0.1:4000\n    kubernetesLease: { name: l }\n",
+                "excludes `address`",
+            ),
+            (
+                "    address: 127.0.0.1:4000\n",
+                "missing field `secretFile`",
+            ),
+            ("    secretFile: /tmp/ws\n", "missing field `address`"),
+            ("    {}\n", "needs either `address`"),
+            ("    kubernetesLease: {}\n", "missing field `name`"),
+            (
+                "    kubernetesLease: { name: l, ns: x }\n",
+                "unknown field `ns`",
+            ),
+            (
+                "    kubernetesLease: { name: Not_A_Name }\n",
+                "mirror.witness.kubernetesLease.name",
+            ),
+            (
+                "    kubernetesLease: { name: l, namespace: a.b }\n",
+                "mirror.witness.kubernetesLease.namespace",
+            ),
+            (
+                "    address: nowhere\n    secretFile: /tmp/ws\n",
+                "mirror.witness.address",
+            ),
+        ];
+        for (witness, want) in cases {
+            let e = Config::parse(&mirrored(witness)).unwrap_err().to_string();
+            assert!(e.contains(want), "{witness:?}: {e}");
+        }
+        let e = Config::parse(&mirrored("    address: 127.0.0.1:4000\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mirror: witness") && e.contains("line "),
+            "names the section and line: {e}"
+        );
+    }
+
+    #[test]
+    fn k8s_names() {
+        for good in ["a", "vol-1", "vol1-sva-witness", "a.b"] {
+            assert!(valid_k8s_name(good, K8S_NAME_LEN_MAX, true), "{good}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", &"a".repeat(254)] {
+            assert!(!valid_k8s_name(bad, K8S_NAME_LEN_MAX, true), "{bad}");
+        }
+        assert!(!valid_k8s_name("a.b", K8S_NAMESPACE_LEN_MAX, false));
     }
 
     #[test]

@@ -289,3 +289,23 @@ fn alua(p: PathState) -> AluaState {
         PathState::Unavailable => AluaState::Unavailable,
     }
 }
+
+#[cfg(all(test, not(feature = "kubernetes")))]
+mod tests {
+    use super::*;
+
+    /// A binary without the `kubernetes` feature refuses a Lease witness, naming the feature.
+    #[tokio::test]
+    async fn lease_witness_without_the_feature_names_it() {
+        let lease = KubernetesLeaseSection {
+            namespace: None,
+            name: "vol-sva-witness".into(),
+        };
+        let e = match lease_witness("vol", &lease).await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("no Lease witness without the feature"),
+        };
+        assert!(e.contains("`kubernetes` feature"), "{e}");
+        assert!(e.contains("--features kubernetes"), "{e}");
+    }
+}
