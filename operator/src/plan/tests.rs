@@ -470,3 +470,20 @@ fn portal_ports_skip_used_slots() {
     assert_eq!(allocate_portal_port(&[32604].into()), Some(32600));
     assert_eq!(allocate_portal_port(&[32602, 32603].into()), Some(32606));
 }
+
+#[test]
+fn node_without_address_gets_no_config_and_a_warning() {
+    let mut o = cluster(2);
+    o.nodes[1].address = None;
+    let steps = plan(&o);
+    let Step::EnsureConfig { data } = &steps[1] else {
+        panic!("config must come second")
+    };
+    // Every config lists every plex, so none can be rendered without w2's address.
+    assert!(data.is_empty(), "{data:?}");
+    assert_eq!(steps[2], Step::EnsureSecret);
+    assert!(events(&steps).contains(&"ConfigNotRendered"));
+    let o = cluster(2);
+    let steps = plan(&o);
+    assert!(!events(&steps).contains(&"ConfigNotRendered"));
+}
