@@ -12,12 +12,15 @@
 //!   node's YAML config format.
 //! - [`tgtd`]: `Tgtd`, the reference target (tgt), configured with `tgtadm`.
 //! - [`tools`]: wrappers for the initiator tools.
+//! - [`mirror`]: `MirroredVolume`, a witness and 2-3 mirrored nodes, with status, kill and
+//!   restart per plex.
 //! - [`cunit`]: parser for `iscsi-test-cu` output.
 //! - [`raw`]: a minimal raw iSCSI initiator (login + PDU builders).
 //! - [`scenarios`]: test stories written against [`IscsiTarget`], run on sva-node by the
 //!   integration tests and on tgtd by the harness self-tests.
 
 pub mod cunit;
+pub mod mirror;
 pub mod process;
 pub mod raw;
 pub mod scenarios;
@@ -28,8 +31,9 @@ pub mod tools;
 use std::net::SocketAddr;
 
 pub use cunit::CunitSummary;
+pub use mirror::{wait_until, MirroredVolume, MirroredVolumeOptions, NodePlacement};
 pub use process::{free_port, have_tools, run_tool, TargetProcess, ToolOutput};
-pub use sva_node::{render_config, CacheMode, SvaNode, SvaNodeOptions};
+pub use sva_node::{render_config, CacheMode, MirrorOptions, MirrorPlex, SvaNode, SvaNodeOptions};
 pub use tgtd::{Tgtd, TgtdOptions};
 
 /// A running iSCSI target under test, whatever implements it.

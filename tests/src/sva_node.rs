@@ -53,6 +53,36 @@ pub struct SvaNodeOptions {
     /// Where the temp dir (config, backing file, state) is created; `None`: the system temp dir.
     /// The benchmark puts every target's backing file on the same filesystem this way.
     pub base_dir: Option<PathBuf>,
+    /// Portal address; `None`: a free port on 127.0.0.1. A mirrored volume fixes every
+    /// node's addresses up front (each config lists every plex).
+    pub portal: Option<SocketAddr>,
+    /// Control API listen address (`GET /v1/status`); `None`: no control API.
+    pub control: Option<SocketAddr>,
+    /// The `mirror:` section; `None`: a single-node volume.
+    pub mirror: Option<MirrorOptions>,
+    /// Run the node inside this network namespace (`ip netns exec NS sva-node ...`).
+    pub netns: Option<String>,
+}
+
+/// One plex as every node's `mirror.plexes` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorPlex {
+    pub id: u16,
+    pub node: String,
+    pub portal: SocketAddr,
+    pub peer_addr: SocketAddr,
+}
+
+/// The `mirror:` section of one node's config (the node's own plex id is its
+/// `relative_target_port_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorOptions {
+    /// This node's replication listener.
+    pub listen: SocketAddr,
+    pub secret_file: PathBuf,
+    pub plexes: Vec<MirrorPlex>,
+    pub witness: SocketAddr,
+    pub witness_secret_file: PathBuf,
 }
 
 impl Default for SvaNodeOptions {
@@ -68,6 +98,10 @@ impl Default for SvaNodeOptions {
             target_port_group_id: 1,
             allowed_initiators: Vec::new(),
             base_dir: None,
+            portal: None,
+            control: None,
+            mirror: None,
+            netns: None,
         }
     }
 }
@@ -84,7 +118,7 @@ pub struct NodePaths {
 /// Renders the node's YAML config. THE one place that knows the config format
 /// (`sva-node/src/config.rs`); adjust here when it changes.
 pub fn render_config(opts: &SvaNodeOptions, portal: SocketAddr, paths: &NodePaths) -> String {
-    let value = serde_json::json!({
+    let mut value = serde_json::json!({
         "volume": {
             "name": opts.volume_name,
             "uid": opts.volume_uid,
@@ -105,6 +139,25 @@ pub fn render_config(opts: &SvaNodeOptions, portal: SocketAddr, paths: &NodePath
         },
         "stateDir": paths.state_dir,
     });
+    if let Some(c) = opts.control {
+        value["control"] = serde_json::json!({ "listen": c.to_string() });
+    }
+    if let Some(m) = &opts.mirror {
+        value["mirror"] = serde_json::json!({
+            "listen": m.listen.to_string(),
+            "secretFile": m.secret_file,
+            "plexes": m.plexes.iter().map(|p| serde_json::json!({
+                "id": p.id,
+                "node": p.node,
+                "portal": p.portal.to_string(),
+                "peerAddr": p.peer_addr.to_string(),
+            })).collect::<Vec<_>>(),
+            "witness": {
+                "address": m.witness.to_string(),
+                "secretFile": m.witness_secret_file,
+            },
+        });
+    }
     // serde_yaml renders a serde_json::Value faithfully; JSON would parse too, YAML reads better.
     serde_yaml::to_string(&value).unwrap_or_else(|_| value.to_string())
 }
@@ -137,7 +190,10 @@ impl SvaNode {
             log: dir.path().join("sva-node.log"),
         };
         std::fs::create_dir_all(&paths.state_dir)?;
-        let portal = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let portal = match opts.portal {
+            Some(p) => p,
+            None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        };
         std::fs::write(&paths.config, render_config(&opts, portal, &paths))?;
         let mut node = Self {
             opts,
@@ -152,13 +208,25 @@ impl SvaNode {
 
     fn spawn(&mut self) -> Result<()> {
         let bin = sva_node_bin()?;
-        let mut cmd = Command::new(&bin);
+        let mut cmd = match &self.opts.netns {
+            Some(ns) => {
+                // `ip netns exec` execs the program: the pid stays the node's own.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.as_str()]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         cmd.arg("serve").arg("--config").arg(&self.paths.config);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
         let mut process = TargetProcess::spawn("sva-node", cmd, &self.paths.log)?;
         process.wait_for_port(self.portal, PORTAL_READY_TIMEOUT)?;
+        if let Some(c) = self.opts.control {
+            // Bound right after the portal; wait so status() works at once.
+            process.wait_for_port(c, PORTAL_READY_TIMEOUT)?;
+        }
         self.process = Some(process);
         Ok(())
     }
@@ -193,6 +261,19 @@ impl SvaNode {
 
     pub fn options(&self) -> &SvaNodeOptions {
         &self.opts
+    }
+
+    /// Process id while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(TargetProcess::pid)
+    }
+
+    /// Whether the node process is running (not stopped, killed or exited by itself).
+    pub fn is_running(&mut self) -> bool {
+        match self.process.as_mut() {
+            Some(p) => p.try_exit_status().is_none(),
+            None => false,
+        }
     }
 
     pub fn paths(&self) -> &NodePaths {

@@ -137,3 +137,147 @@ pub fn iscsi_test_cu(urls: &[&str], filter: &str) -> Result<(ToolOutput, CunitSu
     let summary = CunitSummary::parse(&out.stdout);
     Ok((out, summary))
 }
+
+/// qemu-io's prompt; it precedes every command's output in interactive mode.
+const QEMU_IO_PROMPT: &str = "qemu-io> ";
+
+/// One long-lived interactive `qemu-io -f raw URL` (one iSCSI session): commands go to its
+/// stdin one at a time, and each command's output is everything up to the next prompt. Much
+/// cheaper per command than a process per command, so write loops can time each write.
+pub struct QemuIoSession {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    out: std::sync::mpsc::Receiver<Vec<u8>>,
+    pending: String,
+}
+
+/// The result of one command in a [`QemuIoSession`].
+#[derive(Debug, Clone)]
+pub struct QemuIoReply {
+    pub output: String,
+    pub elapsed: Duration,
+}
+
+impl QemuIoReply {
+    /// The command completed: `wrote N/N bytes` / `read N/N bytes`, with no `failed`
+    /// message (`write failed: ...`, `Pattern verification failed ...`).
+    pub fn ok(&self) -> bool {
+        (self.output.contains("wrote ") || self.output.contains("read "))
+            && !self.output.contains("failed")
+    }
+}
+
+impl QemuIoSession {
+    /// Starts qemu-io on `url` and waits for its first prompt (the image is open then).
+    pub fn open(url: &str, timeout: Duration) -> Result<Self> {
+        Self::open_in(None, url, timeout)
+    }
+
+    /// Like [`open`](Self::open), with qemu-io inside network namespace `netns`.
+    pub fn open_in(netns: Option<&str>, url: &str, timeout: Duration) -> Result<Self> {
+        use std::process::{Command, Stdio};
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-io"]);
+                c
+            }
+            None => Command::new("qemu-io"),
+        };
+        let mut child = cmd
+            .args(["-f", "raw", url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        // stdout and stderr both feed the reply stream (qemu-io reports errors on either).
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut r = stream;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = r.read(&mut buf) {
+                    if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let mut s = Self {
+            child,
+            stdin,
+            out: rx,
+            pending: String::new(),
+        };
+        match s.until_prompt(timeout) {
+            Ok(_) => Ok(s),
+            Err(e) => {
+                let _ = s.child.kill();
+                let _ = s.child.wait();
+                Err(e.context(format!("qemu-io could not open {url}")))
+            }
+        }
+    }
+
+    fn until_prompt(&mut self, timeout: Duration) -> Result<String> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.pending.find(QEMU_IO_PROMPT) {
+                let reply = self.pending[..i].to_owned();
+                self.pending.drain(..i + QEMU_IO_PROMPT.len());
+                return Ok(reply);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.out.recv_timeout(left) {
+                Ok(bytes) => self.pending.push_str(&String::from_utf8_lossy(&bytes)),
+                Err(RecvTimeoutError::Timeout) => {
+                    anyhow::bail!(
+                        "qemu-io: no prompt within {timeout:?}; output: {}",
+                        self.pending
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    anyhow::bail!("qemu-io exited; output: {}", self.pending)
+                }
+            }
+        }
+    }
+
+    /// Runs one command (e.g. `write -P 0x11 1M 4k`) and returns its output.
+    pub fn run(&mut self, command: &str, timeout: Duration) -> Result<QemuIoReply> {
+        use std::io::Write;
+        let start = std::time::Instant::now();
+        writeln!(self.stdin, "{command}")?;
+        self.stdin.flush()?;
+        let output = self.until_prompt(timeout)?;
+        Ok(QemuIoReply {
+            output,
+            elapsed: start.elapsed(),
+        })
+    }
+}
+
+impl Drop for QemuIoSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -40,3 +40,75 @@ fn rendered_config_parses_with_the_nodes_parser() {
     assert!(cfg.store.create);
     assert_eq!(cfg.state_dir, paths.state_dir);
 }
+
+#[test]
+fn rendered_mirror_config_parses_with_the_nodes_parser() {
+    use sva_tests::{MirrorOptions, MirrorPlex};
+    let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+    let plexes = vec![
+        MirrorPlex {
+            id: 1,
+            node: "node-1".into(),
+            portal: addr("127.0.0.1:13261"),
+            peer_addr: addr("127.0.0.1:14001"),
+        },
+        MirrorPlex {
+            id: 2,
+            node: "node-2".into(),
+            portal: addr("10.200.0.2:13262"),
+            peer_addr: addr("10.200.0.2:14002"),
+        },
+    ];
+    let opts = SvaNodeOptions {
+        relative_target_port_id: 2,
+        target_port_group_id: 2,
+        portal_group_tag: 2,
+        control: Some(addr("10.200.0.2:19100")),
+        mirror: Some(MirrorOptions {
+            listen: addr("10.200.0.2:14002"),
+            secret_file: PathBuf::from("/tmp/x/replication-secret"),
+            plexes: plexes.clone(),
+            witness: addr("10.200.0.1:14000"),
+            witness_secret_file: PathBuf::from("/tmp/x/witness-secret"),
+        }),
+        ..SvaNodeOptions::default()
+    };
+    let portal = addr("10.200.0.2:13262");
+    let paths = NodePaths {
+        config: PathBuf::from("/tmp/x/node.yaml"),
+        store: PathBuf::from("/tmp/x/volume.img"),
+        state_dir: PathBuf::from("/tmp/x/state"),
+        log: PathBuf::from("/tmp/x/log"),
+    };
+    let yaml = render_config(&opts, portal, &paths);
+    let cfg = Config::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    assert_eq!(
+        cfg.control.as_ref().map(|c| c.listen.as_str()),
+        Some("10.200.0.2:19100")
+    );
+    let m = cfg.mirror.expect("mirror section");
+    assert_eq!(m.listen, "10.200.0.2:14002");
+    assert_eq!(m.secret_file, PathBuf::from("/tmp/x/replication-secret"));
+    assert_eq!(m.witness.address, "10.200.0.1:14000");
+    assert_eq!(
+        m.witness.secret_file,
+        PathBuf::from("/tmp/x/witness-secret")
+    );
+    let got: Vec<(u16, String, String, String)> = m
+        .plexes
+        .iter()
+        .map(|p| (p.id, p.node.clone(), p.portal.clone(), p.peer_addr.clone()))
+        .collect();
+    let want: Vec<(u16, String, String, String)> = plexes
+        .iter()
+        .map(|p| {
+            (
+                p.id,
+                p.node.clone(),
+                p.portal.to_string(),
+                p.peer_addr.to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+}

@@ -922,14 +922,23 @@ pub fn decode(
 /// Append the encoded PDU to `out`. The AHS must be a multiple of 4 bytes and at most
 /// 1020 bytes, the data segment below 16 MiB; callers build PDUs within those bounds.
 pub fn encode(pdu: &Pdu, digests: Digests, out: &mut BytesMut) {
+    out.reserve(BHS_LEN + pdu.ahs.len() + pdu.data.len() + 3 + 2 * DIGEST_LEN);
+    encode_header(pdu, digests, out);
+    out.put_slice(&pdu.data);
+    encode_trailer(pdu, digests, out);
+}
+
+/// The part of an encoded PDU before its data segment: BHS, AHS and header digest. With
+/// [`encode_trailer`] it lets a sender pass a large data segment to the socket without
+/// copying it: `header | pdu.data | trailer` is the encoded PDU.
+pub fn encode_header(pdu: &Pdu, digests: Digests, out: &mut BytesMut) {
     debug_assert!(pdu.ahs.len().is_multiple_of(4) && pdu.ahs.len() <= 1020);
     debug_assert!(pdu.data.len() < (1 << 24));
     let mut b = pdu.bhs.to_bytes();
     b[4] = (pdu.ahs.len() / 4) as u8;
     let dsl = pdu.data.len() as u32;
     b[5..8].copy_from_slice(&dsl.to_be_bytes()[1..]);
-    let pad = pad4(pdu.data.len());
-    out.reserve(BHS_LEN + pdu.ahs.len() + pdu.data.len() + pad + 2 * DIGEST_LEN);
+    out.reserve(BHS_LEN + pdu.ahs.len() + DIGEST_LEN);
     let start = out.len();
     out.put_slice(&b);
     out.put_slice(&pdu.ahs);
@@ -937,13 +946,18 @@ pub fn encode(pdu: &Pdu, digests: Digests, out: &mut BytesMut) {
         let crc = crc32c::crc32c(&out[start..]);
         out.put_u32_le(crc);
     }
-    if !pdu.data.is_empty() {
-        out.put_slice(&pdu.data);
-        out.put_bytes(0, pad);
-        if digests.data {
-            let crc = crc32c::crc32c_append(crc32c::crc32c(&pdu.data), &[0u8; 3][..pad]);
-            out.put_u32_le(crc);
-        }
+}
+
+/// The part of an encoded PDU after its data segment: padding and data digest.
+pub fn encode_trailer(pdu: &Pdu, digests: Digests, out: &mut BytesMut) {
+    if pdu.data.is_empty() {
+        return;
+    }
+    let pad = pad4(pdu.data.len());
+    out.put_bytes(0, pad);
+    if digests.data {
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&pdu.data), &[0u8; 3][..pad]);
+        out.put_u32_le(crc);
     }
 }
 

@@ -126,6 +126,8 @@ struct PendingTmf {
 enum Deferred {
     Scsi(u32),
     Pdu(Pdu),
+    /// A CmdSN an ABORT TASK declared received (RFC 7143 §11.5.1 b): nothing to run.
+    Skip,
 }
 
 #[derive(Debug)]
@@ -539,6 +541,7 @@ impl Connection {
                     self.maybe_execute(itt);
                 }
                 Deferred::Pdu(p) => self.dispatch(p, true),
+                Deferred::Skip => {}
             }
         }
     }
@@ -883,7 +886,6 @@ impl Connection {
     }
 
     fn tmf_request(&mut self, h: TmfReq) {
-        let cmds_max = self.cfg.limits.cmds_max;
         let Some(f) = self.full() else { return };
         let nexus = f.nexus.clone();
         let (tmf, affected): (Option<TaskManagement>, Vec<u32>) = match h.function {
@@ -946,12 +948,22 @@ impl Connection {
             TaskManagement::AbortTask { .. } if !executing_hit => {
                 let code = if !affected.is_empty() {
                     TmfResponse::Complete
-                } else if serial_lt(h.ref_cmd_sn, h.cmd_sn)
-                    && !serial_lt(h.ref_cmd_sn, f.exp_cmd_sn.wrapping_sub(cmds_max))
+                } else if !serial_lt(h.ref_cmd_sn, f.exp_cmd_sn)
+                    && !serial_lt(f.max_cmd_sn.get(), h.ref_cmd_sn)
+                    && serial_lt(h.ref_cmd_sn, h.cmd_sn)
+                    && !f.deferred.contains_key(&h.ref_cmd_sn)
                 {
-                    // §11.5.1 b): a task in the window that is not here any more is done.
+                    // RFC 7143 §11.5.1 b): the referenced command is in the valid CmdSN
+                    // window [ExpCmdSN, MaxCmdSN] and before the TMF, but has not arrived
+                    // (lost or still in flight): consider its CmdSN received, so that the
+                    // command is dropped if it turns up, and report "Function complete".
+                    f.deferred.insert(h.ref_cmd_sn, Deferred::Skip);
                     TmfResponse::Complete
                 } else {
+                    // §11.5.1 c): a command below ExpCmdSN was received and has already
+                    // completed (its response is sent): "Task does not exist". Answering
+                    // "Function complete" here would claim the task was aborted after the
+                    // initiator already got its status (libiscsi AbortTaskSimpleAsync).
                     TmfResponse::TaskDoesNotExist
                 };
                 Some(code)
@@ -973,6 +985,8 @@ impl Connection {
             });
         }
         self.tmf_progress(None);
+        // A CmdSN declared received above may be the next one expected.
+        self.drain_deferred();
     }
 
     /// A task management function handed out with [`Event::TaskManagement`] finished.

@@ -38,7 +38,8 @@ pub const READ_LEASE_MS: Millis = 500;
 pub const PEER_TIMEOUT_MS: Millis = 800;
 /// A forward not ordered after this long is sent again; a coordinator re-sends `NewEpoch`.
 pub const RETRANSMIT_MS: Millis = 200;
-/// A node holding ops (or waiting for a new epoch's `Sync`) this long fences itself.
+/// A node holding ops (or waiting for a new epoch's `Sync`) this long fences itself, unless
+/// its own witness CAS is still outstanding (the driver bounds that call).
 pub const HOLD_TIMEOUT_MS: Millis = 4 * PEER_TIMEOUT_MS;
 /// Ops ordered but not settled, per node; beyond, new ops wait (bounds memory and `State`).
 pub const LOG_ENTRIES_MAX: usize = 1024;
@@ -215,6 +216,8 @@ pub struct Engine {
     cmds: VecDeque<Command>,
     peers: BTreeMap<PlexId, Peer>,
     next_heartbeat: Millis,
+    /// `now` of the last `handle_timeout`: suspicion deadlines at or before it were acted on.
+    last_timeout: Option<Millis>,
     cas_outstanding: bool,
     // ordering
     next_seq: Seq,
@@ -244,6 +247,7 @@ impl Engine {
             cmds: VecDeque::new(),
             peers: BTreeMap::new(),
             next_heartbeat: now,
+            last_timeout: None,
             cas_outstanding: false,
             next_seq: 1,
             seq_high: 0,
@@ -309,10 +313,14 @@ impl Engine {
         match self.role {
             Role::Fenced | Role::Out => None,
             _ => {
+                // A suspicion deadline already handled must not come back: it would stay in
+                // the past while the peer is silent, and a driver timer that fires "now"
+                // would spin instead of sleeping (starving the witness CAS it waits for).
                 let suspect = self
                     .peers
                     .values()
                     .map(|p| p.last_heard + PEER_TIMEOUT_MS)
+                    .filter(|&d| self.last_timeout.is_none_or(|t| d > t))
                     .min();
                 Some(suspect.map_or(self.next_heartbeat, |s| s.min(self.next_heartbeat)))
             }
@@ -480,6 +488,7 @@ impl Engine {
         if matches!(self.role, Role::Fenced | Role::Out) {
             return;
         }
+        self.last_timeout = Some(self.last_timeout.map_or(now, |t| t.max(now)));
         if now >= self.next_heartbeat {
             self.next_heartbeat = now + HEARTBEAT_INTERVAL_MS;
             let ids: Vec<PlexId> = self.peers.keys().copied().collect();
@@ -531,7 +540,11 @@ impl Engine {
             }
             _ => None,
         };
-        if since.is_some_and(|s| now >= s + HOLD_TIMEOUT_MS) {
+        // While our CAS is outstanding, wait for its answer instead: the driver bounds every
+        // witness call, and fencing now would throw away a CAS the witness may have granted
+        // (a slow witness disk, not a partition), leaving the volume with no serving node.
+        // Holding longer is safe: nothing is acknowledged while holding.
+        if since.is_some_and(|s| now >= s + HOLD_TIMEOUT_MS) && !self.cas_outstanding {
             self.fence();
             return;
         }

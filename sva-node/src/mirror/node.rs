@@ -39,6 +39,8 @@ use crate::witness::{Membership, PlexState, Witness};
 
 /// Peer messages waiting for the engine before the links stop reading.
 const INBOUND_QUEUE_MAX: usize = 16 * 1024;
+/// Shortest pause between two timer runs of the engine.
+const TIMER_TICK_MIN: Duration = Duration::from_millis(5);
 /// Longest a witness call may take before the engine is told the witness is unreachable.
 const WITNESS_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -287,7 +289,10 @@ impl MirrorNode {
             match next {
                 Some(t) if t <= now => {
                     self.with_engine(|e, now| e.handle_timeout(now));
-                    continue;
+                    // A deadline can stay in the past (a peer stays suspected while the CAS is
+                    // out): never spin on it. Spinning without an await also starved the tasks
+                    // this worker had queued, the witness call among them.
+                    tokio::time::sleep(TIMER_TICK_MIN).await;
                 }
                 Some(t) => {
                     let wait = Duration::from_millis(t - now);
@@ -327,6 +332,10 @@ impl ScsiTarget for MirroredTarget {
                 let now = node.now();
                 if !lock(&node.shared.engine).can_serve_reads(now) {
                     return node.retry_response();
+                }
+                // Page-cache hits run inline; anything that could block goes to the pool.
+                if let Some(r) = lu.try_execute_admitted_cached(&nexus, &cmd) {
+                    return r;
                 }
                 return tokio::task::spawn_blocking(move || lu.execute_admitted(&nexus, &cmd))
                     .await

@@ -322,6 +322,62 @@ fn a_node_that_loses_the_cas_goes_unavailable_and_fails_held_ops_retryably() {
 }
 
 #[test]
+fn a_slow_witness_answer_is_awaited_past_the_hold_timeout() {
+    // The witness's disk is slow: the CAS is granted long after the hold timeout. The node
+    // must not fence while its own CAS is outstanding, or the volume is left with no server.
+    let mut p1 = engine(1, two_plexes());
+    with_lease(&mut p1, 2);
+    let t = 1_005 + PEER_TIMEOUT_MS;
+    p1.handle_timeout(t);
+    drain(&mut p1);
+    p1.handle_timeout(t + HOLD_TIMEOUT_MS + 500);
+    assert_eq!(
+        p1.role(),
+        RoleKind::Holding,
+        "fenced while its CAS was outstanding"
+    );
+    let granted = record(2, &[(1, PlexState::InSync), (2, PlexState::Stale)], 1);
+    p1.witness_result(t + HOLD_TIMEOUT_MS + 600, Ok(granted));
+    let cmds = drain(&mut p1);
+    assert!(cmds.contains(&Command::PathState(PathState::ActiveOptimized)));
+    assert_eq!(p1.epoch(), 2);
+}
+
+#[test]
+fn a_silent_peer_does_not_keep_the_timer_due() {
+    // Regression: once a peer was suspected, its deadline (last heard + PEER_TIMEOUT_MS)
+    // stayed in the past and `next_timeout` kept returning it, so the node's timer task spun
+    // without yielding and the witness CAS task never ran until the hold timeout fenced it.
+    let mut p1 = engine(1, two_plexes());
+    with_lease(&mut p1, 2);
+    let t = 1_005 + PEER_TIMEOUT_MS;
+    assert_eq!(
+        p1.next_timeout(),
+        Some(1_100),
+        "the next heartbeat comes first"
+    );
+    p1.handle_timeout(1_100);
+    drain(&mut p1);
+    assert_eq!(p1.next_timeout(), Some(1_200));
+    let mut now = 1_200;
+    while now < t {
+        p1.handle_timeout(now);
+        drain(&mut p1);
+        now = p1.next_timeout().expect("a timeout while active");
+    }
+    assert_eq!(now, t, "the suspicion deadline itself is scheduled");
+    p1.handle_timeout(t);
+    assert!(drain(&mut p1)
+        .iter()
+        .any(|c| matches!(c, Command::WitnessCas { .. })));
+    let next = p1.next_timeout().expect("still holding");
+    assert!(
+        next > t,
+        "next timeout {next} is not after {t}: the timer would spin"
+    );
+}
+
+#[test]
 fn a_node_that_cannot_reach_the_witness_fences() {
     let mut p1 = engine(1, two_plexes());
     with_lease(&mut p1, 2);

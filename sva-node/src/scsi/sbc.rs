@@ -140,8 +140,9 @@ pub(crate) fn read_capacity16(lu: &LogicalUnit) -> CmdResult {
     Ok(Reply::data(d))
 }
 
-/// READ(6/10/12/16) (SBC-3 §5.8–5.11).
-pub(crate) fn read(lu: &LogicalUnit, cdb: &[u8]) -> CmdResult {
+/// READ(6/10/12/16) (SBC-3 §5.8–5.11). `cached`: the data, already read (by
+/// `LogicalUnit::try_execute_cached`, for exactly this CDB's range).
+pub(crate) fn read(lu: &LogicalUnit, cdb: &[u8], cached: Option<Vec<u8>>) -> CmdResult {
     let r = RwCdb::parse(cdb)?;
     check_no_protect(cdb, r.flags)?;
     lu.check_lba(r.lba, u64::from(r.blocks))?;
@@ -149,7 +150,10 @@ pub(crate) fn read(lu: &LogicalUnit, cdb: &[u8]) -> CmdResult {
     if r.blocks == 0 {
         return Ok(Reply::good());
     }
-    Ok(Reply::data(lu.read_blocks(r.lba, u64::from(r.blocks))?))
+    match cached {
+        Some(data) if data.len() as u64 == u64::from(r.blocks) * lu.bs() => Ok(Reply::data(data)),
+        _ => Ok(Reply::data(lu.read_blocks(r.lba, u64::from(r.blocks))?)),
+    }
 }
 
 /// WRITE(6/10/12/16) and WRITE AND VERIFY(10/12/16) (SBC-3 §5.32–5.38).

@@ -1231,3 +1231,64 @@ fn compare_and_write_zero_blocks_is_a_no_op_only_without_data() {
     // 256 blocks wraps the one-byte NUMBER OF LOGICAL BLOCKS to 0: the data must not be dropped.
     assert_eq!(t.err(&caw_cdb(0, 0), &[0u8; 1024]), (ILLEGAL, 0x24, 0));
 }
+
+/// A READ served from the page cache gives exactly what `execute` gives: the data, and the
+/// same UA / LBA-range answers; commands other than small READs are not taken.
+#[test]
+fn cached_read_matches_execute() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend: Arc<dyn BlockBackend> =
+        Arc::new(FileBackend::open(&dir.path().join("v"), BLOCKS * 512, true).unwrap());
+    let t = Lu::with(LuConfig::new("vol-1"), backend);
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+    t.write10(16, &data);
+    let read = |lba: u64, blocks: u32| {
+        cmd(
+            0,
+            &RwCdb {
+                lba,
+                blocks,
+                flags: 0,
+            }
+            .encode(0x28),
+            &[],
+        )
+    };
+    let r =
+        t.lu.try_execute_cached(&nexus(1), &read(16, 16))
+            .expect("just written, so cached");
+    assert_eq!(r.status, ScsiStatus::Good);
+    assert_eq!(&r.data_in[..], &data[..]);
+
+    let r =
+        t.lu.try_execute_admitted_cached(&nexus(1), &read(16, 16))
+            .unwrap();
+    assert_eq!(&r.data_in[..], &data[..]);
+
+    // A nexus the LU has not seen gets its POWER ON UA first, as with `execute`.
+    let r = t.lu.try_execute_cached(&nexus(2), &read(16, 16)).unwrap();
+    assert_eq!(r.status, ScsiStatus::CheckCondition);
+    assert_eq!(sense_of(&r), (6, 0x29, 0x00));
+
+    // Out of range, too large, or not a READ: the normal path decides.
+    assert!(t
+        .lu
+        .try_execute_cached(&nexus(1), &read(BLOCKS, 1))
+        .is_none());
+    let big = (super::lu::CACHED_READ_BYTES_MAX / 512 + 1) as u32;
+    assert!(t.lu.try_execute_cached(&nexus(1), &read(0, big)).is_none());
+    let w = cmd(
+        0,
+        &RwCdb {
+            lba: 0,
+            blocks: 1,
+            flags: 0,
+        }
+        .encode(0x2a),
+        &[1; 512],
+    );
+    assert!(t.lu.try_execute_cached(&nexus(1), &w).is_none());
+    // A MemBackend cannot tell, so nothing is served inline there.
+    let m = Lu::new();
+    assert!(m.lu.try_execute_cached(&nexus(1), &read(0, 1)).is_none());
+}

@@ -3,6 +3,8 @@
 //! - `discard` punches a hole (`fallocate(PUNCH_HOLE | KEEP_SIZE)`), falling back to
 //!   writing zeroes where the filesystem or device cannot punch.
 //! - `mapping` asks the filesystem with `SEEK_DATA` / `SEEK_HOLE`.
+//! - `try_read_at_cached` is `preadv2(RWF_NOWAIT)`: the kernel reads from the page cache
+//!   or answers EAGAIN instead of waiting for the device (Linux ≥ 4.14).
 //! - `flush` is a group commit: concurrent callers share one `fdatasync`. A caller needs a
 //!   sync that *started after* it called (earlier syncs may miss its writes); whoever finds
 //!   no sync running starts one, the others wait on a condvar for it.
@@ -38,6 +40,8 @@ pub struct FileBackend {
     synced: Condvar,
     /// Count of fdatasync calls actually made (for tests and metrics).
     syncs: std::sync::atomic::AtomicU64,
+    /// `preadv2(RWF_NOWAIT)` was refused once; cached reads are not tried again.
+    nowait_unsupported: std::sync::atomic::AtomicBool,
 }
 
 impl FileBackend {
@@ -79,6 +83,7 @@ impl FileBackend {
             sync: Mutex::new(SyncState::default()),
             synced: Condvar::new(),
             syncs: std::sync::atomic::AtomicU64::new(0),
+            nowait_unsupported: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -127,6 +132,47 @@ impl BlockBackend for FileBackend {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
         self.file.read_exact_at(buf, offset)
+    }
+
+    fn try_read_at_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        if self
+            .nowait_unsupported
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(false);
+        }
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: one iovec describing `buf`, valid and exclusively borrowed for the call;
+        // the fd is owned by `self.file`.
+        let r = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(false),
+                // Kernel or file without RWF_NOWAIT: stop trying.
+                Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+                    self.nowait_unsupported
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    Ok(false)
+                }
+                _ => Err(e),
+            };
+        }
+        // A short read means part of the range was not cached (or EOF, which the range
+        // check rules out for regular files): let the blocking path do it all.
+        Ok(r as usize == buf.len())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -236,6 +282,21 @@ mod tests {
         // Every caller needs at least one sync; sharing means far fewer than 16.
         assert!(b.sync_count() >= 1);
         assert!(b.sync_count() <= 16);
+    }
+
+    #[test]
+    fn cached_read_returns_page_cache_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBackend::open(&dir.path().join("v"), 1 << 20, true).unwrap();
+        b.write_at(&[0x5a; 4096], 8192).unwrap();
+        // Just written: in the page cache, so the non-blocking read succeeds.
+        let mut buf = [0u8; 4096];
+        assert!(b.try_read_at_cached(&mut buf, 8192).unwrap());
+        assert_eq!(buf, [0x5a; 4096]);
+        assert!(
+            b.try_read_at_cached(&mut buf, 1 << 20).is_err(),
+            "range checked"
+        );
     }
 
     #[test]

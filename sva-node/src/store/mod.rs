@@ -18,6 +18,15 @@ pub trait BlockBackend: Send + Sync + 'static {
     /// Size in bytes.
     fn size_bytes(&self) -> u64;
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Read only if that cannot block, i.e. the whole range is in memory (the page cache).
+    /// `Ok(true)`: `buf` holds the data, as from [`BlockBackend::read_at`]. `Ok(false)`: it
+    /// would have waited for the device (or the backend cannot tell); `buf` is unspecified
+    /// and the caller uses `read_at` where blocking is fine. Lets an async caller serve
+    /// cached reads on its own thread instead of handing them to a blocking pool.
+    fn try_read_at_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Make every completed write durable (fdatasync; concurrent callers share one sync).
     fn flush(&self) -> io::Result<()>;

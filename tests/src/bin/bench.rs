@@ -25,7 +25,9 @@ struct Args {
     /// Volume size for every target, e.g. 1G, 512M.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     size: u64,
-    /// Comma-separated targets: sva-wb, sva-wt, tgt (write-back, tgt's default), tgt-wt.
+    /// Comma-separated targets: sva-wb, sva-wt, tgt (write-back, tgt's default), tgt-wt, and
+    /// base-wb, base-wt: sva-node from `$SVA_BENCH_BASE_BIN` (an older build, to compare a
+    /// change side by side in one run).
     #[arg(long, default_value = "sva-wb,sva-wt,tgt", value_delimiter = ',')]
     targets: Vec<String>,
     /// Runs per case and target; the median is reported.
@@ -96,7 +98,24 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// Environment variable naming the sva-node binary of the `base-*` targets.
+const BASE_BIN_ENV: &str = "SVA_BENCH_BASE_BIN";
+
 fn start_target(name: &str, args: &Args) -> Result<Box<dyn IscsiTarget>> {
+    if let Some(mode) = name.strip_prefix("base-") {
+        // SvaNode takes its binary from $SVA_NODE_BIN when it starts; point that at the base
+        // build for this one start (main is single-threaded here).
+        let base = std::env::var_os(BASE_BIN_ENV)
+            .with_context(|| format!("{name} needs {BASE_BIN_ENV}"))?;
+        let saved = std::env::var_os(sva_tests::sva_node::SVA_NODE_BIN_ENV);
+        std::env::set_var(sva_tests::sva_node::SVA_NODE_BIN_ENV, base);
+        let r = start_target(&format!("sva-{mode}"), args);
+        match saved {
+            Some(v) => std::env::set_var(sva_tests::sva_node::SVA_NODE_BIN_ENV, v),
+            None => std::env::remove_var(sva_tests::sva_node::SVA_NODE_BIN_ENV),
+        }
+        return r;
+    }
     let sva = |mode| -> Result<Box<dyn IscsiTarget>> {
         Ok(Box::new(SvaNode::start(SvaNodeOptions {
             size_bytes: args.size,
@@ -199,7 +218,7 @@ fn print_table(
         header.push_str(&format!(" | {:>20}", name));
     }
     if tgt_index.is_some() {
-        for (name, _) in targets.iter().filter(|(n, _)| n.starts_with("sva")) {
+        for (name, _) in targets.iter().filter(|(n, _)| is_sva(n)) {
             header.push_str(&format!(" | {:>10}", format!("{name}/tgt")));
         }
     }
@@ -214,11 +233,15 @@ fn print_table(
         }
         if let Some(ti) = tgt_index {
             for (i, (name, _)) in targets.iter().enumerate() {
-                if name.starts_with("sva") {
+                if is_sva(name) {
                     row.push_str(&format!(" | {:>10.2}", medians[i] / medians[ti]));
                 }
             }
         }
         println!("{row}");
     }
+}
+
+fn is_sva(name: &str) -> bool {
+    name.starts_with("sva") || name.starts_with("base")
 }

@@ -545,6 +545,75 @@ fn abort_task_completes_after_the_task() {
     ));
 }
 
+fn abort_task(i: &mut Ini, itt: u32, rtt: u32, cmd_sn: u32, ref_cmd_sn: u32) -> Vec<Pdu> {
+    let tmf = TmfReq {
+        immediate: true,
+        function: 1,
+        lun: 0,
+        itt,
+        rtt,
+        cmd_sn,
+        exp_stat_sn: 0,
+        ref_cmd_sn,
+        exp_data_sn: 0,
+    };
+    i.c.handle_pdu(Pdu::new(Bhs::TmfReq(tmf), Bytes::new()), i.now);
+    i.out()
+}
+
+fn tmf_response_code(out: &[Pdu]) -> Option<u8> {
+    match out {
+        [Pdu {
+            bhs: Bhs::TmfResp(r),
+            ..
+        }] => Some(r.response),
+        _ => None,
+    }
+}
+
+/// libiscsi AbortTaskSimpleAsync: an ABORT TASK that arrives after the task's SCSI Response
+/// was sent must say "Task does not exist", never "Function complete" (RFC 7143 §11.5.1 c).
+#[test]
+fn abort_of_a_completed_task_says_task_does_not_exist() {
+    let mut i = Ini::normal("");
+    i.cmd(5, &write10(0, 1), 512, true, true, &[0xaa; 512]);
+    assert_eq!(i.executed().len(), 1);
+    i.c.command_complete(5, ScsiResponse::good());
+    let out = i.out();
+    assert!(
+        matches!(
+            out.as_slice(),
+            [Pdu {
+                bhs: Bhs::ScsiResp(_),
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    let sn = i.cmd_sn;
+    let out = abort_task(&mut i, 6, 5, sn, sn - 1);
+    assert_eq!(tmf_response_code(&out), Some(1), "{out:?}");
+    assert!(i.events().is_empty(), "nothing for the target to do");
+}
+
+/// RFC 7143 §11.5.1 b): a referenced CmdSN in the window that has not arrived is taken as
+/// received: "Function complete", the late command is dropped, later commands go on.
+#[test]
+fn abort_of_a_command_not_yet_arrived_skips_its_cmd_sn() {
+    let mut i = Ini::normal("");
+    let missing = i.cmd_sn;
+    let out = abort_task(&mut i, 6, 5, missing + 1, missing);
+    assert_eq!(tmf_response_code(&out), Some(0), "{out:?}");
+    // The aborted command turns up late: not executed.
+    i.cmd(5, &read10(0, 1), 512, false, true, &[]);
+    assert!(i.executed().is_empty());
+    // The next command is in order again.
+    i.cmd(7, &read10(0, 1), 512, false, true, &[]);
+    let ex = i.executed();
+    assert_eq!(ex.len(), 1);
+    assert_eq!(ex[0].0, 7);
+}
+
 #[test]
 fn garbage_before_login_closes() {
     let mut i = Ini::new(cfg());
