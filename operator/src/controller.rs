@@ -16,12 +16,14 @@
 use crate::crd::{MirroredVolume, Plex, PlexSpec};
 use crate::metrics::{ErrorLabels, Metrics, VolumeLabels};
 use crate::node_api::{self, NodeStatusReport};
-use crate::nodeconfig::{self, lease_name};
+use crate::nodeconfig::{self, lease_name, secret_name};
 use crate::plan::{self, EventKind, NodeView, Observed, PlexView, Step};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Node, PersistentVolumeClaim, Pod, Secret, ServiceAccount,
+};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -401,6 +403,24 @@ pub async fn apply(
                     .patch(&config_name(vol), &ssa, &Patch::Apply(cm))
                     .await?;
             }
+            Step::EnsureSecret => {
+                // Created once with a fresh random secret; an existing Secret is left alone so
+                // the nodes' shared secret never changes under them.
+                let secret: Secret = serde_json::from_value(json!({
+                    "metadata": meta(secret_name(vol), None),
+                    "type": "Opaque",
+                    "stringData": {nodeconfig::REPLICATION_SECRET_KEY: random_secret()}}))
+                .map_err(|_| Error::MissingField("secret"))?;
+                match Api::<Secret>::namespaced(client.clone(), ns)
+                    .create(&PostParams::default(), &secret)
+                    .await
+                {
+                    Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+                    r => {
+                        r?;
+                    }
+                }
+            }
             Step::CreatePlex {
                 id,
                 node,
@@ -450,6 +470,7 @@ pub async fn apply(
             }
             Step::DeletePlex { id } => delete::<Plex>(&client, ns, &plex_name(vol, *id)).await?,
             Step::DeleteConfig => delete::<ConfigMap>(&client, ns, &config_name(vol)).await?,
+            Step::DeleteSecret => delete::<Secret>(&client, ns, &secret_name(vol)).await?,
             Step::DeleteLease => delete::<Lease>(&client, ns, &lease_name(vol)).await?,
             Step::PlexStatus { id, status } => {
                 let patch = Patch::Merge(json!({"status": status}));
@@ -494,6 +515,17 @@ pub async fn apply(
     Ok(action)
 }
 
+/// Bytes of randomness in a volume's replication secret (sva-node needs at least 16).
+pub const REPLICATION_SECRET_BYTES: usize = 32;
+
+/// A fresh replication secret: [`REPLICATION_SECRET_BYTES`] random bytes, hex (text-safe in a
+/// Secret and in the file sva-node reads).
+fn random_secret() -> String {
+    let mut bytes = [0u8; REPLICATION_SECRET_BYTES];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    hex::encode(bytes)
+}
+
 async fn delete<K>(client: &Client, ns: &str, name: &str) -> Result<(), Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
@@ -535,15 +567,20 @@ pub fn pod_manifest(
                "items": [{"key": format!("plex-{id}.yaml"), "path": "node.yaml"}]}}),
         json!({"name": "data", "persistentVolumeClaim": {"claimName": pvc_name(vol, id)}}),
     ];
-    let mut mounts = vec![
-        json!({"name": "config", "mountPath": "/etc/sva/node.yaml", "subPath": "node.yaml", "readOnly": true}),
+    volumes.push(json!({"name": "secrets", "secret": {"secretName": secret_name(vol),
+        "defaultMode": 0o440, "items": [{"key": nodeconfig::REPLICATION_SECRET_KEY, "path": nodeconfig::REPLICATION_SECRET_KEY}]}}));
+    let mounts = vec![
+        json!({"name": "config", "mountPath": nodeconfig::CONFIG_PATH, "subPath": "node.yaml", "readOnly": true}),
         json!({"name": "data", "mountPath": nodeconfig::DATA_DIR}),
+        json!({"name": "secrets", "mountPath": nodeconfig::SECRETS_DIR, "readOnly": true}),
     ];
-    if let Some(secret) = &obs.spec.chap_secret_ref {
-        volumes.push(json!({"name": "chap", "secret": {"secretName": secret.name}}));
-        mounts.push(json!({"name": "chap", "mountPath": nodeconfig::CHAP_DIR, "readOnly": true}));
-    }
-    let probe = |period: u32| json!({"httpGet": {"path": "/healthz", "port": port.saturating_add(2)}, "periodSeconds": period});
+    let control = port.saturating_add(2);
+    // Readiness = serving the volume (`/healthz`, 503 while Unavailable or resyncing), so only
+    // ready paths count. Liveness only asks whether the process answers at all: a node that is
+    // out of sync must stay up to be resynced, not be restarted by the kubelet.
+    let readiness = json!({"httpGet": {"path": "/healthz", "port": control}, "periodSeconds": 5});
+    let liveness = json!({"tcpSocket": {"port": control}, "periodSeconds": 10,
+                          "initialDelaySeconds": 60, "failureThreshold": 6});
     json!({
         "apiVersion": "v1", "kind": "Pod", "metadata": metadata,
         "spec": {
@@ -568,8 +605,8 @@ pub fn pod_manifest(
                     {"name": "iscsi", "containerPort": port, "protocol": "TCP"},
                     {"name": "replication", "containerPort": port.saturating_add(1), "protocol": "TCP"},
                     {"name": "control", "containerPort": port.saturating_add(2), "protocol": "TCP"}],
-                "readinessProbe": probe(5),
-                "livenessProbe": probe(10),
+                "readinessProbe": readiness,
+                "livenessProbe": liveness,
                 "resources": obs.spec.resources.clone().map(|r| serde_json::to_value(r).unwrap_or_default()).unwrap_or(json!({})),
                 "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
                                     "capabilities": {"drop": ["ALL"]}},

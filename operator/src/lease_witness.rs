@@ -1,165 +1,12 @@
-//! `sva_node::witness::Witness` on a `coordination.k8s.io/v1` Lease per volume (DESIGN.md §8):
-//! the in-cluster witness the sva-nodes use directly, so failover never waits for the operator.
-//!
-//! The membership record is JSON in the Lease annotation `sva.io/membership`; compare-and-swap
-//! is a read (epoch check) followed by a replace carrying the read `resourceVersion`, which the
-//! apiserver refuses with 409 if anyone wrote in between. A lost race re-reads and answers
-//! `Conflict` with the current record if the epoch moved, or retries if only the Lease changed.
-//! The operator pre-creates the Lease (empty) so the nodes' Role needs only get/update on it.
+//! The in-cluster witness, `sva_node::witness::lease::LeaseWitness` (DESIGN.md §8): the
+//! sva-nodes CAS their volume's Lease directly, so failover never waits for the operator. The
+//! implementation lives in sva-node (feature `kubernetes`, which this crate enables) so the
+//! nodes and the operator share one; this module re-exports it and runs its conformance and
+//! Lease-specific tests against the fake API server of `fixtures`.
 
-use crate::nodeconfig::lease_name;
-use futures::future::BoxFuture;
-use futures::FutureExt;
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use kube::api::{Api, ObjectMeta, PostParams};
-use kube::Client;
-use sva_node::witness::{Membership, Witness, WitnessError};
-
-/// Annotation holding the membership record (JSON).
-pub const MEMBERSHIP_ANNOTATION: &str = "sva.io/membership";
-/// Attempts of one CAS when the Lease changed under us without an epoch change.
-pub const CAS_ATTEMPTS_MAX: usize = 4;
-
-/// Witness backed by one Lease per volume in `namespace`.
-#[derive(Clone)]
-pub struct LeaseWitness {
-    api: Api<Lease>,
-}
-
-impl LeaseWitness {
-    pub fn new(client: Client, namespace: &str) -> Self {
-        Self {
-            api: Api::namespaced(client, namespace),
-        }
-    }
-
-    async fn read(
-        &self,
-        volume: &str,
-    ) -> Result<Option<(Lease, Option<Membership>)>, WitnessError> {
-        let Some(lease) = self
-            .api
-            .get_opt(&lease_name(volume))
-            .await
-            .map_err(map_err)?
-        else {
-            return Ok(None);
-        };
-        let record =
-            match lease
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(MEMBERSHIP_ANNOTATION))
-            {
-                Some(json) => Some(serde_json::from_str(json).map_err(|e| {
-                    WitnessError::Protocol(format!("bad membership annotation: {e}"))
-                })?),
-                None => None,
-            };
-        Ok(Some((lease, record)))
-    }
-
-    async fn cas_inner(
-        &self,
-        volume: &str,
-        expected_epoch: Option<u64>,
-        record: Membership,
-    ) -> Result<Membership, WitnessError> {
-        if let Some(e) = expected_epoch {
-            if record.epoch <= e {
-                return Err(WitnessError::Protocol(format!(
-                    "new epoch {} must exceed expected epoch {e}",
-                    record.epoch
-                )));
-            }
-        }
-        let json =
-            serde_json::to_string(&record).map_err(|e| WitnessError::Protocol(e.to_string()))?;
-        for _ in 0..CAS_ATTEMPTS_MAX {
-            let result = match (self.read(volume).await?, expected_epoch) {
-                (None, None) => {
-                    let lease = lease_with(Lease::default(), volume, &json, &record);
-                    self.api.create(&PostParams::default(), &lease).await
-                }
-                (Some((lease, None)), None) => {
-                    let lease = lease_with(lease, volume, &json, &record);
-                    self.api
-                        .replace(&lease_name(volume), &PostParams::default(), &lease)
-                        .await
-                }
-                (Some((_, Some(current))), None) => {
-                    return Err(WitnessError::Conflict(Box::new(current)))
-                }
-                (Some((_, Some(current))), Some(e)) if current.epoch != e => {
-                    return Err(WitnessError::Conflict(Box::new(current)))
-                }
-                (Some((lease, Some(_))), Some(_)) => {
-                    let lease = lease_with(lease, volume, &json, &record);
-                    self.api
-                        .replace(&lease_name(volume), &PostParams::default(), &lease)
-                        .await
-                }
-                (_, Some(e)) => {
-                    return Err(WitnessError::Protocol(format!(
-                        "no record for volume {volume}, expected epoch {e}"
-                    )))
-                }
-            };
-            match result {
-                Ok(_) => return Ok(record),
-                // Someone wrote between our read and write: re-read and decide again.
-                Err(kube::Error::Api(s)) if s.is_conflict() || s.is_already_exists() => continue,
-                Err(e) => return Err(map_err(e)),
-            }
-        }
-        Err(WitnessError::Unreachable(format!(
-            "lease {} kept changing; gave up",
-            lease_name(volume)
-        )))
-    }
-}
-
-/// The Lease carrying `record`, holder = the sequencer's node (so `kubectl get lease` tells).
-fn lease_with(mut lease: Lease, volume: &str, json: &str, record: &Membership) -> Lease {
-    let meta: &mut ObjectMeta = &mut lease.metadata;
-    meta.name = Some(lease_name(volume));
-    meta.annotations
-        .get_or_insert_with(Default::default)
-        .insert(MEMBERSHIP_ANNOTATION.into(), json.into());
-    let holder = record
-        .plexes
-        .iter()
-        .find(|p| p.id == record.sequencer)
-        .map(|p| p.node.clone());
-    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-    spec.holder_identity = holder;
-    lease
-}
-
-fn map_err(e: kube::Error) -> WitnessError {
-    match e {
-        kube::Error::Api(s) if s.code == 401 || s.is_forbidden() => WitnessError::Unauthorized,
-        e => WitnessError::Unreachable(e.to_string()),
-    }
-}
-
-impl Witness for LeaseWitness {
-    fn get(&self, volume: &str) -> BoxFuture<'_, Result<Option<Membership>, WitnessError>> {
-        let volume = volume.to_string();
-        async move { Ok(self.read(&volume).await?.and_then(|(_, m)| m)) }.boxed()
-    }
-
-    fn cas(
-        &self,
-        volume: &str,
-        expected_epoch: Option<u64>,
-        record: Membership,
-    ) -> BoxFuture<'_, Result<Membership, WitnessError>> {
-        let volume = volume.to_string();
-        async move { self.cas_inner(&volume, expected_epoch, record).await }.boxed()
-    }
-}
+pub use sva_node::witness::lease::{
+    lease_name, LeaseWitness, CAS_ATTEMPTS_MAX, MEMBERSHIP_ANNOTATION, VOLUME_ANNOTATION,
+};
 
 #[cfg(test)]
 mod tests {
@@ -167,7 +14,7 @@ mod tests {
     //! server of `fixtures` (no real kube-apiserver can run on the build machines).
     use super::*;
     use crate::fixtures::FakeApi;
-    use sva_node::witness::{PlexRecord, PlexState};
+    use sva_node::witness::{Membership, PlexRecord, PlexState, Witness, WitnessError};
 
     const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/ns/leases/vol-sva-witness";
 
@@ -305,5 +152,43 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(w.get("vol").await.unwrap().map(|m| m.epoch), Some(2));
+    }
+
+    /// What an sva-node uses (`mirror.witness.kubernetesLease`): the configured Lease, for its
+    /// own volume only.
+    #[tokio::test]
+    async fn node_witness_uses_the_configured_lease_for_its_volume_only() {
+        let api = FakeApi::default();
+        let w = LeaseWitness::for_volume(api.client(), "ns", "vol", "custom-lease");
+        w.cas("vol", None, rec(1, PlexState::InSync)).await.unwrap();
+        let lease = api
+            .get("/apis/coordination.k8s.io/v1/namespaces/ns/leases/custom-lease")
+            .unwrap();
+        assert_eq!(lease["metadata"]["annotations"][VOLUME_ANNOTATION], "vol");
+        assert!(api.get(LEASE).is_none(), "the default name is not used");
+        assert_eq!(w.get("vol").await.unwrap(), Some(rec(1, PlexState::InSync)));
+        assert!(matches!(
+            w.get("other").await,
+            Err(WitnessError::Protocol(_))
+        ));
+        assert!(matches!(
+            w.cas("other", None, rec(1, PlexState::InSync)).await,
+            Err(WitnessError::Protocol(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn lease_holding_another_volume_is_refused() {
+        let api = FakeApi::default();
+        LeaseWitness::for_volume(api.client(), "ns", "a", "shared")
+            .cas("a", None, rec(1, PlexState::InSync))
+            .await
+            .unwrap();
+        let b = LeaseWitness::for_volume(api.client(), "ns", "b", "shared");
+        assert!(matches!(b.get("b").await, Err(WitnessError::Protocol(_))));
+        assert!(matches!(
+            b.cas("b", None, rec(1, PlexState::InSync)).await,
+            Err(WitnessError::Protocol(_))
+        ));
     }
 }

@@ -4,9 +4,7 @@
 //! A deliberately tiny HTTP/1.1 client over a `TcpStream` (one request, `Connection: close`,
 //! bounded response size and time) so the operator does not pull in a second HTTP stack.
 
-use serde::{Deserialize, Serialize};
 use std::time::Duration;
-use sva_node::witness::PlexState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Largest status response accepted; a node's status is a few KiB.
@@ -14,36 +12,14 @@ pub const STATUS_RESPONSE_BYTES_MAX: usize = 256 * 1024;
 /// Whole-request time limit: an unresponsive node counts as unreachable.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `GET /v1/status` body of one sva-node.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeStatusReport {
-    pub node: String,
-    pub volume: String,
-    pub epoch: u64,
-    /// This node's ALUA state, e.g. `ActiveOptimized`, `Unavailable`, `Transitioning`.
-    pub alua_state: String,
-    pub plexes: Vec<PlexReport>,
-}
-
+/// `GET /v1/status` body of one sva-node: sva-node's own type (`sva_node::control::NodeStatus`),
+/// so the operator parses exactly what the node serializes. The extra fields the server adds
+/// (`sessions`, `counters`) are ignored.
+pub type NodeStatusReport = sva_node::control::NodeStatus;
 /// One plex as a node sees it in the current membership.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct PlexReport {
-    pub id: u16,
-    pub state: PlexState,
-    #[serde(default)]
-    pub resync: Option<ResyncReport>,
-}
-
-/// Resync counters as the node reports them.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct ResyncReport {
-    pub done_bytes: u64,
-    pub total_bytes: u64,
-    pub bytes_per_sec: u64,
-}
+pub type PlexReport = sva_node::control::PlexStatus;
+/// Resync counters as the node reports them (all zero when no resync runs).
+pub type ResyncReport = sva_node::control::ResyncProgress;
 
 /// Why a status fetch failed (all mean "unreachable" to the planner; kept apart for logs).
 #[derive(Debug, thiserror::Error)]
@@ -99,14 +75,53 @@ pub fn parse_response(raw: &[u8]) -> Result<NodeStatusReport, NodeApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sva_node::control::{Metrics, SingleNodeStatus, StatusSource};
+    use sva_node::scsi::alua::AluaState;
+    use sva_node::witness::PlexState;
 
     #[test]
     fn parses_status_json_in_http_response() {
-        let raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"node\":\"w1\",\"volume\":\"v\",\"epoch\":4,\"aluaState\":\"ActiveOptimized\",\"plexes\":[{\"id\":1,\"state\":\"InSync\"},{\"id\":2,\"state\":\"Resyncing\",\"resync\":{\"doneBytes\":5,\"totalBytes\":10,\"bytesPerSec\":1}}]}";
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"node\":\"w1\",\"volume\":\"v\",\"epoch\":4,\"aluaState\":\"ActiveOptimized\",\"plexes\":[{\"id\":1,\"node\":\"w1\",\"portal\":\"10.0.0.1:3260\",\"state\":\"InSync\",\"resync\":{\"doneBytes\":0,\"totalBytes\":0,\"bytesPerSec\":0}},{\"id\":2,\"node\":\"w2\",\"portal\":\"10.0.0.2:3260\",\"state\":\"Resyncing\",\"resync\":{\"doneBytes\":5,\"totalBytes\":10,\"bytesPerSec\":1}}],\"resyncRateLimitBytesPerSec\":null,\"sessions\":2,\"counters\":{}}";
         let r = parse_response(raw).unwrap();
         assert_eq!(r.epoch, 4);
+        assert_eq!(r.alua_state, AluaState::ActiveOptimized);
         assert_eq!(r.plexes[1].state, PlexState::Resyncing);
-        assert_eq!(r.plexes[1].resync.unwrap().done_bytes, 5);
+        assert_eq!(r.plexes[1].resync.done_bytes, 5);
+    }
+
+    /// What sva-node's real control server answers (its router, its `StatusDoc` with sessions
+    /// and counters) parses into the operator's view, field for field.
+    #[tokio::test]
+    async fn parses_what_the_real_sva_node_control_api_serves() {
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let source = std::sync::Arc::new(SingleNodeStatus::new(
+            "vol-1",
+            "vol",
+            1,
+            "10.0.0.1:32600",
+            metrics.clone(),
+        ));
+        source.set_serving();
+        metrics.set_epoch(7);
+        metrics.set_alua_state(AluaState::Unavailable);
+        let expected = source.status();
+        let state = sva_node::control::ControlState {
+            metrics,
+            status: source,
+            token: None,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (_stop_tx, mut stop) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            sva_node::control::serve(listener, state, shutdown).await
+        });
+        let got = fetch_status(&addr).await.unwrap();
+        assert_eq!(got, expected);
+        assert_eq!((got.epoch, got.alua_state), (7, AluaState::Unavailable));
     }
 
     #[test]
@@ -114,25 +129,5 @@ mod tests {
         assert!(parse_response(b"HTTP/1.1 503 Busy\r\n\r\n{}").is_err());
         assert!(parse_response(b"garbage").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\n\r\nnot json").is_err());
-    }
-
-    #[tokio::test]
-    async fn fetch_from_a_local_listener() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf).await.unwrap();
-            let body =
-                r#"{"node":"w2","volume":"v","epoch":1,"aluaState":"Unavailable","plexes":[]}"#;
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            s.write_all(resp.as_bytes()).await.unwrap();
-        });
-        let r = fetch_status(&addr).await.unwrap();
-        assert_eq!(r.node, "w2");
     }
 }

@@ -94,6 +94,9 @@ pub enum Step {
     EnsureConfig {
         data: BTreeMap<String, String>,
     },
+    /// Create the volume's Secret (random replication secret) if absent; never rewritten, since
+    /// every node of the volume must hold the same secret.
+    EnsureSecret,
     CreatePlex {
         id: u16,
         node: String,
@@ -118,6 +121,7 @@ pub enum Step {
         id: u16,
     },
     DeleteConfig,
+    DeleteSecret,
     DeleteLease,
     PlexStatus {
         id: u16,
@@ -301,25 +305,37 @@ pub fn plan(obs: &Observed) -> Vec<Step> {
         })
         .collect();
     endpoints.extend(new_plexes);
-    let size_bytes = crate::crd::parse_bytes(&obs.spec.size).unwrap_or(0);
-    let data = endpoints
-        .iter()
-        .map(|e| {
-            let cfg = nodeconfig::render(
-                &obs.namespace,
-                &obs.name,
-                &obs.uid,
-                &obs.spec,
-                size_bytes,
-                obs.portal_port,
-                e,
-                &endpoints,
-            );
-            (format!("plex-{}.yaml", e.id), cfg)
-        })
-        .collect();
-    // The config must exist before the pods that mount it.
+    let inputs = nodeconfig::VolumeInputs {
+        namespace: &obs.namespace,
+        volume: &obs.name,
+        uid: &obs.uid,
+        spec: &obs.spec,
+        size_bytes: crate::crd::parse_bytes(&obs.spec.size).unwrap_or(0),
+        portal_port: obs.portal_port,
+    };
+    let mut data = BTreeMap::new();
+    let mut render_errors = BTreeSet::new();
+    for e in &endpoints {
+        match nodeconfig::render(&inputs, e, &endpoints) {
+            Ok(cfg) => {
+                data.insert(format!("plex-{}.yaml", e.id), cfg);
+            }
+            Err(err) => {
+                render_errors.insert(err.to_string());
+            }
+        }
+    }
+    // The config and the secrets must exist before the pods that mount them. A plex whose
+    // config cannot be rendered gets none (its pod waits for the key) and an Event says why.
     steps.insert(1, Step::EnsureConfig { data });
+    steps.insert(2, Step::EnsureSecret);
+    for note in render_errors {
+        steps.push(Step::Event {
+            kind: EventKind::Warning,
+            reason: "ConfigNotRendered",
+            note,
+        });
+    }
 
     // 6. Volume status, conditions, events.
     let status = volume_status(obs, &live, &states, membership, short_of_hosts);
@@ -364,6 +380,7 @@ fn plan_deletion(obs: &Observed) -> Vec<Step> {
         steps.push(Step::DeletePlex { id: p.id });
     }
     steps.push(Step::DeleteConfig);
+    steps.push(Step::DeleteSecret);
     steps.push(Step::DeleteLease);
     steps
 }
@@ -385,8 +402,10 @@ fn plex_status(obs: &Observed, p: &PlexView, membership: Option<&NodeStatusRepor
     let node_ready = node.is_some_and(|n| n.ready);
     let own = obs.reports.get(&p.id);
     let dp = membership.and_then(|m| m.plexes.iter().find(|x| x.id == p.id));
+    // A node reports zeros when it has no resync figures (yet): no progress to show.
     let resync = |r: Option<ResyncReport>| {
-        r.map(|r| ResyncProgress::new(r.done_bytes, r.total_bytes, r.bytes_per_sec))
+        r.filter(|r| r.total_bytes > 0)
+            .map(|r| ResyncProgress::new(r.done_bytes, r.total_bytes, r.bytes_per_sec))
     };
     let (state, message) = match (dp.map(|d| d.state), own.is_some()) {
         (Some(PlexState::Removed), _) => (PlexPhase::Removed, "removed from the membership"),
@@ -412,13 +431,14 @@ fn plex_status(obs: &Observed, p: &PlexView, membership: Option<&NodeStatusRepor
         (None, _) => (PlexPhase::Pending, "waiting for the sva-node to report"),
     };
     let resync = match state {
-        PlexPhase::Resyncing => resync(dp.and_then(|d| d.resync))
-            .or_else(|| resync(own.and_then(|o| o.plexes.iter().find(|x| x.id == p.id)?.resync))),
+        PlexPhase::Resyncing => resync(dp.map(|d| d.resync)).or_else(|| {
+            resync(own.and_then(|o| Some(o.plexes.iter().find(|x| x.id == p.id)?.resync)))
+        }),
         _ => None,
     };
     let alua_state = match (state, own) {
         (PlexPhase::Lost, _) => AluaState::Offline,
-        (_, Some(r)) => parse_alua(&r.alua_state),
+        (_, Some(r)) => alua_of(r.alua_state),
         (_, None) => AluaState::Unavailable,
     };
     let lost_since = (state == PlexPhase::Lost).then(|| p.status.lost_since.unwrap_or(obs.now));
@@ -432,12 +452,14 @@ fn plex_status(obs: &Observed, p: &PlexView, membership: Option<&NodeStatusRepor
     }
 }
 
-fn parse_alua(s: &str) -> AluaState {
+/// The CRD's ALUA state of what the node reports (SPC-4 §6.27 states the CRD does not list
+/// read as Unavailable: the path does not serve the volume).
+fn alua_of(s: sva_node::scsi::alua::AluaState) -> AluaState {
+    use sva_node::scsi::alua::AluaState as Node;
     match s {
-        "ActiveOptimized" | "activeOptimized" => AluaState::ActiveOptimized,
-        "Transitioning" | "transitioning" => AluaState::Transitioning,
-        "Offline" | "offline" => AluaState::Offline,
-        _ => AluaState::Unavailable,
+        Node::ActiveOptimized => AluaState::ActiveOptimized,
+        Node::Transitioning => AluaState::Transitioning,
+        Node::ActiveNonOptimized | Node::Standby | Node::Unavailable => AluaState::Unavailable,
     }
 }
 

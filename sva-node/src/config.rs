@@ -21,6 +21,9 @@
 //!     - { id: 1, node: host-a, portal: 127.0.0.1:3260, peerAddr: 127.0.0.1:4001 }
 //!     - { id: 2, node: host-b, portal: 127.0.0.1:3261, peerAddr: 127.0.0.1:4002 }
 //!   witness: { address: 127.0.0.1:4000, secretFile: /etc/sva/witness-secret }
+//!   # or, in a Kubernetes cluster (binary built with `--features kubernetes`):
+//!   # witness: { kubernetesLease: { name: vol1-sva-witness, namespace: storage } }
+//!   # (namespace defaults to the pod's own, from its service-account namespace file)
 //! ```
 //! Unknown fields are errors. [`Config::load`] reports YAML errors with the field path and
 //! line, and semantic errors with the field name.
@@ -155,14 +158,121 @@ pub struct PlexSection {
     pub peer_addr: String,
 }
 
-/// Where the witness is and how to prove ourselves to it.
+/// Where the witness is and how to prove ourselves to it. In YAML, either the standalone form
+/// `{address, secretFile}` or the in-cluster form `{kubernetesLease: {namespace?, name}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "WitnessYaml", into = "WitnessYaml")]
+pub enum WitnessSection {
+    /// A standalone `sva-node witness` server.
+    Standalone {
+        /// `sva-node witness` address (host:port).
+        address: String,
+        /// File holding the witness secret.
+        secret_file: PathBuf,
+    },
+    /// The volume's `coordination.k8s.io/v1` Lease (DESIGN.md §8), CAS'd by the nodes directly.
+    /// Needs a binary built with the `kubernetes` feature.
+    KubernetesLease(KubernetesLeaseSection),
+}
+
+/// The Lease that is the volume's witness.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct WitnessSection {
-    /// `sva-node witness` address (host:port).
-    pub address: String,
-    /// File holding the witness secret.
-    pub secret_file: PathBuf,
+pub struct KubernetesLeaseSection {
+    /// Namespace of the Lease; default: the pod's own (its service-account namespace file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Lease name.
+    pub name: String,
+}
+
+/// The YAML shape of [`WitnessSection`]: optional fields, checked by `TryFrom` so a mix of the
+/// two forms is an error that names the fields.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WitnessYaml {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    secret_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kubernetes_lease: Option<KubernetesLeaseSection>,
+}
+
+impl TryFrom<WitnessYaml> for WitnessSection {
+    type Error = String;
+
+    fn try_from(w: WitnessYaml) -> Result<Self, String> {
+        match (w.address, w.secret_file, w.kubernetes_lease) {
+            (Some(address), Some(secret_file), None) => Ok(WitnessSection::Standalone {
+                address,
+                secret_file,
+            }),
+            (None, None, Some(lease)) => Ok(WitnessSection::KubernetesLease(lease)),
+            (None, None, None) => Err(
+                "witness needs either `address` and `secretFile` (standalone witness) or \
+                 `kubernetesLease: {name}` (in-cluster witness)"
+                    .into(),
+            ),
+            (_, _, Some(_)) => Err(
+                "witness: `kubernetesLease` excludes `address` and `secretFile` (one witness per volume)"
+                    .into(),
+            ),
+            (Some(_), None, None) => Err("witness (standalone): missing field `secretFile`".into()),
+            (None, Some(_), None) => Err("witness (standalone): missing field `address`".into()),
+        }
+    }
+}
+
+impl From<WitnessSection> for WitnessYaml {
+    fn from(w: WitnessSection) -> Self {
+        match w {
+            WitnessSection::Standalone {
+                address,
+                secret_file,
+            } => WitnessYaml {
+                address: Some(address),
+                secret_file: Some(secret_file),
+                kubernetes_lease: None,
+            },
+            WitnessSection::KubernetesLease(lease) => WitnessYaml {
+                address: None,
+                secret_file: None,
+                kubernetes_lease: Some(lease),
+            },
+        }
+    }
+}
+
+impl WitnessSection {
+    /// How logs and errors name this witness (`host:port` or `lease NAMESPACE/NAME`).
+    pub fn describe(&self) -> String {
+        match self {
+            WitnessSection::Standalone { address, .. } => address.clone(),
+            WitnessSection::KubernetesLease(l) => format!(
+                "lease {}/{}",
+                l.namespace.as_deref().unwrap_or("<pod namespace>"),
+                l.name
+            ),
+        }
+    }
+}
+
+/// Longest Kubernetes object name (DNS subdomain, RFC 1123).
+const K8S_NAME_LEN_MAX: usize = 253;
+/// Longest Kubernetes namespace name (DNS label).
+const K8S_NAMESPACE_LEN_MAX: usize = 63;
+
+/// Whether `s` is a lowercase RFC 1123 name of at most `max` bytes (`.` allowed when `dots`).
+fn valid_k8s_name(s: &str, max: usize, dots: bool) -> bool {
+    let ok_char =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dots && c == '.');
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    !s.is_empty()
+        && s.len() <= max
+        && s.chars().all(ok_char)
+        && alnum(s.chars().next())
+        && alnum(s.chars().last())
 }
 
 /// Most plexes a volume may have.
@@ -379,11 +489,31 @@ impl Config {
                 ));
             }
         }
-        if m.witness.address.rsplit_once(':').is_none() {
-            return Err(invalid(
-                "mirror.witness.address",
-                format!("{:?} is not host:port", m.witness.address),
-            ));
+        match &m.witness {
+            WitnessSection::Standalone { address, .. } => {
+                if address.rsplit_once(':').is_none() {
+                    return Err(invalid(
+                        "mirror.witness.address",
+                        format!("{address:?} is not host:port"),
+                    ));
+                }
+            }
+            WitnessSection::KubernetesLease(l) => {
+                if !valid_k8s_name(&l.name, K8S_NAME_LEN_MAX, true) {
+                    return Err(invalid(
+                        "mirror.witness.kubernetesLease.name",
+                        format!("{:?} is not a Kubernetes object name", l.name),
+                    ));
+                }
+                if let Some(ns) = &l.namespace {
+                    if !valid_k8s_name(ns, K8S_NAMESPACE_LEN_MAX, false) {
+                        return Err(invalid(
+                            "mirror.witness.kubernetesLease.namespace",
+                            format!("{ns:?} is not a Kubernetes namespace name"),
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -568,6 +698,116 @@ stateDir: /tmp/state
             e.contains("volume.sizeBytes") && e.contains("line 5"),
             "{e}"
         );
+    }
+
+    /// GOOD with plex 1 of a 2-plex mirror, `witness` as given (indented YAML mapping body).
+    fn mirrored(witness: &str) -> String {
+        format!(
+            "{GOOD}mirror:\n  listen: 127.0.0.1:4001\n  secretFile: /tmp/rs\n  plexes:\n    \
+             - {{ id: 1, node: a, portal: 127.0.0.1:3260, peerAddr: 127.0.0.1:4001 }}\n    \
+             - {{ id: 2, node: b, portal: 127.0.0.1:3261, peerAddr: 127.0.0.1:4002 }}\n  \
+             witness:\n{witness}"
+        )
+    }
+
+    #[test]
+    fn witness_standalone_or_kubernetes_lease() {
+        let c = Config::parse(&mirrored(
+            "    address: 127.0.0.1:4000\n    secretFile: /tmp/ws\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.mirror.as_ref().unwrap().witness,
+            WitnessSection::Standalone {
+                address: "127.0.0.1:4000".into(),
+                secret_file: PathBuf::from("/tmp/ws")
+            }
+        );
+        // Serializing gives back the same YAML shape.
+        assert_eq!(
+            Config::parse(&serde_yaml::to_string(&c).unwrap()).unwrap(),
+            c
+        );
+
+        let c = Config::parse(&mirrored(
+            "    kubernetesLease: { name: vol1-sva-witness }\n",
+        ))
+        .unwrap();
+        let lease = KubernetesLeaseSection {
+            namespace: None,
+            name: "vol1-sva-witness".into(),
+        };
+        assert_eq!(
+            c.mirror.as_ref().unwrap().witness,
+            WitnessSection::KubernetesLease(lease)
+        );
+        assert_eq!(
+            Config::parse(&serde_yaml::to_string(&c).unwrap()).unwrap(),
+            c
+        );
+        let yaml = serde_yaml::to_string(&c).unwrap();
+        assert!(!yaml.contains("address"), "{yaml}");
+
+        let c = Config::parse(&mirrored(
+            "    kubernetesLease: { namespace: storage, name: l }\n",
+        ))
+        .unwrap();
+        assert!(c.mirror.unwrap().witness.describe().contains("storage/l"));
+    }
+
+    #[test]
+    fn bad_witness_sections_say_what_is_wrong() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "    address: 127.0.0.1:4000\n    kubernetesLease: { name: l }\n",
+                "excludes `address`",
+            ),
+            (
+                "    address: 127.0.0.1:4000\n",
+                "missing field `secretFile`",
+            ),
+            ("    secretFile: /tmp/ws\n", "missing field `address`"),
+            ("    {}\n", "needs either `address`"),
+            ("    kubernetesLease: {}\n", "missing field `name`"),
+            (
+                "    kubernetesLease: { name: l, ns: x }\n",
+                "unknown field `ns`",
+            ),
+            (
+                "    kubernetesLease: { name: Not_A_Name }\n",
+                "mirror.witness.kubernetesLease.name",
+            ),
+            (
+                "    kubernetesLease: { name: l, namespace: a.b }\n",
+                "mirror.witness.kubernetesLease.namespace",
+            ),
+            (
+                "    address: nowhere\n    secretFile: /tmp/ws\n",
+                "mirror.witness.address",
+            ),
+        ];
+        for (witness, want) in cases {
+            let e = Config::parse(&mirrored(witness)).unwrap_err().to_string();
+            assert!(e.contains(want), "{witness:?}: {e}");
+        }
+        let e = Config::parse(&mirrored("    address: 127.0.0.1:4000\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mirror: witness") && e.contains("line "),
+            "names the section and line: {e}"
+        );
+    }
+
+    #[test]
+    fn k8s_names() {
+        for good in ["a", "vol-1", "vol1-sva-witness", "a.b"] {
+            assert!(valid_k8s_name(good, K8S_NAME_LEN_MAX, true), "{good}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", &"a".repeat(254)] {
+            assert!(!valid_k8s_name(bad, K8S_NAME_LEN_MAX, true), "{bad}");
+        }
+        assert!(!valid_k8s_name("a.b", K8S_NAMESPACE_LEN_MAX, false));
     }
 
     #[test]

@@ -211,7 +211,7 @@ fn start_all(
                     peer_addr: n.peer.to_string(),
                 })
                 .collect(),
-            witness: WitnessSection {
+            witness: WitnessSection::Standalone {
                 address: witness_addr.to_string(),
                 secret_file: witness_secret,
             },

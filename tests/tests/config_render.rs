@@ -89,10 +89,12 @@ fn rendered_mirror_config_parses_with_the_nodes_parser() {
     let m = cfg.mirror.expect("mirror section");
     assert_eq!(m.listen, "10.200.0.2:14002");
     assert_eq!(m.secret_file, PathBuf::from("/tmp/x/replication-secret"));
-    assert_eq!(m.witness.address, "10.200.0.1:14000");
     assert_eq!(
-        m.witness.secret_file,
-        PathBuf::from("/tmp/x/witness-secret")
+        m.witness,
+        sva_node::config::WitnessSection::Standalone {
+            address: "10.200.0.1:14000".into(),
+            secret_file: PathBuf::from("/tmp/x/witness-secret"),
+        }
     );
     let got: Vec<(u16, String, String, String)> = m
         .plexes

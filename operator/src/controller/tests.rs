@@ -4,13 +4,15 @@
 use super::*;
 use crate::crd::{MirroredVolumeSpec, PlexPhase, VolumePhase};
 use crate::fixtures::FakeApi;
-use crate::node_api::PlexReport;
+use crate::node_api::{PlexReport, ResyncReport};
 use serde_json::Value;
+use sva_node::scsi::alua::AluaState as NodeAlua;
 use sva_node::witness::PlexState;
 
 const MV: &str = "/apis/sva.io/v1alpha1/namespaces/ns/mirroredvolumes/vol";
 const PLEXES: &str = "/apis/sva.io/v1alpha1/namespaces/ns/plexes";
 const PODS: &str = "/api/v1/namespaces/ns/pods";
+const SECRET: &str = "/api/v1/namespaces/ns/secrets/vol-sva-secrets";
 
 fn seed_cluster(api: &FakeApi) {
     for (i, host) in [(1, "host-a"), (2, "host-b"), (3, "host-c")] {
@@ -78,9 +80,23 @@ async fn new_volume_gets_config_lease_rbac_plexes_pvcs_and_pinned_host_network_p
     );
 
     let cm = obj(&api, "/api/v1/namespaces/ns/configmaps/vol-sva-config");
-    let cfg = cm["data"]["plex-1.yaml"].as_str().unwrap();
-    assert!(cfg.contains("leaseName: vol-sva-witness"), "{cfg}");
-    assert!(cfg.contains("portal: 10.9.0.1:32600"), "{cfg}");
+    let cfg = sva_node::config::Config::parse(cm["data"]["plex-1.yaml"].as_str().unwrap())
+        .expect("sva-node accepts the rendered config");
+    assert_eq!(cfg.target.portal, "10.9.0.1:32600");
+    let mirror = cfg.mirror.unwrap();
+    assert_eq!(
+        mirror.witness,
+        sva_node::config::WitnessSection::KubernetesLease(
+            sva_node::config::KubernetesLeaseSection {
+                namespace: Some("ns".into()),
+                name: "vol-sva-witness".into()
+            }
+        )
+    );
+    assert_eq!(mirror.plexes[1].peer_addr, "10.9.0.2:32601");
+    let secret = obj(&api, SECRET);
+    let replication = secret["stringData"]["replication-secret"].as_str().unwrap();
+    assert_eq!(replication.len(), 2 * REPLICATION_SECRET_BYTES);
     obj(
         &api,
         "/apis/coordination.k8s.io/v1/namespaces/ns/leases/vol-sva-witness",
@@ -111,9 +127,22 @@ async fn new_volume_gets_config_lease_rbac_plexes_pvcs_and_pinned_host_network_p
     assert!(
         tolerations.contains("node.kubernetes.io/unreachable") && tolerations.contains("not-ready")
     );
+    let container = &pod["spec"]["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"], 32602);
+    assert_eq!(container["livenessProbe"]["tcpSocket"]["port"], 32602);
     assert_eq!(
-        pod["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"],
-        32602
+        container["args"],
+        json!(["serve", "--config", "/etc/sva/node.yaml"])
+    );
+    let mounts = container["volumeMounts"].to_string();
+    assert!(
+        mounts.contains(r#""mountPath":"/etc/sva/secrets""#),
+        "{mounts}"
+    );
+    let volumes = pod["spec"]["volumes"].to_string();
+    assert!(
+        volumes.contains(r#""secretName":"vol-sva-secrets""#),
+        "{volumes}"
     );
     assert_eq!(pod["metadata"]["ownerReferences"][0]["uid"], "uid-1");
     let pvc = obj(
@@ -142,6 +171,11 @@ async fn new_volume_gets_config_lease_rbac_plexes_pvcs_and_pinned_host_network_p
         .cloned()
         .collect();
     assert!(writes.is_empty(), "{writes:?}");
+    // The replication secret is created once and never regenerated.
+    assert_eq!(
+        obj(&api, SECRET)["stringData"]["replication-secret"],
+        replication
+    );
 }
 
 fn report(node: &str, epoch: u64, members: &[(u16, PlexState)]) -> NodeStatusReport {
@@ -149,15 +183,18 @@ fn report(node: &str, epoch: u64, members: &[(u16, PlexState)]) -> NodeStatusRep
         node: node.into(),
         volume: "vol".into(),
         epoch,
-        alua_state: "ActiveOptimized".into(),
+        alua_state: NodeAlua::ActiveOptimized,
         plexes: members
             .iter()
             .map(|&(id, state)| PlexReport {
                 id,
+                node: format!("w{id}"),
+                portal: format!("10.0.0.{id}:32600"),
                 state,
-                resync: None,
+                resync: ResyncReport::default(),
             })
             .collect(),
+        resync_rate_limit_bytes_per_sec: None,
     }
 }
 

@@ -3,7 +3,8 @@
 
 use super::*;
 use crate::crd::{CacheMode, MirroredVolumeSpec};
-use crate::node_api::PlexReport;
+use crate::node_api::{PlexReport, ResyncReport};
+use sva_node::scsi::alua::AluaState as NodeAlua;
 
 const NOW: i64 = 1_700_000_000;
 
@@ -77,15 +78,18 @@ fn report(node: &str, epoch: u64, states: &[(u16, PlexState)]) -> NodeStatusRepo
         node: node.into(),
         volume: "vol".into(),
         epoch,
-        alua_state: "ActiveOptimized".into(),
+        alua_state: NodeAlua::ActiveOptimized,
         plexes: states
             .iter()
             .map(|&(id, state)| PlexReport {
                 id,
+                node: format!("w{id}"),
+                portal: format!("10.0.0.{id}:32600"),
                 state,
-                resync: None,
+                resync: ResyncReport::default(),
             })
             .collect(),
+        resync_rate_limit_bytes_per_sec: None,
     }
 }
 
@@ -307,17 +311,17 @@ fn node_back_shows_resync_progress_then_in_sync() {
         3,
         &[(1, PlexState::InSync), (2, PlexState::Resyncing)],
     );
-    r.plexes[1].resync = Some(ResyncReport {
+    r.plexes[1].resync = ResyncReport {
         done_bytes: 1 << 29,
         total_bytes: 1 << 30,
         bytes_per_sec: 1 << 20,
-    });
+    };
     o.reports.insert(1, r.clone());
     o.reports.insert(
         2,
         NodeStatusReport {
             node: "w2".into(),
-            alua_state: "Unavailable".into(),
+            alua_state: NodeAlua::Unavailable,
             ..r
         },
     );
@@ -465,4 +469,21 @@ fn portal_ports_skip_used_slots() {
     assert_eq!(allocate_portal_port(&[32600].into()), Some(32603));
     assert_eq!(allocate_portal_port(&[32604].into()), Some(32600));
     assert_eq!(allocate_portal_port(&[32602, 32603].into()), Some(32606));
+}
+
+#[test]
+fn node_without_address_gets_no_config_and_a_warning() {
+    let mut o = cluster(2);
+    o.nodes[1].address = None;
+    let steps = plan(&o);
+    let Step::EnsureConfig { data } = &steps[1] else {
+        panic!("config must come second")
+    };
+    // Every config lists every plex, so none can be rendered without w2's address.
+    assert!(data.is_empty(), "{data:?}");
+    assert_eq!(steps[2], Step::EnsureSecret);
+    assert!(events(&steps).contains(&"ConfigNotRendered"));
+    let o = cluster(2);
+    let steps = plan(&o);
+    assert!(!events(&steps).contains(&"ConfigNotRendered"));
 }

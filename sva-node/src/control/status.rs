@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::metrics::Metrics;
 use super::ControlError;
@@ -19,7 +19,7 @@ use crate::witness::PlexState;
 pub const RESYNC_BYTES_PER_SEC_MAX: u64 = 100 << 30;
 
 /// Resync progress of one plex (DESIGN.md §6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ResyncProgress {
     pub done_bytes: u64,
@@ -28,7 +28,7 @@ pub struct ResyncProgress {
 }
 
 /// One plex as `/v1/status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PlexStatus {
     pub id: u16,
@@ -39,8 +39,9 @@ pub struct PlexStatus {
 }
 
 /// The node's view of its volume. Sessions and I/O counters are added by the server from
-/// [`Metrics`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// [`Metrics`]. `Deserialize` is for clients (the operator parses `/v1/status` into this type,
+/// ignoring the extra fields), so the two sides cannot drift.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeStatus {
     pub node: String,

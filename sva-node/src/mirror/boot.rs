@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::engine::{Config as EngineConfig, PathState, Start};
 use super::link::LinkConfig;
 use super::node::{MirrorNode, MirrorSetup};
-use crate::config::{Config, MirrorSection};
+use crate::config::{Config, KubernetesLeaseSection, MirrorSection, WitnessSection};
 use crate::control::{ControlError, NodeStatus, PlexStatus, ResyncProgress, StatusSource};
 use crate::scsi::alua::{AluaState, PortGroups};
 use crate::scsi::lu::LogicalUnit;
@@ -42,6 +42,12 @@ pub enum BootError {
         address: String,
         source: WitnessError,
     },
+    /// The config names a witness this binary was built without.
+    #[error(
+        "mirror.witness.kubernetesLease needs an sva-node built with the `kubernetes` feature \
+         (cargo build -p sva-node --features kubernetes); this binary has no Lease witness"
+    )]
+    FeatureMissing,
     #[error("binding replication listener {addr}: {source}")]
     Listen {
         addr: String,
@@ -72,11 +78,16 @@ pub async fn start(
         })
     };
     let replication_secret = secret("replication", &m.secret_file)?;
-    let witness_secret = secret("witness", &m.witness.secret_file)?;
-    let witness: Arc<dyn Witness> = Arc::new(RemoteWitness::new(
-        m.witness.address.clone(),
-        witness_secret,
-    ));
+    let witness: Arc<dyn Witness> = match &m.witness {
+        WitnessSection::Standalone {
+            address,
+            secret_file,
+        } => Arc::new(RemoteWitness::new(
+            address.clone(),
+            secret("witness", secret_file)?,
+        )),
+        WitnessSection::KubernetesLease(lease) => lease_witness(&cfg.volume.name, lease).await?,
+    };
     let membership = join_record(cfg, m, witness.as_ref()).await?;
     if !membership.plexes.iter().any(|p| p.id == me) {
         return Err(BootError::NotAMember {
@@ -127,6 +138,31 @@ pub async fn start(
     }))
 }
 
+/// The in-cluster witness of `mirror.witness.kubernetesLease`.
+#[cfg(feature = "kubernetes")]
+async fn lease_witness(
+    volume: &str,
+    lease: &KubernetesLeaseSection,
+) -> Result<Arc<dyn Witness>, BootError> {
+    let w =
+        crate::witness::LeaseWitness::from_config(volume, lease.namespace.as_deref(), &lease.name)
+            .await
+            .map_err(|source| BootError::Witness {
+                address: format!("lease {}", lease.name),
+                source,
+            })?;
+    Ok(Arc::new(w))
+}
+
+/// Without the `kubernetes` feature there is no Lease witness: refuse clearly at boot.
+#[cfg(not(feature = "kubernetes"))]
+async fn lease_witness(
+    _volume: &str,
+    _lease: &KubernetesLeaseSection,
+) -> Result<Arc<dyn Witness>, BootError> {
+    Err(BootError::FeatureMissing)
+}
+
 /// The volume's current record, creating it (epoch 1, every plex InSync) if none exists.
 async fn join_record(
     cfg: &Config,
@@ -168,12 +204,12 @@ async fn join_record(
             Err(e @ (WitnessError::Unreachable(_) | WitnessError::Protocol(_)))
                 if Instant::now() < deadline =>
             {
-                tracing::warn!("witness {}: {e}; retrying", m.witness.address);
+                tracing::warn!("witness {}: {e}; retrying", m.witness.describe());
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(source) => {
                 return Err(BootError::Witness {
-                    address: m.witness.address.clone(),
+                    address: m.witness.describe(),
                     source,
                 })
             }
@@ -252,5 +288,25 @@ fn alua(p: PathState) -> AluaState {
         PathState::ActiveOptimized => AluaState::ActiveOptimized,
         PathState::Transitioning => AluaState::Transitioning,
         PathState::Unavailable => AluaState::Unavailable,
+    }
+}
+
+#[cfg(all(test, not(feature = "kubernetes")))]
+mod tests {
+    use super::*;
+
+    /// A binary without the `kubernetes` feature refuses a Lease witness, naming the feature.
+    #[tokio::test]
+    async fn lease_witness_without_the_feature_names_it() {
+        let lease = KubernetesLeaseSection {
+            namespace: None,
+            name: "vol-sva-witness".into(),
+        };
+        let e = match lease_witness("vol", &lease).await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("no Lease witness without the feature"),
+        };
+        assert!(e.contains("`kubernetes` feature"), "{e}");
+        assert!(e.contains("--features kubernetes"), "{e}");
     }
 }

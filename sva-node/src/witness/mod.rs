@@ -3,12 +3,12 @@
 //! Every change of membership (a plex going Stale, Resyncing, InSync, a new sequencer) is a
 //! CAS on the record kept by the witness, so at most one side of a partition can move the
 //! epoch forward. Implementations: the standalone `sva-node witness` server, an in-memory
-//! witness for tests, and (in the operator crate) a Kubernetes Lease per volume.
+//! witness for tests, and (feature `kubernetes`) a Kubernetes Lease per volume.
 //!
 //! ```text
 //!  mirror engine ──Witness──> RemoteWitness (client.rs) ──TCP, wire.rs──> server.rs ──> store.rs (DIR/<volume>.json)
 //!                         └─> MemoryWitness (memory.rs, tests and simulation)
-//!                         └─> LeaseWitness (operator crate)
+//!                         └─> LeaseWitness (lease.rs, feature `kubernetes`) ──> kube-apiserver
 //! ```
 //!
 //! Every implementation runs the same [`conformance`] suite; the CAS rule itself lives in one
@@ -16,6 +16,8 @@
 
 pub mod client;
 pub mod conformance;
+#[cfg(feature = "kubernetes")]
+pub mod lease;
 pub mod memory;
 #[cfg(test)]
 mod remote_tests;
@@ -24,6 +26,8 @@ pub mod store;
 pub mod wire;
 
 pub use client::RemoteWitness;
+#[cfg(feature = "kubernetes")]
+pub use lease::LeaseWitness;
 pub use memory::{MemoryFault, MemoryWitness};
 pub use server::{run, serve};
 pub use wire::load_secret;
