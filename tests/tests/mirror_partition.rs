@@ -30,6 +30,12 @@ const BEFORE_BLOCKS: u64 = 64;
 const WINNER_BASE: u64 = 1024;
 /// First block of the isolated node's write attempts during the partition.
 const ISOLATED_BASE: u64 = 3072;
+/// Each side writes at most this many blocks during the partition, so the winner's run never
+/// reaches the isolated side's range or the after-heal write (a fast machine wrote past 20 MiB
+/// in six seconds and the after-heal write then overwrote an acknowledged block).
+const PARTITION_BLOCKS_MAX: u64 = ISOLATED_BASE - WINNER_BASE;
+/// Where the winner writes after the heal: past both ranges.
+const AFTER_HEAL_BLOCK: u64 = ISOLATED_BASE + PARTITION_BLOCKS_MAX;
 /// How long both sides keep writing after the cut.
 const PARTITION_WRITES: Duration = Duration::from_secs(6);
 /// The winner acknowledges writes again this soon after the cut.
@@ -166,7 +172,7 @@ struct Attempt {
 fn write_loop(s: &mut QemuIoSession, base: u64, stop: &AtomicBool) -> Vec<Attempt> {
     let mut out = Vec::new();
     let mut block = base;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) && block < base + PARTITION_BLOCKS_MAX {
         let cmd = format!("write -P {:#x} {} {BLOCK}", pattern(block), block * BLOCK);
         let started = Instant::now();
         let (ok, output) = match s.run(&cmd, COMMAND_TIMEOUT) {
@@ -321,7 +327,10 @@ fn partition(isolated: u16, slot: u32) {
         r.output
     );
     let r = w
-        .run("write -P 0xee 20M 64k", COMMAND_TIMEOUT)
+        .run(
+            &format!("write -P 0xee {} 64k", AFTER_HEAL_BLOCK * BLOCK),
+            COMMAND_TIMEOUT,
+        )
         .expect("winner write after heal");
     assert!(r.ok(), "winner after heal: {}", r.output);
     drop((w, i));
