@@ -395,7 +395,7 @@ fn main() -> Result<()> {
             for (ti, (name, t)) in targets.iter().enumerate() {
                 let m = measure(t.as_ref(), case, counts[ci][ti])?;
                 eprintln!(
-                    "run {} {:<14} {:<7} {:>10.0} IOPS",
+                    "run {} {:<14} {:<14} {:>10.0} IOPS",
                     run + 1,
                     case.name,
                     name,
@@ -494,9 +494,15 @@ fn print_latency(
     let rtt = median(&mut reference.rtt);
     let local_wb = median(&mut reference.local_wb);
     let local_wt = median(&mut reference.local_wt);
+    // Only the modes some mirrored target uses were measured (the others are NaN).
+    let mut local = String::new();
+    for (mode, v) in [("wb", local_wb), ("wt", local_wt)] {
+        if !v.is_nan() {
+            local.push_str(&format!("; local 4 KiB write ({mode}) {v:.1} µs"));
+        }
+    }
     println!(
-        "\nQD1 4 KiB write mean latency, µs (1e6 / median IOPS); loopback RTT {rtt:.1} µs; \
-         local 4 KiB write (peer's write): wb {local_wb:.1} µs, wt {local_wt:.1} µs"
+        "\nQD1 4 KiB write mean latency, µs (1e6 / median IOPS); loopback RTT {rtt:.1} µs{local}"
     );
     let header = format!(
         "{:<14} | {:>9} | {:>16} | {:>9} | {:>20} | {:>20}",
