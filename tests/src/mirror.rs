@@ -68,6 +68,9 @@ pub struct MirroredVolumeOptions {
     pub witness_ip: IpAddr,
     /// Per plex, index 0 = plex 1; missing entries: [`NodePlacement::default`].
     pub placement: Vec<NodePlacement>,
+    /// Directory the volume's own temporary directory (configs, backing files, logs) is
+    /// created in (`None`: `$TMPDIR`); the benchmark puts every target on one filesystem.
+    pub base_dir: Option<PathBuf>,
 }
 
 impl Default for MirroredVolumeOptions {
@@ -81,6 +84,7 @@ impl Default for MirroredVolumeOptions {
             iqn: "iqn.2026-01.io.sva:mvol".into(),
             witness_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             placement: Vec::new(),
+            base_dir: None,
         }
     }
 }
@@ -178,7 +182,14 @@ impl MirroredVolume {
         if !(2..=3).contains(&opts.plexes) {
             bail!("a mirrored volume has 2 or 3 plexes, not {}", opts.plexes);
         }
-        let dir = tempfile::Builder::new().prefix("sva-mirror-").tempdir()?;
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("sva-mirror-");
+        let dir = match &opts.base_dir {
+            Some(base) => builder
+                .tempdir_in(base)
+                .with_context(|| format!("creating a directory in {}", base.display()))?,
+            None => builder.tempdir()?,
+        };
         let witness_secret = write_secret(&dir.path().join("witness-secret"))?;
         let replication_secret = write_secret(&dir.path().join("replication-secret"))?;
         let witness_addr = SocketAddr::new(opts.witness_ip, free_port()?);

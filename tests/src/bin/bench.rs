@@ -1,23 +1,34 @@
-//! `sva-bench`: sva-node (write-back and write-through) against tgtd on this machine, same
-//! backing file size on the same filesystem, measured with `qemu-img bench` (DESIGN.md §11).
+//! `sva-bench`: sva-node (write-back and write-through, single node or a 2-plex mirrored
+//! volume) against tgtd on this machine, same backing file size on the same filesystem,
+//! measured with `qemu-img bench` (DESIGN.md §11).
 //!
 //! ```text
 //! cargo run --release -p sva-tests --bin sva-bench -- --size 1G --targets sva-wb,sva-wt,tgt --runs 3
+//! cargo run --release -p sva-tests --bin sva-bench -- --size 1G --runs 3 \
+//!     --targets sva-wb,sva-wt,tgt,mirror-wb,mirror-wt,mirror-wb-p2
 //! ```
 //!
 //! Every target is prefilled (so reads hit data, not holes), each case's op count is calibrated
 //! per target to last about `--seconds`, then the runs interleave targets case by case so
 //! machine noise hits all of them alike. Prints the median IOPS and MB/s per target and case,
-//! and the ratio of each sva target to tgt.
+//! the ratio of each sva target to tgt and of each mirrored target to the single node of its
+//! cache mode, and the QD1 write latency a mirror adds beside a loopback round trip plus the
+//! peer's local write (what a synchronous mirror must add at least, DESIGN.md §11).
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 
 use sva_tests::tools::{parse_bench_seconds, qemu_img_bench, BenchCase, BENCH_CASES};
-use sva_tests::{have_tools, CacheMode, IscsiTarget, SvaNode, SvaNodeOptions, Tgtd, TgtdOptions};
+use sva_tests::{
+    have_tools, CacheMode, IscsiTarget, MirroredVolume, MirroredVolumeOptions, SvaNode,
+    SvaNodeOptions, Tgtd, TgtdOptions,
+};
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark sva-node against tgtd with qemu-img bench")]
@@ -25,9 +36,11 @@ struct Args {
     /// Volume size for every target, e.g. 1G, 512M.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     size: u64,
-    /// Comma-separated targets: sva-wb, sva-wt, tgt (write-back, tgt's default), tgt-wt, and
+    /// Comma-separated targets: sva-wb, sva-wt, tgt (write-back, tgt's default), tgt-wt;
     /// base-wb, base-wt: sva-node from `$SVA_BENCH_BASE_BIN` (an older build, to compare a
-    /// change side by side in one run).
+    /// change side by side in one run); mirror-wb, mirror-wt: a 2-plex mirrored volume
+    /// through path 1 (the sequencer), mirror-wb-p2, mirror-wt-p2: its own such volume
+    /// through path 2 (writes forwarded to the sequencer).
     #[arg(long, default_value = "sva-wb,sva-wt,tgt", value_delimiter = ',')]
     targets: Vec<String>,
     /// Runs per case and target; the median is reported.
@@ -39,9 +52,11 @@ struct Args {
     /// Directory for backing files (all targets on the same filesystem). Default: $TMPDIR.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Only cases whose name contains this (e.g. "qd32").
-    #[arg(long)]
-    cases: Option<String>,
+    /// Comma-separated filters: only cases whose name contains one of them (e.g. "qd32" or
+    /// "qd1,qd32"; the case names are 4k-qd1-read, 4k-qd1-write, 4k-qd32-read,
+    /// 4k-qd32-write, 1m-qd8-read, 1m-qd8-write). Default: every case.
+    #[arg(long, value_delimiter = ',')]
+    cases: Vec<String>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -101,6 +116,66 @@ fn median(v: &mut [f64]) -> f64 {
 /// Environment variable naming the sva-node binary of the `base-*` targets.
 const BASE_BIN_ENV: &str = "SVA_BENCH_BASE_BIN";
 
+/// Plexes of the volume behind every `mirror-*` target.
+const MIRROR_PLEXES: u16 = 2;
+
+/// One path of a mirrored volume as a benchmark target; the volume (witness and every node)
+/// lives as long as the target.
+struct MirrorPath {
+    volume: MirroredVolume,
+    /// Plex whose node's portal the initiator uses.
+    plex: u16,
+    mode: CacheMode,
+}
+
+impl IscsiTarget for MirrorPath {
+    fn portal(&self) -> SocketAddr {
+        self.volume.target(self.plex).portal()
+    }
+    fn iqn(&self) -> &str {
+        self.volume.target(self.plex).iqn()
+    }
+    fn lun(&self) -> u32 {
+        self.volume.target(self.plex).lun()
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{}-plex mirrored sva-node ({}) through plex {}",
+            self.volume.plexes(),
+            self.mode.as_config(),
+            self.plex
+        )
+    }
+    fn log_tail(&self, lines: usize) -> String {
+        self.volume.logs(lines)
+    }
+}
+
+/// `mirror-MODE[-pN]` (MODE `wb` | `wt`, N a plex id, default 1): cache mode and the plex
+/// whose path is benchmarked.
+fn parse_mirror(name: &str) -> Option<(CacheMode, u16)> {
+    let rest = name.strip_prefix("mirror-")?;
+    let (mode, plex) = match rest.split_once("-p") {
+        Some((mode, plex)) => (mode, plex.parse::<u16>().ok()?),
+        None => (rest, 1),
+    };
+    let mode = match mode {
+        "wb" => CacheMode::WriteBack,
+        "wt" => CacheMode::WriteThrough,
+        _ => return None,
+    };
+    (1..=MIRROR_PLEXES).contains(&plex).then_some((mode, plex))
+}
+
+/// The single-node target a mirrored one is compared with: `sva-wb` for `mirror-wb-p2`.
+fn single_for(name: &str) -> Option<&'static str> {
+    match parse_mirror(name)?.0 {
+        CacheMode::WriteBack => Some("sva-wb"),
+        CacheMode::WriteThrough => Some("sva-wt"),
+    }
+}
+
+/// The one place that starts a benchmark target by name.
 fn start_target(name: &str, args: &Args) -> Result<Box<dyn IscsiTarget>> {
     if let Some(mode) = name.strip_prefix("base-") {
         // SvaNode takes its binary from $SVA_NODE_BIN when it starts; point that at the base
@@ -132,12 +207,141 @@ fn start_target(name: &str, args: &Args) -> Result<Box<dyn IscsiTarget>> {
             ..TgtdOptions::default()
         })?))
     };
+    let mirror = |mode, plex| -> Result<Box<dyn IscsiTarget>> {
+        // start() returns once every path is ActiveOptimized and readable.
+        let volume = MirroredVolume::start(MirroredVolumeOptions {
+            plexes: MIRROR_PLEXES,
+            cache_mode: mode,
+            size_bytes: args.size,
+            base_dir: args.dir.clone(),
+            ..MirroredVolumeOptions::default()
+        })?;
+        Ok(Box::new(MirrorPath { volume, plex, mode }))
+    };
     match name {
         "sva-wb" => sva(CacheMode::WriteBack),
         "sva-wt" => sva(CacheMode::WriteThrough),
         "tgt" => tgt(CacheMode::WriteBack),
         "tgt-wt" => tgt(CacheMode::WriteThrough),
-        other => bail!("unknown target {other} (sva-wb, sva-wt, tgt, tgt-wt)"),
+        other => match parse_mirror(other) {
+            Some((mode, plex)) => mirror(mode, plex),
+            None => bail!(
+                "unknown target {other} (sva-wb, sva-wt, tgt, tgt-wt, base-wb, base-wt, \
+                 mirror-wb, mirror-wt, mirror-wb-p2, mirror-wt-p2)"
+            ),
+        },
+    }
+}
+
+/// Untimed ping-pongs before the timed ones (connection and scheduler warm-up).
+const RTT_WARMUP: u32 = 100;
+/// Ping-pongs timed per loopback round-trip measurement.
+const RTT_PINGS: u32 = 1000;
+/// Bound on one ping-pong, so a wedged echo thread fails the run instead of hanging it.
+const RTT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Mean round trip of a 1-byte ping-pong over TCP on 127.0.0.1 (Nagle off both ways) between
+/// two threads of this process: the network part of what a synchronous mirror adds to a
+/// write (the request to the peer, its ack back).
+fn loopback_rtt() -> Result<Duration> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(RTT_TIMEOUT))?;
+        let mut b = [0u8; 1];
+        loop {
+            match s.read(&mut b)? {
+                0 => return Ok(()),
+                _ => s.write_all(&b)?,
+            }
+        }
+    });
+    let mut c = TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    c.set_read_timeout(Some(RTT_TIMEOUT))?;
+    let mut b = [0u8; 1];
+    let mut ping = |c: &mut TcpStream| -> std::io::Result<()> {
+        c.write_all(&[1])?;
+        c.read_exact(&mut b)
+    };
+    for _ in 0..RTT_WARMUP {
+        ping(&mut c)?;
+    }
+    let start = Instant::now();
+    for _ in 0..RTT_PINGS {
+        ping(&mut c)?;
+    }
+    let rtt = start.elapsed() / RTT_PINGS;
+    drop(c);
+    echo.join()
+        .map_err(|_| anyhow!("loopback echo thread panicked"))??;
+    Ok(rtt)
+}
+
+/// 4 KiB page-cache writes timed per write-back local-write measurement.
+const LOCAL_WRITES_WB: u32 = 2000;
+/// 4 KiB write + fdatasync pairs timed per write-through measurement (each is a disk flush).
+const LOCAL_WRITES_WT: u32 = 200;
+/// Scratch file the local writes cycle over; written in full first, so they overwrite
+/// allocated blocks as the prefilled peer store does.
+const LOCAL_WRITE_FILE: u64 = 16 << 20;
+
+/// Mean time of one 4 KiB pwrite (write-back) or pwrite + fdatasync (write-through) on a
+/// file in `dir`: what the peer's store does for one replicated write of that cache mode,
+/// without the iSCSI and network around it.
+fn local_write(dir: Option<&Path>, mode: CacheMode) -> Result<Duration> {
+    let f = match dir {
+        Some(d) => tempfile::tempfile_in(d)?,
+        None => tempfile::tempfile()?,
+    };
+    f.write_all_at(&vec![0xa5; LOCAL_WRITE_FILE as usize], 0)?;
+    f.sync_all()?;
+    let buf = [0x5au8; 4096];
+    let n = match mode {
+        CacheMode::WriteBack => LOCAL_WRITES_WB,
+        CacheMode::WriteThrough => LOCAL_WRITES_WT,
+    };
+    let start = Instant::now();
+    for i in 0..n {
+        f.write_all_at(&buf, (u64::from(i) * 4096) % LOCAL_WRITE_FILE)?;
+        if mode == CacheMode::WriteThrough {
+            f.sync_data()?;
+        }
+    }
+    Ok(start.elapsed() / n)
+}
+
+/// Reference latencies measured in-process once per run, in µs.
+#[derive(Default)]
+struct Reference {
+    rtt: Vec<f64>,
+    local_wb: Vec<f64>,
+    local_wt: Vec<f64>,
+}
+
+impl Reference {
+    /// Measures the loopback RTT and the local write of every cache mode some mirrored
+    /// target uses.
+    fn measure(&mut self, args: &Args) -> Result<()> {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        self.rtt.push(us(loopback_rtt()?));
+        let modes: Vec<CacheMode> = args
+            .targets
+            .iter()
+            .filter_map(|t| parse_mirror(t).map(|(m, _)| m))
+            .collect();
+        let dir = args.dir.as_deref();
+        if modes.contains(&CacheMode::WriteBack) {
+            self.local_wb
+                .push(us(local_write(dir, CacheMode::WriteBack)?));
+        }
+        if modes.contains(&CacheMode::WriteThrough) {
+            self.local_wt
+                .push(us(local_write(dir, CacheMode::WriteThrough)?));
+        }
+        Ok(())
     }
 }
 
@@ -148,9 +352,12 @@ fn main() -> Result<()> {
     }
     let cases: Vec<BenchCase> = BENCH_CASES
         .iter()
-        .filter(|c| args.cases.as_deref().is_none_or(|f| c.name.contains(f)))
+        .filter(|c| args.cases.is_empty() || args.cases.iter().any(|f| c.name.contains(f)))
         .copied()
         .collect();
+    if cases.is_empty() {
+        bail!("no case matches --cases {}", args.cases.join(","));
+    }
     let mut targets = Vec::new();
     for name in &args.targets {
         let t = start_target(name, &args).with_context(|| format!("start {name}"))?;
@@ -179,14 +386,16 @@ fn main() -> Result<()> {
         }
     }
 
-    // Interleaved runs: run r of every case on every target before run r+1.
+    // Interleaved runs: run r of every case on every target before run r+1; the in-process
+    // reference latencies are taken once per run too, under the same load.
+    let mut reference = Reference::default();
     let mut iops = vec![vec![Vec::new(); targets.len()]; cases.len()];
     for run in 0..args.runs {
         for (ci, case) in cases.iter().enumerate() {
             for (ti, (name, t)) in targets.iter().enumerate() {
                 let m = measure(t.as_ref(), case, counts[ci][ti])?;
                 eprintln!(
-                    "run {} {:<14} {:<7} {:>10.0} IOPS",
+                    "run {} {:<14} {:<14} {:>10.0} IOPS",
                     run + 1,
                     case.name,
                     name,
@@ -195,19 +404,45 @@ fn main() -> Result<()> {
                 iops[ci][ti].push(m.iops);
             }
         }
+        reference.measure(&args)?;
     }
 
-    print_table(&args, &cases, &targets, &mut iops);
+    let medians: Vec<Vec<f64>> = iops
+        .iter_mut()
+        .map(|per_target| per_target.iter_mut().map(|v| median(v)).collect())
+        .collect();
+    print_table(&args, &cases, &targets, &medians);
+    print_latency(&cases, &targets, &medians, &mut reference);
     Ok(())
+}
+
+/// Width of a ratio column: its header, at least 10.
+fn ratio_width(header: &str) -> usize {
+    header.len().max(10)
 }
 
 fn print_table(
     args: &Args,
     cases: &[BenchCase],
     targets: &[(String, Box<dyn IscsiTarget>)],
-    iops: &mut [Vec<Vec<f64>>],
+    medians: &[Vec<f64>],
 ) {
-    let tgt_index = targets.iter().position(|(n, _)| n == "tgt");
+    let index = |name: &str| targets.iter().position(|(n, _)| n == name);
+    // (column header, numerator target, denominator target): every sva target against tgt,
+    // then every mirrored target against the single node of its cache mode.
+    let mut ratios: Vec<(String, usize, usize)> = Vec::new();
+    if let Some(tgt) = index("tgt") {
+        for (i, (name, _)) in targets.iter().enumerate() {
+            if is_sva(name) {
+                ratios.push((format!("{name}/tgt"), i, tgt));
+            }
+        }
+    }
+    for (i, (name, _)) in targets.iter().enumerate() {
+        if let Some((single, j)) = single_for(name).and_then(|s| Some((s, index(s)?))) {
+            ratios.push((format!("{name}/{single}"), i, j));
+        }
+    }
     println!(
         "\nqemu-img bench, volume {} MiB, median of {} runs (IOPS / MB/s)",
         args.size >> 20,
@@ -217,31 +452,134 @@ fn print_table(
     for (name, _) in targets {
         header.push_str(&format!(" | {:>20}", name));
     }
-    if tgt_index.is_some() {
-        for (name, _) in targets.iter().filter(|(n, _)| is_sva(n)) {
-            header.push_str(&format!(" | {:>10}", format!("{name}/tgt")));
-        }
+    for (h, _, _) in &ratios {
+        header.push_str(&format!(" | {:>w$}", h, w = ratio_width(h)));
     }
     println!("{header}");
     println!("{}", "-".repeat(header.len()));
     for (ci, case) in cases.iter().enumerate() {
-        let medians: Vec<f64> = iops[ci].iter_mut().map(|v| median(v)).collect();
+        let m = &medians[ci];
         let mut row = format!("{:<14}", case.name);
-        for m in &medians {
-            let mbps = m * case.block_bytes as f64 / 1e6;
-            row.push_str(&format!(" | {:>9.0} {:>8.1}MB", m, mbps));
+        for v in m {
+            let mbps = v * case.block_bytes as f64 / 1e6;
+            row.push_str(&format!(" | {:>9.0} {:>8.1}MB", v, mbps));
         }
-        if let Some(ti) = tgt_index {
-            for (i, (name, _)) in targets.iter().enumerate() {
-                if is_sva(name) {
-                    row.push_str(&format!(" | {:>10.2}", medians[i] / medians[ti]));
-                }
-            }
+        for (h, i, j) in &ratios {
+            row.push_str(&format!(" | {:>w$.2}", m[*i] / m[*j], w = ratio_width(h)));
+        }
+        println!("{row}");
+    }
+}
+
+/// The case whose mean latency the latency table shows: 4 KiB writes at QD1.
+fn is_qd1_write(c: &BenchCase) -> bool {
+    c.depth == 1 && c.block_bytes == 4096 && c.write
+}
+
+/// QD1 4 KiB write mean latency (1e6 / median IOPS, µs) per target; for each mirrored target
+/// the growth over the single node of its cache mode, beside the budget "one loopback round
+/// trip plus the peer's write", taken two ways: with the peer's write measured locally
+/// in-process (tight) and with the single node's whole QD1 write latency (loose: it also holds
+/// an initiator round trip and the iSCSI stack).
+fn print_latency(
+    cases: &[BenchCase],
+    targets: &[(String, Box<dyn IscsiTarget>)],
+    medians: &[Vec<f64>],
+    reference: &mut Reference,
+) {
+    let Some(ci) = cases.iter().position(is_qd1_write) else {
+        return;
+    };
+    let lat: Vec<f64> = medians[ci].iter().map(|iops| 1e6 / iops).collect();
+    let rtt = median(&mut reference.rtt);
+    let local_wb = median(&mut reference.local_wb);
+    let local_wt = median(&mut reference.local_wt);
+    // Only the modes some mirrored target uses were measured (the others are NaN).
+    let mut local = String::new();
+    for (mode, v) in [("wb", local_wb), ("wt", local_wt)] {
+        if !v.is_nan() {
+            local.push_str(&format!("; local 4 KiB write ({mode}) {v:.1} µs"));
+        }
+    }
+    println!(
+        "\nQD1 4 KiB write mean latency, µs (1e6 / median IOPS); loopback RTT {rtt:.1} µs{local}"
+    );
+    let header = format!(
+        "{:<14} | {:>9} | {:>16} | {:>9} | {:>20} | {:>20}",
+        "target", "latency", "single", "growth", "RTT+local write", "RTT+single latency"
+    );
+    println!("{header}");
+    println!("{}", "-".repeat(header.len()));
+    let verdict = |growth: f64, budget: f64| {
+        format!(
+            "{budget:.1} {}",
+            if growth <= budget { "ok" } else { "over" }
+        )
+    };
+    for (ti, (name, _)) in targets.iter().enumerate() {
+        let mut row = format!("{:<14} | {:>9.1}", name, lat[ti]);
+        let single =
+            single_for(name).and_then(|s| Some((s, targets.iter().position(|(n, _)| n == s)?)));
+        if let (Some((single, si)), Some((mode, _))) = (single, parse_mirror(name)) {
+            let growth = lat[ti] - lat[si];
+            let local = match mode {
+                CacheMode::WriteBack => local_wb,
+                CacheMode::WriteThrough => local_wt,
+            };
+            row.push_str(&format!(
+                " | {:>16} | {:>+9.1} | {:>20} | {:>20}",
+                format!("{single} {:.1}", lat[si]),
+                growth,
+                verdict(growth, rtt + local),
+                verdict(growth, rtt + lat[si]),
+            ));
         }
         println!("{row}");
     }
 }
 
 fn is_sva(name: &str) -> bool {
-    name.starts_with("sva") || name.starts_with("base")
+    name.starts_with("sva") || name.starts_with("base") || name.starts_with("mirror")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mirror_target_names() {
+        assert_eq!(parse_mirror("mirror-wb"), Some((CacheMode::WriteBack, 1)));
+        assert_eq!(
+            parse_mirror("mirror-wt-p2"),
+            Some((CacheMode::WriteThrough, 2))
+        );
+        assert_eq!(parse_mirror("mirror-wb-p3"), None);
+        assert_eq!(parse_mirror("mirror-wb-p0"), None);
+        assert_eq!(parse_mirror("mirror-xx"), None);
+        assert_eq!(parse_mirror("sva-wb"), None);
+        assert_eq!(single_for("mirror-wb-p2"), Some("sva-wb"));
+        assert_eq!(single_for("mirror-wt"), Some("sva-wt"));
+        assert_eq!(single_for("tgt"), None);
+        assert!(is_sva("mirror-wb") && !is_sva("tgt-wt"));
+    }
+
+    #[test]
+    fn measures_loopback_round_trip() {
+        let rtt = loopback_rtt().unwrap();
+        assert!(
+            rtt > Duration::ZERO && rtt < Duration::from_millis(100),
+            "{rtt:?}"
+        );
+    }
+
+    #[test]
+    fn times_local_writes() {
+        for mode in [CacheMode::WriteBack, CacheMode::WriteThrough] {
+            let t = local_write(None, mode).unwrap();
+            assert!(
+                t > Duration::ZERO && t < Duration::from_secs(1),
+                "{mode:?} {t:?}"
+            );
+        }
+    }
 }
