@@ -244,7 +244,7 @@ pub struct MirrorStatus {
 impl StatusSource for MirrorStatus {
     fn status(&self) -> NodeStatus {
         let (epoch, path, membership) = self.node.status();
-        let alua_state = alua(path);
+        let alua_state = AluaState::from(path);
         self.metrics.set_epoch(epoch);
         self.metrics.set_alua_state(alua_state);
         let rate = self.resync_rate.load(std::sync::atomic::Ordering::Relaxed);
@@ -272,7 +272,7 @@ impl StatusSource for MirrorStatus {
         match self.node.status().1 {
             PathState::ActiveOptimized if self.node.serving() => Ok(()),
             PathState::ActiveOptimized => Err("waiting for the read lease from its peers".into()),
-            p => Err(format!("path {:?}", alua(p))),
+            p => Err(format!("path {:?}", AluaState::from(p))),
         }
     }
 
@@ -280,14 +280,6 @@ impl StatusSource for MirrorStatus {
         self.resync_rate
             .store(bytes_per_sec, std::sync::atomic::Ordering::Relaxed);
         Ok(())
-    }
-}
-
-fn alua(p: PathState) -> AluaState {
-    match p {
-        PathState::ActiveOptimized => AluaState::ActiveOptimized,
-        PathState::Transitioning => AluaState::Transitioning,
-        PathState::Unavailable => AluaState::Unavailable,
     }
 }
 

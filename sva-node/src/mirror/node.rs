@@ -29,7 +29,7 @@ use super::link::{self, Inbound, LinkConfig, Links};
 use super::msg::{OpMeta, PAYLOAD_BYTES_MAX};
 use super::op::{self, ReplicatedOp};
 use crate::scsi::alua::{AluaState, PortGroup, PortGroups};
-use crate::scsi::lu::LogicalUnit;
+use crate::scsi::lu::{run_off_thread, Admission, LogicalUnit};
 use crate::scsi::sense::asc;
 use crate::scsi::{
     cdb, NexusId, ScsiCommand, ScsiError, ScsiResponse, ScsiTarget, SenseKey, TaskManagement,
@@ -190,11 +190,7 @@ impl MirrorNode {
                 id: p.id,
                 relative_ports: vec![p.id],
                 state: if p.id == me {
-                    match mine {
-                        PathState::ActiveOptimized => AluaState::ActiveOptimized,
-                        PathState::Transitioning => AluaState::Transitioning,
-                        PathState::Unavailable => AluaState::Unavailable,
-                    }
+                    mine.into()
                 } else if p.state == PlexState::InSync {
                     AluaState::ActiveOptimized
                 } else {
@@ -222,8 +218,7 @@ impl MirrorNode {
             }
             Err(e) => {
                 tracing::error!("undecodable replicated op: {e}");
-                ScsiError::check(SenseKey::HardwareError, asc::INTERNAL_TARGET_FAILURE)
-                    .to_response()
+                ScsiResponse::target_failure()
             }
         };
         op::encode_response(&response)
@@ -315,6 +310,16 @@ impl MirrorNode {
     }
 }
 
+impl From<PathState> for AluaState {
+    fn from(p: PathState) -> AluaState {
+        match p {
+            PathState::ActiveOptimized => AluaState::ActiveOptimized,
+            PathState::Transitioning => AluaState::Transitioning,
+            PathState::Unavailable => AluaState::Unavailable,
+        }
+    }
+}
+
 /// The `ScsiTarget` of a mirrored node.
 pub struct MirroredTarget {
     node: MirrorNode,
@@ -341,18 +346,12 @@ impl ScsiTarget for MirroredTarget {
                 if !lock(&node.shared.engine).can_serve_reads(now) {
                     return node.retry_response();
                 }
-                // Page-cache hits run inline; anything that could block goes to the pool.
-                if let Some(r) = lu.try_execute_admitted_cached(&nexus, &cmd) {
-                    return r;
-                }
-                return tokio::task::spawn_blocking(move || lu.execute_admitted(&nexus, &cmd))
-                    .await
-                    .unwrap_or_else(|_| internal_error());
+                return run_off_thread(lu, nexus, cmd, Admission::Done).await;
             }
             match node.replicate(ReplicatedOp::Command { nexus, cmd }).await {
                 Outcome::Done(bytes) => op::decode_response(bytes).unwrap_or_else(|e| {
                     tracing::error!("undecodable local response: {e}");
-                    internal_error()
+                    ScsiResponse::target_failure()
                 }),
                 Outcome::Retry => node.retry_response(),
             }
@@ -404,10 +403,6 @@ impl ScsiTarget for MirroredTarget {
             }
         });
     }
-}
-
-fn internal_error() -> ScsiResponse {
-    ScsiError::check(SenseKey::HardwareError, asc::INTERNAL_TARGET_FAILURE).to_response()
 }
 
 /// The engine mutex is never held across a panic-prone call, but recover anyway.

@@ -672,19 +672,48 @@ impl LocalTarget {
     }
 }
 
+/// Whether [`run_off_thread`] runs the per-node admission checks too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// `LogicalUnit::execute`: admission, then the command.
+    Check,
+    /// `LogicalUnit::execute_admitted`: the caller already admitted it.
+    Done,
+}
+
+/// Run a command without blocking the async thread: a read the page cache can answer runs
+/// inline, anything else (it may wait on the disk) on the blocking pool. Shared by the local
+/// and the mirrored target so both take the same I/O path.
+pub async fn run_off_thread(
+    lu: Arc<LogicalUnit>,
+    nexus: NexusId,
+    cmd: ScsiCommand,
+    admission: Admission,
+) -> ScsiResponse {
+    let cached = match admission {
+        Admission::Check => lu.try_execute_cached(&nexus, &cmd),
+        Admission::Done => lu.try_execute_admitted_cached(&nexus, &cmd),
+    };
+    if let Some(r) = cached {
+        return r;
+    }
+    let run = move || match admission {
+        Admission::Check => lu.execute(&nexus, &cmd),
+        Admission::Done => lu.execute_admitted(&nexus, &cmd),
+    };
+    tokio::task::spawn_blocking(run)
+        .await
+        .unwrap_or_else(|_| ScsiResponse::target_failure())
+}
+
 impl ScsiTarget for LocalTarget {
     fn execute(&self, nexus: NexusId, cmd: ScsiCommand) -> BoxFuture<'static, ScsiResponse> {
-        if let Some(r) = self.lu.try_execute_cached(&nexus, &cmd) {
-            return Box::pin(std::future::ready(r));
-        }
-        let lu = self.lu.clone();
-        Box::pin(async move {
-            match tokio::task::spawn_blocking(move || lu.execute(&nexus, &cmd)).await {
-                Ok(r) => r,
-                Err(_) => ScsiError::check(SenseKey::HardwareError, asc::INTERNAL_TARGET_FAILURE)
-                    .to_response(),
-            }
-        })
+        Box::pin(run_off_thread(
+            self.lu.clone(),
+            nexus,
+            cmd,
+            Admission::Check,
+        ))
     }
 
     fn task_management(

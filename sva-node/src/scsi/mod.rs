@@ -89,6 +89,12 @@ pub struct ScsiResponse {
 }
 
 impl ScsiResponse {
+    /// HARDWARE ERROR / INTERNAL TARGET FAILURE: the target itself failed (a worker died, a
+    /// peer sent an undecodable op), not the command.
+    pub fn target_failure() -> Self {
+        ScsiError::check(SenseKey::HardwareError, sense::asc::INTERNAL_TARGET_FAILURE).to_response()
+    }
+
     pub fn good() -> Self {
         ScsiResponse {
             status: ScsiStatus::Good,
