@@ -195,6 +195,7 @@ fn report(node: &str, epoch: u64, members: &[(u16, PlexState)]) -> NodeStatusRep
             })
             .collect(),
         resync_rate_limit_bytes_per_sec: None,
+        verify: None,
     }
 }
 

@@ -90,6 +90,7 @@ fn report(node: &str, epoch: u64, states: &[(u16, PlexState)]) -> NodeStatusRepo
             })
             .collect(),
         resync_rate_limit_bytes_per_sec: None,
+        verify: None,
     }
 }
 

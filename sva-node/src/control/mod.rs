@@ -22,7 +22,9 @@ pub mod status;
 pub use instrument::InstrumentedTarget;
 pub use metrics::{Metrics, OpClass};
 pub use server::{router, serve, ControlState};
-pub use status::{NodeStatus, PlexStatus, ResyncProgress, SingleNodeStatus, StatusSource};
+pub use status::{
+    NodeStatus, PlexStatus, ResyncProgress, SingleNodeStatus, StatusSource, VerifyStatus,
+};
 
 /// Errors of the control API, each mapped to an HTTP status by [`ControlError::http_status`].
 #[derive(Debug, thiserror::Error)]

@@ -18,13 +18,42 @@ use crate::witness::PlexState;
 /// link, so a typo (an extra few zeros) is caught rather than read as "unthrottled".
 pub const RESYNC_BYTES_PER_SEC_MAX: u64 = 100 << 30;
 
-/// Resync progress of one plex (DESIGN.md §6).
+/// Resync progress of one plex (DESIGN.md §6). All zero when no resync runs. The fields after
+/// `bytes_per_sec` are optional on the wire so older nodes' reports still parse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ResyncProgress {
+    /// Bytes of the regions to resync that are done.
     pub done_bytes: u64,
+    /// Bytes of the regions to resync (dirty at the start plus any added since).
     pub total_bytes: u64,
+    /// Recent copy rate.
     pub bytes_per_sec: u64,
+    /// Payload bytes actually copied since the resync began (holes copy none).
+    #[serde(default)]
+    pub copied_bytes: u64,
+    /// Seconds left at the recent rate; `None` when idle or no rate is known yet.
+    #[serde(default)]
+    pub eta_seconds: Option<u64>,
+    /// True for a full resync (new or wiped plex), false for an incremental one.
+    #[serde(default)]
+    pub full: bool,
+    /// This node's part: `None` when it takes no part in this plex's resync.
+    #[serde(default)]
+    pub role: Option<crate::mirror::resync::ResyncRole>,
+}
+
+/// The last (or running) online verify, as `/v1/status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyStatus {
+    pub running: bool,
+    pub regions_total: u64,
+    pub regions_done: u64,
+    /// Indices of regions whose checksums differed between plexes.
+    pub mismatched_regions: Vec<u64>,
+    /// Region size, to turn an index into a byte offset.
+    pub region_bytes: u64,
 }
 
 /// One plex as `/v1/status` shows it.
@@ -52,6 +81,9 @@ pub struct NodeStatus {
     pub plexes: Vec<PlexStatus>,
     /// Resync rate limit set through the API, if any (`null` = the configured default).
     pub resync_rate_limit_bytes_per_sec: Option<u64>,
+    /// The last online verify this node ran (only the sequencer runs them).
+    #[serde(default)]
+    pub verify: Option<VerifyStatus>,
 }
 
 /// Source of the node's status, health and the target of API mutations.
@@ -128,6 +160,7 @@ impl StatusSource for SingleNodeStatus {
                     done_bytes,
                     total_bytes,
                     bytes_per_sec,
+                    ..ResyncProgress::default()
                 };
                 (g.state(), progress)
             }
@@ -147,6 +180,7 @@ impl StatusSource for SingleNodeStatus {
                 resync,
             }],
             resync_rate_limit_bytes_per_sec: (rate != 0).then_some(rate),
+            verify: None,
         }
     }
 

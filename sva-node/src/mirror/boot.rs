@@ -102,7 +102,7 @@ pub async fn start(
              it stays out of sync (Unavailable) until resynced",
             cfg.volume.name
         );
-        Start::Restart
+        Start::Restart(Default::default())
     } else {
         write_marker(&marker)?;
         Start::Bootstrap
@@ -265,6 +265,7 @@ impl StatusSource for MirrorStatus {
                 })
                 .collect(),
             resync_rate_limit_bytes_per_sec: (rate > 0).then_some(rate),
+            verify: None,
         }
     }
 

@@ -24,6 +24,7 @@ use bytes::Bytes;
 
 use super::dirty::{DirtyMap, REGION_BYTES_DEFAULT};
 use super::msg::{Entry, Epoch, EpochState, LbaRange, Message, OpMeta, OpRange, PlexId, Seq};
+use super::resync::{CopyWhat, Recovered, ResyncInfo, VerifyInfo};
 use crate::witness::{Membership, PlexState, WitnessError};
 
 /// Milliseconds on the driver's monotonic clock (any origin).
@@ -105,16 +106,55 @@ pub enum Command {
     Settled {
         up_to: Seq,
     },
+    // ----- resync and verify (see `resync.rs`) -----
+    /// Source side of copy `seq`: read `what` from the local plex (at this point of the order:
+    /// every earlier overlapping op is applied, no later one is) and call
+    /// [`Engine::copied_out`]. An all-zero or unmapped region may be returned as empty data.
+    CopyOut {
+        seq: Seq,
+        what: CopyWhat,
+    },
+    /// Target side of copy `seq`: write `data` (empty: zeros/hole) durably, then call
+    /// [`Engine::applied`] with an empty response.
+    CopyIn {
+        seq: Seq,
+        what: CopyWhat,
+        data: Bytes,
+    },
+    /// Verify: checksum `range` of the local plex and call [`Engine::checksummed`].
+    Checksum {
+        seq: Seq,
+        region: u64,
+        range: LbaRange,
+    },
+    /// Persist these regions in `plex`'s write-intent bitmap before any later data write.
+    MarkDirtyRegions {
+        plex: PlexId,
+        regions: Vec<u64>,
+    },
+    /// These regions of `plex`'s bitmap are resynced; persist lazily.
+    ClearDirtyRegions {
+        plex: PlexId,
+        regions: Vec<u64>,
+    },
+    /// `plex` is in sync again (or removed): delete its bitmap.
+    DropBitmap {
+        plex: PlexId,
+    },
+    /// The activity log regions handed in through `Recovered` are now covered by bitmaps or
+    /// resynced: the driver may shrink the log to the regions of unsettled ops.
+    ActivityLogAbsorbed,
 }
 
 /// How the engine starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Start {
     /// A new volume whose in-sync plexes are identical (all start together at seq 0).
     Bootstrap,
     /// A restarted node: it lost its in-memory state, so it stays out (Unavailable) until
-    /// resync brings it back, whatever the record says; its peers exclude it.
-    Restart,
+    /// resync brings it back, whatever the record says; its peers exclude it. What it read
+    /// back from its state directory tells the resync what may differ.
+    Restart(Recovered),
 }
 
 /// Engine settings.
@@ -262,7 +302,7 @@ impl Engine {
             dirty,
             cfg,
         };
-        if start == Start::Bootstrap && e.is_in_sync(e.cfg.me) {
+        if matches!(start, Start::Bootstrap) && e.is_in_sync(e.cfg.me) {
             e.role = Role::Active;
             e.reset_peers(now);
             e.set_path(PathState::ActiveOptimized);
@@ -549,6 +589,38 @@ impl Engine {
             return;
         }
         self.progress(now);
+    }
+
+    /// Source side of copy `seq`: the data `CopyOut` read (empty: zeros).
+    pub fn copied_out(&mut self, now: Millis, seq: Seq, data: Bytes) {
+        let _ = (now, seq, data); // resync issue: send CopyData to the target
+    }
+
+    /// Verify: the local checksum of copy `seq`'s region.
+    pub fn checksummed(&mut self, now: Millis, seq: Seq, checksum: [u8; 32]) {
+        let _ = (now, seq, checksum); // resync issue
+    }
+
+    /// Resync throttle in bytes/s (0: unthrottled), changeable at run time.
+    pub fn set_resync_rate(&mut self, bytes_per_sec: u64) {
+        let _ = bytes_per_sec; // resync issue
+    }
+
+    /// Start an online verify of every region across the in-sync plexes (sequencer only);
+    /// `repair`: mark mismatched regions for resync.
+    pub fn start_verify(&mut self, now: Millis, repair: bool) -> Result<(), &'static str> {
+        let _ = (now, repair);
+        Err("verify is not implemented yet")
+    }
+
+    /// Resyncs this node takes part in.
+    pub fn resync_status(&self) -> Vec<(super::resync::ResyncRole, ResyncInfo)> {
+        Vec::new()
+    }
+
+    /// The last (or running) verify.
+    pub fn verify_status(&self) -> VerifyInfo {
+        VerifyInfo::default()
     }
 
     // ----- internals -----

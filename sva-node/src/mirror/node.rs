@@ -177,6 +177,16 @@ impl MirrorNode {
                 tracing::trace!(?range, "dirty");
             }
             Command::Settled { .. } => {}
+            // Resync and verify: the resync issue's driver work.
+            Command::CopyOut { .. }
+            | Command::CopyIn { .. }
+            | Command::Checksum { .. }
+            | Command::MarkDirtyRegions { .. }
+            | Command::ClearDirtyRegions { .. }
+            | Command::DropBitmap { .. }
+            | Command::ActivityLogAbsorbed => {
+                tracing::debug!("resync command not handled yet");
+            }
         }
     }
 

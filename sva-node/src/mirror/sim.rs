@@ -434,7 +434,7 @@ impl Sim {
                     engine_cfg(id),
                     self.record.clone(),
                     self.now,
-                    Start::Restart,
+                    Start::Restart(Default::default()),
                 ));
                 self.drain(n);
             }
@@ -694,6 +694,14 @@ impl Sim {
                     );
                 }
                 Command::Complete { op, outcome } => self.on_complete(n, epoch, op, outcome),
+                // Resync: simulated by the resync issue.
+                Command::CopyOut { .. }
+                | Command::CopyIn { .. }
+                | Command::Checksum { .. }
+                | Command::MarkDirtyRegions { .. }
+                | Command::ClearDirtyRegions { .. }
+                | Command::DropBitmap { .. }
+                | Command::ActivityLogAbsorbed => {}
             }
         }
     }

@@ -412,7 +412,12 @@ fn a_message_from_an_older_epoch_is_refused_and_answered_with_the_new_record() {
 
 #[test]
 fn a_restarted_node_stays_out_whatever_the_record_says() {
-    let mut e = Engine::new(Config::new(2), two_plexes(), 0, Start::Restart);
+    let mut e = Engine::new(
+        Config::new(2),
+        two_plexes(),
+        0,
+        Start::Restart(Default::default()),
+    );
     assert_eq!(
         drain(&mut e),
         vec![Command::PathState(PathState::Unavailable)]
