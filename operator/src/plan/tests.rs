@@ -316,6 +316,7 @@ fn node_back_shows_resync_progress_then_in_sync() {
         done_bytes: 1 << 29,
         total_bytes: 1 << 30,
         bytes_per_sec: 1 << 20,
+        ..ResyncReport::default()
     };
     o.reports.insert(1, r.clone());
     o.reports.insert(
