@@ -217,6 +217,29 @@ impl Outbox {
     }
 }
 
+/// Read what the socket has into `buf`. `Ok(Some(0))`: the peer closed; `Ok(None)`: a
+/// spurious wakeup, nothing to read. A read shorter than the free space emptied the socket,
+/// so the socket's readiness is cleared at once (as tokio's own `poll_read` does) instead of
+/// by one more `recvfrom` answering EAGAIN before the next wait — a system call per
+/// command at queue depth 1.
+fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<Option<usize>> {
+    let space = buf.capacity() - buf.len();
+    let mut got = 0;
+    let r = stream.try_io(tokio::io::Interest::READABLE, || {
+        got = stream.try_read_buf(buf)?;
+        if got > 0 && got < space {
+            // Not an error: tells tokio the socket is drained (readiness cleared).
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(got)
+    });
+    match r {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok((got > 0).then_some(got)),
+        Err(e) => Err(e),
+    }
+}
+
 /// A command or task management function handed to the SCSI target, resolving to its
 /// result; polled by the connection task.
 type InFlight = BoxFuture<'static, Completion>;
@@ -378,11 +401,10 @@ async fn run_connection(
                     if buf.capacity() - buf.len() < READ_SPACE_MIN {
                         buf.reserve(READ_BUF_BYTES);
                     }
-                    match stream.try_read_buf(&mut buf) {
+                    match read_some(&stream, &mut buf) {
                         // The initiator closed the connection (after logout or not).
-                        Ok(0) => return Ok(()),
+                        Ok(Some(0)) => return Ok(()),
                         Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(e) => return Err(e.into()),
                     }
                 }
