@@ -37,6 +37,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::budget::WriteBudget;
 use super::pdu::{self, Digests, Pdu};
 use super::session::{Connection, Event};
 use super::{IscsiError, TargetConfig};
@@ -101,6 +102,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), IscsiError> {
     let registry = Arc::new(Registry::default());
+    let budget = WriteBudget::new(cfg.limits.write_buffer_bytes_max);
     let mut conns = JoinSet::new();
     tracing::info!(addr = ?listener.local_addr().ok(), iqn = %cfg.iqn, "iSCSI target listening");
     loop {
@@ -123,9 +125,9 @@ pub async fn serve(
                     tracing::warn!(%peer, "connection limit reached; refusing");
                     continue;
                 }
-                let (cfg, target, registry, shutdown) = (cfg.clone(), target.clone(), registry.clone(), shutdown.clone());
+                let (cfg, target, registry, shutdown, budget) = (cfg.clone(), target.clone(), registry.clone(), shutdown.clone(), budget.clone());
                 conns.spawn(async move {
-                    if let Err(e) = run_connection(stream, cfg, target, registry, shutdown).await {
+                    if let Err(e) = run_connection(stream, cfg, target, registry, shutdown, budget).await {
                         tracing::info!(%peer, error = %e, "connection ended");
                     }
                 });
@@ -336,17 +338,20 @@ async fn run_connection(
     target: Arc<dyn ScsiTarget>,
     registry: Arc<Registry>,
     mut shutdown: watch::Receiver<bool>,
+    budget: Arc<WriteBudget>,
 ) -> Result<(), IscsiError> {
     stream.set_nodelay(true)?;
     let mut challenge = [0u8; super::chap::CHALLENGE_LEN];
     rand::Rng::fill(&mut rand::thread_rng(), &mut challenge[..]);
-    let conn = Connection::new(
+    let mut conn = Connection::new(
         cfg,
         registry.tsih(),
         rand::random(),
         challenge,
         Instant::now().into_std(),
     );
+    conn.set_write_budget(budget.clone());
+    let mut budget_released = budget.subscribe();
     let conn_id = registry.next_conn.fetch_add(1, Ordering::Relaxed);
     let mut t = ConnTask {
         conn,
@@ -409,6 +414,12 @@ async fn run_connection(
                     }
                 }
                 r = stream.writable(), if !sent => r?,
+                // Another command gave back write budget: send the R2Ts that waited for it.
+                r = budget_released.changed(), if t.conn.awaiting_write_budget() => {
+                    if r.is_ok() {
+                        t.conn.retry_write_budget();
+                    }
+                }
                 Some(c) = t.inflight.next(), if !t.inflight.is_empty() => {
                     t.complete(c);
                     // Whatever else has finished goes out in the same write.
