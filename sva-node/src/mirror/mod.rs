@@ -50,6 +50,7 @@ pub mod link;
 pub mod msg;
 pub mod node;
 pub mod op;
+pub mod persist;
 pub mod resync;
 pub mod sim;
 
