@@ -615,7 +615,7 @@ impl ActivityLog {
                 h.region_bytes
             ));
         }
-        if raw.len() % PAGE_BYTES != 0 {
+        if !raw.len().is_multiple_of(PAGE_BYTES) {
             return Err(format!(
                 "{} bytes is not a whole number of pages",
                 raw.len()
