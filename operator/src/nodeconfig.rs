@@ -163,6 +163,9 @@ pub fn config(
                 namespace: Some(v.namespace.to_string()),
                 name: lease_name(v.volume),
             }),
+            region_bytes: None,
+            resync_bytes_per_sec: None,
+            activity_log_regions: None,
         }),
     })
 }

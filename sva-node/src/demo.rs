@@ -215,6 +215,9 @@ fn start_all(
                 address: witness_addr.to_string(),
                 secret_file: witness_secret,
             },
+            region_bytes: None,
+            resync_bytes_per_sec: None,
+            activity_log_regions: None,
         })
     } else {
         None
