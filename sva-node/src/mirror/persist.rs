@@ -819,6 +819,222 @@ impl ActivityLog {
     }
 }
 
+// ----- the node's state directory -----
+
+/// Everything the driver persists for resync, shared by its tasks.
+#[derive(Debug)]
+pub struct StateFiles {
+    dir: PathBuf,
+    region_bytes: u64,
+    region_count: u64,
+    bitmaps: std::sync::Mutex<BTreeMap<u16, RegionBitmap>>,
+    al: std::sync::Mutex<AlState>,
+}
+
+#[derive(Debug)]
+struct AlState {
+    log: ActivityLog,
+    /// Regions of each op handed to the LU (by seq), and whether `ensure` ran for it yet.
+    in_flight: BTreeMap<u64, (Vec<u64>, bool)>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl StateFiles {
+    /// Read back the state directory of a restarted node (or set it up for a new one):
+    /// the activity log, every plex's bitmap, and `data_valid`. Distrusted files are logged
+    /// and stand for every region. `volume_bytes` sizes the bitmaps.
+    pub fn recover(
+        dir: &Path,
+        region_bytes: u64,
+        volume_bytes: u64,
+        al_capacity: usize,
+        data_valid: bool,
+    ) -> Result<(StateFiles, super::resync::Recovered), PersistError> {
+        let region_count = volume_bytes.div_ceil(region_bytes.max(1));
+        let al_path = ActivityLog::path(dir);
+        let (log, al_loaded) = if data_valid {
+            ActivityLog::load(&al_path, region_bytes, region_count, al_capacity)?
+        } else {
+            // A new or wiped plex: whatever log is there describes other data.
+            let log = ActivityLog::create(&al_path, region_bytes, region_count, al_capacity)?;
+            (
+                log,
+                Loaded {
+                    regions: BTreeSet::new(),
+                    distrusted: None,
+                },
+            )
+        };
+        if let Some(why) = &al_loaded.distrusted {
+            tracing::error!(
+                "activity log {} cannot be trusted ({why}): every region of this plex will be \
+                 resynced",
+                al_path.display()
+            );
+        } else if !al_loaded.regions.is_empty() {
+            tracing::info!(
+                "activity log: {} region(s) may differ from the peers",
+                al_loaded.regions.len()
+            );
+        }
+        let mut bitmaps = BTreeMap::new();
+        let mut recovered_bitmaps = BTreeMap::new();
+        for (plex, path) in bitmap_files(dir)? {
+            if let Some((bm, loaded)) = RegionBitmap::open(&path, region_bytes, region_count)? {
+                if let Some(why) = &loaded.distrusted {
+                    tracing::error!(
+                        "write-intent bitmap {} cannot be trusted ({why}): plex {plex} will get \
+                         a full resync",
+                        path.display()
+                    );
+                }
+                recovered_bitmaps.insert(plex, loaded.regions);
+                bitmaps.insert(plex, bm);
+            }
+        }
+        let files = StateFiles {
+            dir: dir.to_path_buf(),
+            region_bytes,
+            region_count,
+            bitmaps: std::sync::Mutex::new(bitmaps),
+            al: std::sync::Mutex::new(AlState {
+                log,
+                in_flight: BTreeMap::new(),
+            }),
+        };
+        let recovered = super::resync::Recovered {
+            activity_log: al_loaded.regions,
+            bitmaps: recovered_bitmaps,
+            data_valid,
+        };
+        Ok((files, recovered))
+    }
+
+    pub fn region_bytes(&self) -> u64 {
+        self.region_bytes
+    }
+
+    pub fn region_count(&self) -> u64 {
+        self.region_count
+    }
+
+    /// Regions covering `blocks` blocks from `lba` of `block_size` bytes (clipped to the volume).
+    pub fn regions_of(&self, lba: u64, blocks: u64, block_size: u32) -> Vec<u64> {
+        if blocks == 0 || self.region_count == 0 {
+            return Vec::new();
+        }
+        let bs = u64::from(block_size.max(1));
+        let first = lba.saturating_mul(bs) / self.region_bytes;
+        let last = lba.saturating_add(blocks - 1).saturating_mul(bs) / self.region_bytes;
+        let last = last.min(self.region_count - 1);
+        if first > last {
+            return Vec::new();
+        }
+        (first..=last).collect()
+    }
+
+    /// `MarkDirtyRegions`: durable before returning (creates the plex's bitmap if needed).
+    pub fn mark_dirty(&self, plex: u16, regions: &[u64]) -> Result<(), PersistError> {
+        let mut bms = lock(&self.bitmaps);
+        let regions: Vec<u64> = regions
+            .iter()
+            .copied()
+            .filter(|&r| r < self.region_count)
+            .collect();
+        match bms.get_mut(&plex) {
+            Some(bm) => bm.mark_durable(&regions),
+            None => {
+                let path = RegionBitmap::path(&self.dir, plex);
+                let bm =
+                    RegionBitmap::create(&path, self.region_bytes, self.region_count, &regions)?;
+                bms.insert(plex, bm);
+                Ok(())
+            }
+        }
+    }
+
+    /// `ClearDirtyRegions`: in memory; [`flush_bitmaps`](Self::flush_bitmaps) persists it.
+    pub fn clear_dirty(&self, plex: u16, regions: &[u64]) {
+        if let Some(bm) = lock(&self.bitmaps).get_mut(&plex) {
+            bm.clear(regions);
+        }
+    }
+
+    /// `DropBitmap`: delete the plex's bitmap file.
+    pub fn drop_bitmap(&self, plex: u16) -> Result<(), PersistError> {
+        match lock(&self.bitmaps).remove(&plex) {
+            Some(bm) => bm.remove(),
+            None => Ok(()),
+        }
+    }
+
+    /// Persist lazy clears of every bitmap.
+    pub fn flush_bitmaps(&self) -> Result<(), PersistError> {
+        let mut bms = lock(&self.bitmaps);
+        let mut first_err = None;
+        for bm in bms.values_mut().filter(|b| b.needs_flush()) {
+            if let Err(e) = bm.flush() {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Regions of each persisted bitmap (for status and tests).
+    pub fn bitmap_regions(&self) -> BTreeMap<u16, BTreeSet<u64>> {
+        lock(&self.bitmaps)
+            .iter()
+            .map(|(p, b)| (*p, b.regions()))
+            .collect()
+    }
+
+    /// An op (`seq`) touching `regions` is about to be handed to a blocking thread.
+    pub fn op_dispatched(&self, seq: u64, regions: Vec<u64>) {
+        if regions.is_empty() {
+            return;
+        }
+        lock(&self.al).in_flight.insert(seq, (regions, false));
+    }
+
+    /// On the blocking thread, before the data write of op `seq`: its regions are in the
+    /// activity log, durably.
+    pub fn op_before_write(&self, seq: u64) -> Result<(), PersistError> {
+        let mut st = lock(&self.al);
+        let st = &mut *st;
+        let Some((regions, ensured)) = st.in_flight.get_mut(&seq) else {
+            return Ok(());
+        };
+        *ensured = true;
+        st.log.ensure(regions)
+    }
+
+    /// `Settled{up_to}`: ops up to `up_to` are applied everywhere; their regions may leave
+    /// the activity log.
+    pub fn settled(&self, up_to: u64) {
+        let mut st = lock(&self.al);
+        let keep = st.in_flight.split_off(&(up_to.saturating_add(1)));
+        let done = std::mem::replace(&mut st.in_flight, keep);
+        for (regions, ensured) in done.into_values() {
+            if ensured {
+                st.log.release(&regions);
+            }
+        }
+    }
+
+    /// `ActivityLogAbsorbed`.
+    pub fn absorbed(&self) -> Result<(), PersistError> {
+        lock(&self.al).log.absorbed()
+    }
+
+    /// Regions currently in the activity log.
+    pub fn activity_log(&self) -> BTreeSet<u64> {
+        lock(&self.al).log.regions()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -937,6 +1153,42 @@ mod tests {
         al2.absorbed().expect("absorbed");
         al2.ensure(&[8]).expect("ensure");
         assert!(al2.len() <= 6);
+    }
+
+    #[test]
+    fn state_files_recover_what_was_persisted() {
+        let d = dir();
+        let (sf, rec) = StateFiles::recover(d.path(), 1 << 20, 10 << 20, 4, true).expect("recover");
+        // First start of a node that has served before but has no log: distrust it.
+        assert_eq!(rec.activity_log.len(), 10);
+        sf.absorbed().expect("absorbed");
+        assert_eq!(sf.regions_of(0, 1, 512), vec![0]);
+        assert_eq!(sf.regions_of(2047, 2, 512), vec![0, 1]);
+        assert_eq!(
+            sf.regions_of(20479, 100, 512),
+            vec![9],
+            "clipped to the volume"
+        );
+        sf.op_dispatched(1, sf.regions_of(2048 * 3, 8, 512));
+        sf.op_before_write(1).expect("ensure");
+        sf.op_dispatched(2, vec![5]);
+        sf.op_before_write(2).expect("ensure");
+        sf.settled(1);
+        sf.mark_dirty(2, &[7, 8]).expect("mark");
+        sf.mark_dirty(2, &[9]).expect("mark");
+        sf.clear_dirty(2, &[8]);
+        sf.flush_bitmaps().expect("flush");
+        sf.mark_dirty(3, &[1]).expect("mark");
+        sf.drop_bitmap(3).expect("drop");
+        drop(sf);
+        let (_, rec) = StateFiles::recover(d.path(), 1 << 20, 10 << 20, 4, true).expect("recover");
+        assert_eq!(rec.activity_log, [3, 5].into());
+        assert_eq!(rec.bitmaps.len(), 1);
+        assert_eq!(rec.bitmaps[&2], [7, 9].into());
+        assert!(rec.data_valid);
+        // A wiped plex: no activity log carried over.
+        let (_, rec) = StateFiles::recover(d.path(), 1 << 20, 10 << 20, 4, false).expect("recover");
+        assert!(rec.activity_log.is_empty() && !rec.data_valid);
     }
 
     #[test]
