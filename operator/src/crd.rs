@@ -450,6 +450,11 @@ mod tests {
         assert!(crd.contains(r#""shortNames":["mv"]"#));
         let plex = serde_json::to_string(&Plex::crd()).unwrap();
         assert!(plex.contains(r#""shortNames":["plex"]"#));
+        // Resync progress reads in `kubectl get mv` / `kubectl get plex` (ETA with -o wide).
+        for c in [&crd, &plex] {
+            assert!(c.contains(r#""jsonPath":".status.resync.percent""#), "{c}");
+            assert!(c.contains(r#""jsonPath":".status.resync.etaSeconds""#), "{c}");
+        }
     }
 
     #[test]
