@@ -115,10 +115,47 @@ struct NodePlan {
     peer: SocketAddr,
 }
 
+/// Set once Ctrl-C or SIGTERM arrived, so the (possibly long) start-up waits stop too.
+static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn stop_requested() -> bool {
+    STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Watch for Ctrl-C/SIGTERM from now on (a thread with its own small runtime).
+fn watch_signals() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let term = signal(SignalKind::terminate());
+            let int = signal(SignalKind::interrupt());
+            let _ = ready_tx.send(());
+            match (term, int) {
+                (Ok(mut t), Ok(mut i)) => {
+                    tokio::select! {
+                        _ = t.recv() => {}
+                        _ = i.recv() => {}
+                    }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+            STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    });
+    let _ = ready_rx.recv();
+    Ok(())
+}
+
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     if args.plexes == 0 || args.plexes > PLEXES_MAX {
         bail!("--plexes must be 1 to {PLEXES_MAX}");
     }
+    watch_signals()?;
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
     let dir = args
@@ -508,6 +545,9 @@ async fn wait_for_stop(procs: &mut [Proc]) -> Option<(String, std::process::Exit
             _ = tokio::signal::ctrl_c() => return None,
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => return None,
             _ = tick.tick() => {
+                if stop_requested() {
+                    return None;
+                }
                 let nodes = procs.iter().filter(|p| p.id > 0).count();
                 for p in procs.iter_mut() {
                     if gone.contains(&p.id) {
@@ -530,6 +570,9 @@ async fn wait_for_stop(procs: &mut [Proc]) -> Option<(String, std::process::Exit
 fn wait_until_ready(node: &mut Proc, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
+        if stop_requested() {
+            bail!("interrupted while waiting for {}", node.label);
+        }
         if let Some(status) = node.child.try_wait().context("checking node")? {
             let tail = std::fs::read_to_string(&node.log).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(10).collect();
