@@ -31,7 +31,9 @@ pub mod tools;
 use std::net::SocketAddr;
 
 pub use cunit::CunitSummary;
-pub use mirror::{wait_until, MirroredVolume, MirroredVolumeOptions, NodePlacement};
+pub use mirror::{
+    fetch_status, wait_until, MirrorStatus, MirroredVolume, MirroredVolumeOptions, NodePlacement,
+};
 pub use process::{free_port, have_tools, run_tool, TargetProcess, ToolOutput};
 pub use sva_node::{
     render_config, CacheMode, MirrorOptions, MirrorPlex, MirrorTuning, SvaNode, SvaNodeOptions,

@@ -413,36 +413,7 @@ impl MirroredVolume {
 
     /// `GET http://CONTROL/v1/status` of plex `plex`'s node.
     pub fn status(&self, plex: u16) -> Result<MirrorStatus> {
-        let addr = self.control_addr(plex)?;
-        let body = http_get(addr, "/v1/status")?;
-        let raw: serde_json::Value = serde_json::from_str(&body)
-            .with_context(|| format!("/v1/status is not JSON: {body}"))?;
-        let epoch = raw["epoch"]
-            .as_u64()
-            .with_context(|| format!("/v1/status without epoch: {body}"))?;
-        let alua_state = raw["aluaState"]
-            .as_str()
-            .with_context(|| format!("/v1/status without aluaState: {body}"))?
-            .to_owned();
-        let plexes = raw["plexes"]
-            .as_array()
-            .with_context(|| format!("/v1/status without plexes: {body}"))?
-            .iter()
-            .map(|p| {
-                let id = p["id"].as_u64().and_then(|i| u16::try_from(i).ok());
-                let state = p["state"].as_str();
-                match (id, state) {
-                    (Some(id), Some(s)) => Ok((id, s.to_owned())),
-                    _ => Err(anyhow!("bad plex entry {p} in {body}")),
-                }
-            })
-            .collect::<Result<_>>()?;
-        Ok(MirrorStatus {
-            epoch,
-            alua_state,
-            plexes,
-            raw,
-        })
+        fetch_status(self.control_addr(plex)?)
     }
 
     /// The last `lines` lines of the witness's and every node's log, labelled.
@@ -476,6 +447,39 @@ impl Drop for MirroredVolume {
             n.kill9();
         }
     }
+}
+
+/// `GET http://ADDR/v1/status` of a node's control API, parsed (usable from any thread).
+pub fn fetch_status(addr: SocketAddr) -> Result<MirrorStatus> {
+    let body = http_get(addr, "/v1/status")?;
+    let raw: serde_json::Value =
+        serde_json::from_str(&body).with_context(|| format!("/v1/status is not JSON: {body}"))?;
+    let epoch = raw["epoch"]
+        .as_u64()
+        .with_context(|| format!("/v1/status without epoch: {body}"))?;
+    let alua_state = raw["aluaState"]
+        .as_str()
+        .with_context(|| format!("/v1/status without aluaState: {body}"))?
+        .to_owned();
+    let plexes = raw["plexes"]
+        .as_array()
+        .with_context(|| format!("/v1/status without plexes: {body}"))?
+        .iter()
+        .map(|p| {
+            let id = p["id"].as_u64().and_then(|i| u16::try_from(i).ok());
+            let state = p["state"].as_str();
+            match (id, state) {
+                (Some(id), Some(s)) => Ok((id, s.to_owned())),
+                _ => Err(anyhow!("bad plex entry {p} in {body}")),
+            }
+        })
+        .collect::<Result<_>>()?;
+    Ok(MirrorStatus {
+        epoch,
+        alua_state,
+        plexes,
+        raw,
+    })
 }
 
 /// Polls `pred` every 20 ms until it holds (returns how long that took) or `timeout` passes.
