@@ -527,6 +527,9 @@ fn set_resync_rate(v: &MirroredVolume, node: u16, bytes_per_sec: u64) {
 // ---------------------------------------------------------------------------------------------
 // 1. Incremental resync
 
+/// Resync rate limit of the incremental test: 27 MiB take ~1 s.
+const INCREMENTAL_RATE: u64 = 32 * MIB;
+
 /// Must-show 1: kill -9 plex 2, write ~1% of a 1 GiB volume through plex 1 (contiguous 1 MiB
 /// chunks, one unaligned 2 MiB run, scattered 4 KiB writes), restart plex 2 with its config.
 /// Plex 1 must copy at most 1.5 × the regions written (`copiedBytes` of its status, or the
@@ -572,6 +575,9 @@ fn incremental_resync_copies_only_written_regions() {
         regions.len()
     );
     let metric_before = copied_metric(&v, 1, 2).unwrap_or(0);
+    // Throttled so the copy lasts ~1 s and the status polls see copiedBytes grow, even if
+    // the counter is cleared once the plex is InSync (the throttle changes no byte counts).
+    set_resync_rate(&v, 1, INCREMENTAL_RATE);
 
     let w = Watcher::start(&v);
     let restarted = Instant::now();
@@ -931,6 +937,8 @@ fn resume_after_source_killed_half_way() {
 /// The load's zone: 32 MiB at 256 MiB (32 regions of 1 GiB).
 const ZONE_START: u64 = 256 * MIB;
 const ZONE_BYTES: u64 = 32 * MIB;
+/// Resync rate limit after the crash: the zone takes ≥ 4 s, so the polls see it.
+const CRASH_RATE: u64 = 8 * MIB;
 
 /// Must-show 4: two 4 KiB QD1 writers (one per path, interleaved blocks of one 32 MiB zone of a
 /// 1 GiB volume); both nodes kill -9'd during the load, both restarted with their configs. Both
@@ -978,6 +986,13 @@ fn both_nodes_killed_during_writes() {
     let restarted = Instant::now();
     v.restart(1).expect("restart plex 1");
     v.restart(2).expect("restart plex 2");
+    // Best effort: throttle whichever node becomes the source so the status polls see the
+    // resync (recovery waits RECOVER_WAIT_MS first); not asserted, the bound holds anyway.
+    for node in [1u16, 2] {
+        let body = format!("{{\"bytesPerSec\": {CRASH_RATE}}}");
+        let r = v.post(node, "/v1/resync-rate", &body, true);
+        eprintln!("POST /v1/resync-rate {CRASH_RATE} to node {node}: {r:?}");
+    }
     for node in [1u16, 2] {
         let s = w.wait(
             node,
