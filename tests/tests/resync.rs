@@ -700,17 +700,22 @@ fn full_resync_rate_against_local_sequential_writes() {
     let copied = prog.iter().map(|p| p.copied).max().unwrap_or(0);
     let engine_rate = prog.iter().map(|p| p.bytes_per_sec).max().unwrap_or(0);
     let full_seen = prog.iter().any(|p| p.full);
-    let first_progress = samples
+    // The copy phase starts at the first report of copied data after the restart (plex 1 may
+    // report a pending total for plex 2 while it is down; that is not copying).
+    let (first_progress, done0) = samples
         .iter()
-        .filter(|s| s.node == 1)
-        .find(|s| progress(&s.st, 2).is_some_and(|p| p.total > 0))
-        .map(|s| s.at)
-        .unwrap_or(started.at);
+        .filter(|s| s.node == 1 && s.at >= restarted)
+        .find_map(|s| {
+            progress(&s.st, 2)
+                .filter(|p| p.done > 0 || p.copied > 0)
+                .map(|p| (s.at, p.done))
+        })
+        .unwrap_or((started.at, 0));
     let copy_secs = in_sync_at.duration_since(first_progress).as_secs_f64();
     let e2e_secs = in_sync_at.duration_since(restarted).as_secs_f64();
-    let moved = total.max(copied);
+    let moved = total.saturating_sub(done0);
     let rate = moved as f64 / copy_secs.max(1e-3);
-    let e2e_rate = moved as f64 / e2e_secs.max(1e-3);
+    let e2e_rate = total.max(copied) as f64 / e2e_secs.max(1e-3);
     let ratio = rate / dd_rate;
 
     let before: Vec<Duration> = log
@@ -952,6 +957,7 @@ fn both_nodes_killed_during_writes() {
     }
     let _serial = serial();
     let mut v = start_volume(GIB, MirrorTuning::default());
+    let epoch_before = v.status(1).expect("status").epoch;
     let first = ZONE_START / BLOCK;
     let blocks = ZONE_BYTES / BLOCK;
     let stop = Arc::new(AtomicBool::new(false));
@@ -1052,6 +1058,11 @@ fn both_nodes_killed_during_writes() {
         copied <= bound && max_total <= bound,
         "resynced more than the written zone: copied {copied}, totalBytes {max_total}, zone \
          regions {bound} bytes"
+    );
+    let epoch_after = v.status(1).expect("status").epoch;
+    assert!(
+        epoch_after > epoch_before,
+        "recovery must move to a new epoch: {epoch_before} -> {epoch_after}"
     );
     verify_blocks(&v.url(1), &expected);
     verify_blocks(&v.url(2), &expected);
