@@ -171,11 +171,6 @@ impl MirrorNode {
                 *lock(&self.shared.path) = p;
                 self.publish_port_groups(e.membership(), e.me(), p);
             }
-            Command::MarkDirty(range) => {
-                // The persistent write-intent bitmap is the resync issue's; the engine keeps
-                // the in-memory map (`Engine::dirty`).
-                tracing::trace!(?range, "dirty");
-            }
             Command::Settled { .. } => {}
             // Resync and verify: the resync issue's driver work.
             Command::CopyOut { .. }

@@ -259,7 +259,10 @@ fn lost_peer_is_marked_stale_through_the_witness_and_writes_go_dirty() {
     // it completes once plex 1 alone applied it.
     p1.witness_result(t + 5, Ok(proposed));
     let cmds = drain(&mut p1);
-    assert!(cmds.contains(&Command::MarkDirty(LbaRange { lba: 0, blocks: 8 })));
+    assert!(cmds.contains(&Command::MarkDirtyRegions {
+        plex: 2,
+        regions: vec![0]
+    }));
     assert!(cmds.contains(&Command::PathState(PathState::ActiveOptimized)));
     assert_eq!(p1.epoch(), 2);
     p1.applied(t + 6, 1, Bytes::from_static(b"A"));
@@ -273,10 +276,11 @@ fn lost_peer_is_marked_stale_through_the_witness_and_writes_go_dirty() {
     assert_eq!(
         drain(&mut p1),
         vec![
-            Command::MarkDirty(LbaRange {
-                lba: 4096,
-                blocks: 1
-            }),
+            // 1 MiB regions of 512-byte blocks: block 4096 is in region 2.
+            Command::MarkDirtyRegions {
+                plex: 2,
+                regions: vec![2]
+            },
             Command::Apply {
                 epoch: 2,
                 seq: 2,
@@ -285,7 +289,7 @@ fn lost_peer_is_marked_stale_through_the_witness_and_writes_go_dirty() {
             },
         ]
     );
-    assert!(p1.dirty().is_block_dirty(4096));
+    assert!(p1.bitmap(2).is_some_and(|b| b.is_block_dirty(4096)));
 }
 
 #[test]
@@ -527,11 +531,16 @@ fn view_change_reconciles_an_op_only_one_survivor_received() {
         }
     );
     // The coordinator marked it dirty when it entered the epoch (plex 1 never acked it).
-    assert!(p2.dirty().covers(&LbaRange { lba: 0, blocks: 8 }));
+    assert!(p2
+        .bitmap(1)
+        .is_some_and(|b| b.covers(&LbaRange { lba: 0, blocks: 8 })));
     // p3 applies the op it never received before serving epoch 2.
     p3.handle_message(t + 4, 2, sync);
     let cmds = drain(&mut p3);
-    assert!(cmds.contains(&Command::MarkDirty(LbaRange { lba: 0, blocks: 8 })));
+    assert!(cmds.contains(&Command::MarkDirtyRegions {
+        plex: 1,
+        regions: vec![0]
+    }));
     assert!(cmds.contains(&Command::Apply {
         epoch: 2,
         seq: 1,
