@@ -1005,6 +1005,10 @@ impl Engine {
 
     /// Resync throttle in bytes/s (0: unthrottled), changeable at run time.
     pub fn set_resync_rate(&mut self, bytes_per_sec: u64) {
+        if self.rate == 0 {
+            // From unthrottled: start with a full bucket.
+            self.tokens = self.burst();
+        }
         self.rate = bytes_per_sec;
         self.tokens = self.tokens.min(self.burst());
     }
@@ -2404,7 +2408,7 @@ impl Engine {
             while let Some(l) = self.learners.get(&t) {
                 if l.copies.len() >= COPY_WINDOW
                     || self.log.len() >= LOG_ENTRIES_MAX
-                    || (self.rate > 0 && self.tokens <= 0)
+                    || (self.rate > 0 && self.tokens < self.region_cost())
                 {
                     break;
                 }
@@ -2465,7 +2469,7 @@ impl Engine {
             if v.outstanding.len() >= COPY_WINDOW
                 || v.next_region >= total
                 || self.log.len() >= LOG_ENTRIES_MAX
-                || (self.rate > 0 && self.tokens <= 0)
+                || (self.rate > 0 && self.tokens < self.region_cost())
             {
                 break;
             }
@@ -2529,7 +2533,10 @@ impl Engine {
                 .learners
                 .get(&t)
                 .is_some_and(|l| l.applied_prefix >= self.seq_high)
-                && self.applied_prefix >= self.seq_high;
+                && self.applied_prefix >= self.seq_high
+                // Settled everywhere: no op is left that another in-sync plex may lack and
+                // the learner (whose log starts at its start seq) could not report.
+                && self.settled >= self.seq_high;
             if caught_up {
                 let mut record = self.membership.clone();
                 record.epoch += 1;
@@ -2586,13 +2593,17 @@ impl Engine {
         }
         let dt = now.saturating_sub(self.tokens_at);
         let add = i64::try_from(u128::from(dt) * u128::from(self.rate) / 1000).unwrap_or(i64::MAX);
-        self.tokens = self.tokens.saturating_add(add).min(self.burst());
-        self.tokens_at = now;
+        // A slow rate refilled every millisecond must not lose its fractions.
+        if add > 0 {
+            self.tokens = self.tokens.saturating_add(add).min(self.burst());
+            self.tokens_at = now;
+        }
     }
 
     /// When the throttle allows the next copy, if copies wait for it.
     fn throttle_ready_at(&self) -> Option<Millis> {
-        if self.rate == 0 || self.tokens > 0 || !matches!(self.role, Role::Active) {
+        if self.rate == 0 || self.tokens >= self.region_cost() || !matches!(self.role, Role::Active)
+        {
             return None;
         }
         let waiting = self.learners.iter().any(|(t, l)| {
@@ -2601,7 +2612,7 @@ impl Engine {
         if !waiting {
             return None;
         }
-        let need = u64::try_from(1 - self.tokens).unwrap_or(u64::MAX);
+        let need = u64::try_from(self.region_cost() - self.tokens).unwrap_or(u64::MAX);
         let ms = u128::from(need) * 1000 / u128::from(self.rate) + 1;
         Some(self.tokens_at + u64::try_from(ms).unwrap_or(u64::MAX / 2))
     }
