@@ -878,9 +878,12 @@ impl Engine {
             }
             let ids: Vec<PlexId> = self.learners.keys().copied().collect();
             for id in ids {
+                // To a learner the source reports its *settled* prefix: the learner's log GC
+                // (and the activity log behind it) must not pass what every in-sync plex
+                // applied, or a copy of an op only the source applied could go unrecorded.
                 let m = Message::Heartbeat {
                     epoch: self.epoch(),
-                    applied_prefix: self.applied_prefix,
+                    applied_prefix: self.settled,
                     seq_high: self.seq_high,
                     ts: now,
                     echo: NO_ECHO,
@@ -1885,12 +1888,16 @@ impl Engine {
         // it asks to be resynced.
         let rm = self.region_map();
         for le in self.log.values() {
-            if let (OpRange::Blocks(r), EntryState::Issued | EntryState::Applied) =
-                (le.entry.meta.range, le.state)
+            // Copies it wrote count too: they may carry ops only the source applied.
+            let writes = match Internal::of(&le.entry) {
+                Some(Internal::Verify { .. }) => false,
+                Some(Internal::Copy { target, .. }) => target == self.cfg.me,
+                None => true,
+            };
+            if let (OpRange::Blocks(r), EntryState::Issued | EntryState::Applied, true) =
+                (le.entry.meta.range, le.state, writes)
             {
-                if le.entry.origin != INTERNAL_ORIGIN {
-                    self.own_dirty.extend(rm.regions_of(&r));
-                }
+                self.own_dirty.extend(rm.regions_of(&r));
             }
         }
         // A bitmap is only valid while this node stays in sync (a fenced node keeps its
