@@ -457,6 +457,9 @@ pub struct Engine {
     tokens_at: Millis,
     verify: Option<Verify>,
     verify_info: VerifyInfo,
+    /// The `Sync` this coordinator sent for the current epoch (re-sent to a member whose
+    /// copy was lost).
+    last_sync: Option<Message>,
 }
 
 impl Engine {
@@ -499,6 +502,7 @@ impl Engine {
             tokens_at: now,
             verify: None,
             verify_info: VerifyInfo::default(),
+            last_sync: None,
             cfg,
         };
         let me = e.cfg.me;
@@ -697,7 +701,9 @@ impl Engine {
             return;
         }
         self.cas_outstanding = false;
-        if let Role::Recovering { .. } = self.role {
+        // A recovery CAS is answered whatever we learned meanwhile: a granted one makes us
+        // the only serving plex.
+        if self.proposed.is_some() && !matches!(self.role, Role::Fenced) {
             self.recovery_result(now, result);
             return;
         }
@@ -797,6 +803,9 @@ impl Engine {
                 if let Role::Collecting { states, .. } = &mut self.role {
                     states.insert(from, state);
                     self.try_finish_collect(now);
+                } else if let Some(sync) = self.last_sync.clone() {
+                    // Our `Sync` to it was lost: the same again.
+                    self.send(from, sync);
                 }
             }
             Message::Sync {
@@ -1180,6 +1189,10 @@ impl Engine {
             p.applied_prefix = p.applied_prefix.max(prefix);
         }
         self.ack_from(from, |s| s <= prefix);
+        if from == self.membership.sequencer && matches!(self.role, Role::Joining { .. }) {
+            // Still waiting for the coordinator's `Sync` while it serves: it was lost.
+            self.send_state();
+        }
         if from == self.membership.sequencer
             && matches!(
                 self.role,
@@ -1671,6 +1684,7 @@ impl Engine {
         let was_in_sync =
             self.is_in_sync(me) && !matches!(self.role, Role::Learning { .. } | Role::Out);
         let old = std::mem::replace(&mut self.membership, m);
+        self.last_sync = None;
         let keep: BTreeSet<PlexId> = self.in_sync_ids().into_iter().collect();
         self.peers.retain(|id, _| keep.contains(id));
         for id in keep {
@@ -1770,18 +1784,17 @@ impl Engine {
         }
         let high = expect - 1;
         let epoch = self.epoch();
+        let sync = Message::Sync {
+            epoch,
+            base,
+            high,
+            entries: cut.clone(),
+        };
         let ids: Vec<PlexId> = self.peers.keys().copied().collect();
         for id in ids {
-            self.send(
-                id,
-                Message::Sync {
-                    epoch,
-                    base,
-                    high,
-                    entries: cut.clone(),
-                },
-            );
+            self.send(id, sync.clone());
         }
+        self.last_sync = Some(sync);
         self.next_seq = high + 1;
         self.seq_high = high;
         self.apply_sync(now, base, high, cut);
@@ -2063,11 +2076,12 @@ impl Engine {
             Err(WitnessError::Conflict(m)) => *m,
             // Unknown outcome: ask again later; a granted CAS comes back as a conflict that
             // equals our proposal.
+            // Out meanwhile: a newer record exists, so that CAS cannot have been granted.
             Err(_) => {
                 if let Role::Recovering { since } = &mut self.role {
                     *since = now.saturating_sub(RECOVER_WAIT_MS) + RETRANSMIT_MS;
+                    self.proposed = proposed;
                 }
-                self.proposed = proposed;
                 return;
             }
         };
