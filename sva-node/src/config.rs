@@ -143,6 +143,44 @@ pub struct MirrorSection {
     /// Every plex of the volume, this node's included.
     pub plexes: Vec<PlexSection>,
     pub witness: WitnessSection,
+    /// Write-intent bitmap and activity-log region size in bytes (default
+    /// [`REGION_BYTES_DEFAULT`]; a power of two, at least the block size). Changing it makes
+    /// the next restart distrust the old bitmaps (a full resync).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region_bytes: Option<u64>,
+    /// Resync throttle in bytes/s at start (default 0 = unlimited); `POST /v1/resync-rate`
+    /// changes it at run time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_bytes_per_sec: Option<u64>,
+    /// Activity-log capacity in regions (default [`ACTIVITY_LOG_REGIONS_DEFAULT`]). More
+    /// regions: fewer log writes under scattered writes, more to resync after a crash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity_log_regions: Option<u64>,
+}
+
+/// Default `mirror.regionBytes`: 1 MiB (DESIGN.md §6).
+pub const REGION_BYTES_DEFAULT: u64 = 1 << 20;
+/// Largest `mirror.regionBytes`: 1 GiB (a copy moves one region in one message).
+pub const REGION_BYTES_MAX: u64 = 1 << 30;
+/// Default `mirror.activityLogRegions`.
+pub const ACTIVITY_LOG_REGIONS_DEFAULT: u64 = 1024;
+/// Largest `mirror.activityLogRegions` (the log is read whole at start).
+pub const ACTIVITY_LOG_REGIONS_MAX: u64 = 1 << 20;
+
+impl MirrorSection {
+    /// `regionBytes` or its default.
+    pub fn region_bytes(&self) -> u64 {
+        self.region_bytes.unwrap_or(REGION_BYTES_DEFAULT)
+    }
+    /// `resyncBytesPerSec` or its default (0 = unlimited).
+    pub fn resync_bytes_per_sec(&self) -> u64 {
+        self.resync_bytes_per_sec.unwrap_or(0)
+    }
+    /// `activityLogRegions` or its default.
+    pub fn activity_log_regions(&self) -> usize {
+        self.activity_log_regions
+            .unwrap_or(ACTIVITY_LOG_REGIONS_DEFAULT) as usize
+    }
 }
 
 /// One plex of a mirrored volume.
@@ -429,6 +467,35 @@ impl Config {
     }
 
     fn validate_mirror(&self, m: &MirrorSection) -> Result<(), ConfigError> {
+        let rb = m.region_bytes();
+        if !rb.is_power_of_two() || !(BLOCK_BYTES..=REGION_BYTES_MAX).contains(&rb) {
+            return Err(invalid(
+                "mirror.regionBytes",
+                format!(
+                    "{rb} must be a power of two between the block size ({BLOCK_BYTES}) and \
+                     {REGION_BYTES_MAX}, e.g. 1048576"
+                ),
+            ));
+        }
+        if let Some(r) = m.resync_bytes_per_sec {
+            if r > crate::control::status::RESYNC_BYTES_PER_SEC_MAX {
+                return Err(invalid(
+                    "mirror.resyncBytesPerSec",
+                    format!(
+                        "{r} exceeds {} (0 means unlimited)",
+                        crate::control::status::RESYNC_BYTES_PER_SEC_MAX
+                    ),
+                ));
+            }
+        }
+        if let Some(n) = m.activity_log_regions {
+            if n == 0 || n > ACTIVITY_LOG_REGIONS_MAX {
+                return Err(invalid(
+                    "mirror.activityLogRegions",
+                    format!("{n} must be between 1 and {ACTIVITY_LOG_REGIONS_MAX}"),
+                ));
+            }
+        }
         if m.listen.parse::<SocketAddr>().is_err() {
             return Err(invalid(
                 "mirror.listen",
@@ -797,6 +864,45 @@ stateDir: /tmp/state
             e.contains("mirror: witness") && e.contains("line "),
             "names the section and line: {e}"
         );
+    }
+
+    #[test]
+    fn resync_settings_default_and_validate() {
+        let w = "    address: 127.0.0.1:4000\n    secretFile: /tmp/ws\n";
+        let m = Config::parse(&mirrored(w)).unwrap().mirror.unwrap();
+        assert_eq!(m.region_bytes(), 1 << 20);
+        assert_eq!(m.resync_bytes_per_sec(), 0);
+        assert_eq!(m.activity_log_regions(), 1024);
+        let with = |extra: &str| Config::parse(&format!("{}{extra}", mirrored(w)));
+        let m =
+            with("  regionBytes: 65536\n  resyncBytesPerSec: 1000000\n  activityLogRegions: 64\n")
+                .unwrap()
+                .mirror
+                .unwrap();
+        assert_eq!(
+            (
+                m.region_bytes(),
+                m.resync_bytes_per_sec(),
+                m.activity_log_regions()
+            ),
+            (65536, 1_000_000, 64)
+        );
+        for (extra, want) in [
+            ("  regionBytes: 1000000\n", "mirror.regionBytes"),
+            (
+                "  regionBytes: 256\n",
+                "power of two between the block size",
+            ),
+            ("  regionBytes: 4294967296\n", "mirror.regionBytes"),
+            ("  activityLogRegions: 0\n", "mirror.activityLogRegions"),
+            (
+                "  resyncBytesPerSec: 1000000000000000\n",
+                "mirror.resyncBytesPerSec",
+            ),
+        ] {
+            let e = with(extra).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
     }
 
     #[test]

@@ -11,9 +11,10 @@
 //! `sva-node serve --config`), its backing file (sparse), state directory and log. Ctrl-C (or
 //! SIGTERM) stops every process the demo started.
 //!
-//! A single-plex volume (`--plexes 1`) can be started again on the same directory and keeps
-//! its data. A mirrored one cannot yet: its restarted nodes come back out of sync and need the
-//! resync that a later issue adds, so the demo refuses such a directory instead of serving it.
+//! Started again on the same directory, the demo keeps the volume: a single-plex volume gets
+//! fresh configs over the same backing file; a mirrored one is restarted exactly as it was
+//! (witness with its records, every node from its `node-N.yaml`), and since restarted nodes
+//! come back out of sync, resync brings them back (DESIGN.md §6) before their paths serve.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -32,6 +33,8 @@ use sva_node::scsi::lu::CacheMode;
 const PLEXES_MAX: u8 = 3;
 /// How long a node may take to open its portal before the demo gives up.
 const NODE_START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long restarted mirrored nodes may take to resync and serve before the demo gives up.
+const NODE_RESYNC_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long stopped nodes get to finish in-flight I/O before they are killed.
 const NODE_STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -112,10 +115,47 @@ struct NodePlan {
     peer: SocketAddr,
 }
 
+/// Set once Ctrl-C or SIGTERM arrived, so the (possibly long) start-up waits stop too.
+static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn stop_requested() -> bool {
+    STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Watch for Ctrl-C/SIGTERM from now on (a thread with its own small runtime).
+fn watch_signals() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let term = signal(SignalKind::terminate());
+            let int = signal(SignalKind::interrupt());
+            let _ = ready_tx.send(());
+            match (term, int) {
+                (Ok(mut t), Ok(mut i)) => {
+                    tokio::select! {
+                        _ = t.recv() => {}
+                        _ = i.recv() => {}
+                    }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+            STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    });
+    let _ = ready_rx.recv();
+    Ok(())
+}
+
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     if args.plexes == 0 || args.plexes > PLEXES_MAX {
         bail!("--plexes must be 1 to {PLEXES_MAX}");
     }
+    watch_signals()?;
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
     let dir = args
@@ -123,12 +163,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .canonicalize()
         .with_context(|| format!("resolving {}", args.dir.display()))?;
     if dir.join("witness").exists() {
-        bail!(
-            "{} holds a mirrored volume from an earlier run. Restarted nodes of a mirrored \
-             volume come back out of sync and need resync, which this build does not have yet; \
-             use a new --dir (or remove this one to start over)",
-            dir.display()
-        );
+        return restart(&dir);
     }
     let uid = volume_uid(&dir)?;
     let exe = std::env::current_exe().context("locating the sva-node binary")?;
@@ -148,8 +183,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         stop_all(&mut procs);
         return Err(e);
     }
-    print_banner(&args, &dir, &procs);
+    print_banner(args.size, args.cache_mode, &dir, &procs);
+    run_until_stopped(&dir, procs)
+}
 
+/// Serve until Ctrl-C/SIGTERM or until the witness or the last node exits; then stop all.
+fn run_until_stopped(dir: &Path, mut procs: Vec<Proc>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -215,6 +254,9 @@ fn start_all(
                 address: witness_addr.to_string(),
                 secret_file: witness_secret,
             },
+            region_bytes: None,
+            resync_bytes_per_sec: None,
+            activity_log_regions: None,
         })
     } else {
         None
@@ -279,9 +321,128 @@ fn start_all(
         });
     }
     for p in procs.iter_mut() {
-        wait_until_ready(p)?;
+        wait_until_ready(p, NODE_START_TIMEOUT)?;
     }
     Ok(())
+}
+
+/// A mirrored demo volume from an earlier run: start its witness (records kept) and every
+/// node from its config, and wait while resync brings the nodes back.
+fn restart(dir: &Path) -> anyhow::Result<()> {
+    let mut configs = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("node-") && name.ends_with(".yaml") {
+            let cfg = Config::load(&path)?;
+            configs.push((cfg, path));
+        }
+    }
+    configs.sort_by_key(|(c, _)| c.target.relative_target_port_id);
+    let Some((first, _)) = configs.first() else {
+        bail!(
+            "{} holds a demo witness but no node-N.yaml configs; use a new --dir (or remove \
+             this one to start over)",
+            dir.display()
+        );
+    };
+    let Some(WitnessSection::Standalone {
+        address,
+        secret_file,
+    }) = first.mirror.as_ref().map(|m| m.witness.clone())
+    else {
+        bail!(
+            "{}: node configs without a standalone witness",
+            dir.display()
+        );
+    };
+    let (size, cache_mode) = (first.volume.size_bytes, first.volume.cache_mode);
+    println!(
+        "{} holds a {}-plex demo volume from an earlier run: restarting its witness (records \
+         kept) and nodes from their configs. Restarted nodes come back out of sync; resync \
+         copies what changed, then their paths serve again (--plexes/--size/--cache-mode are \
+         ignored).",
+        dir.display(),
+        configs.len()
+    );
+    let exe = std::env::current_exe().context("locating the sva-node binary")?;
+    let witness_addr: SocketAddr = address
+        .parse()
+        .with_context(|| format!("witness address {address} in the node configs"))?;
+    let mut procs = Vec::new();
+    let started = (|| -> anyhow::Result<()> {
+        let log = dir.join("witness.log");
+        let child = Command::new(&exe)
+            .arg("witness")
+            .arg("--listen")
+            .arg(&address)
+            .arg("--data")
+            .arg(dir.join("witness"))
+            .arg("--secret-file")
+            .arg(&secret_file)
+            .stdin(Stdio::null())
+            .stdout(log_file(&log)?)
+            .stderr(log_file(&log)?)
+            .spawn()
+            .context("starting the witness")?;
+        procs.push(Proc {
+            id: 0,
+            label: "witness".into(),
+            child,
+            ready_addr: witness_addr,
+            portal: witness_addr,
+            control: None,
+            config: None,
+            log,
+        });
+        for (cfg, path) in &configs {
+            let id = cfg.target.relative_target_port_id;
+            let portal = cfg.portal_addr()?;
+            let control = cfg
+                .control
+                .as_ref()
+                .map(|c| c.listen.parse::<SocketAddr>())
+                .transpose()
+                .with_context(|| format!("control.listen in {}", path.display()))?;
+            let log = dir.join(format!("node-{id}.log"));
+            let child = Command::new(&exe)
+                .arg("serve")
+                .arg("--config")
+                .arg(path)
+                .stdin(Stdio::null())
+                .stdout(log_file(&log)?)
+                .stderr(log_file(&log)?)
+                .spawn()
+                .with_context(|| format!("starting node {id}"))?;
+            procs.push(Proc {
+                id,
+                label: format!("node {id}"),
+                child,
+                ready_addr: portal,
+                portal,
+                control,
+                config: Some(path.clone()),
+                log,
+            });
+        }
+        for p in procs.iter_mut() {
+            if p.id > 0 {
+                println!(
+                    "waiting for node {} to resync and serve (status: http://{}/v1/status)...",
+                    p.id,
+                    p.control.map(|c| c.to_string()).unwrap_or_default()
+                );
+            }
+            wait_until_ready(p, NODE_RESYNC_TIMEOUT)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = started {
+        stop_all(&mut procs);
+        return Err(e);
+    }
+    print_banner(size, cache_mode, dir, &procs);
+    run_until_stopped(dir, procs)
 }
 
 fn log_file(path: &Path) -> anyhow::Result<std::fs::File> {
@@ -316,13 +477,13 @@ fn write_secret(path: &Path) -> anyhow::Result<PathBuf> {
 /// The target name every node of the demo volume serves (DESIGN.md §4: same IQN on every node).
 const DEMO_IQN: &str = "iqn.2026-11.io.sva:demo";
 
-fn print_banner(args: &DemoArgs, dir: &Path, procs: &[Proc]) {
+fn print_banner(size: u64, cache_mode: CacheMode, dir: &Path, procs: &[Proc]) {
     let nodes: Vec<&Proc> = procs.iter().filter(|p| p.id > 0).collect();
     println!(
         "SVA demo volume: {} bytes, {} plex(es), cacheMode {:?}, files in {}",
-        args.size,
+        size,
         nodes.len(),
-        args.cache_mode,
+        cache_mode,
         dir.display()
     );
     for p in procs.iter().filter(|p| p.id == 0) {
@@ -355,6 +516,13 @@ fn print_banner(args: &DemoArgs, dir: &Path, procs: &[Proc]) {
                 m.id,
                 n.id
             );
+            if let Some(cfg) = &m.config {
+                println!(
+                    "  sva-node serve --config {} >> {} 2>&1 &    # bring it back: resync copies what changed",
+                    cfg.display(),
+                    m.log.display()
+                );
+            }
         }
         println!("  iscsi-test-cu --dataloss -t ALL {url}");
     }
@@ -377,6 +545,9 @@ async fn wait_for_stop(procs: &mut [Proc]) -> Option<(String, std::process::Exit
             _ = tokio::signal::ctrl_c() => return None,
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => return None,
             _ = tick.tick() => {
+                if stop_requested() {
+                    return None;
+                }
                 let nodes = procs.iter().filter(|p| p.id > 0).count();
                 for p in procs.iter_mut() {
                     if gone.contains(&p.id) {
@@ -396,9 +567,12 @@ async fn wait_for_stop(procs: &mut [Proc]) -> Option<(String, std::process::Exit
     }
 }
 
-fn wait_until_ready(node: &mut Proc) -> anyhow::Result<()> {
-    let deadline = Instant::now() + NODE_START_TIMEOUT;
+fn wait_until_ready(node: &mut Proc, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
     loop {
+        if stop_requested() {
+            bail!("interrupted while waiting for {}", node.label);
+        }
         if let Some(status) = node.child.try_wait().context("checking node")? {
             let tail = std::fs::read_to_string(&node.log).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(10).collect();
@@ -417,10 +591,10 @@ fn wait_until_ready(node: &mut Proc) -> anyhow::Result<()> {
         }
         if Instant::now() > deadline {
             bail!(
-                "{} did not open {} within {:?}; see {}",
+                "{} did not open {} and report itself healthy within {:?}; see {}",
                 node.label,
                 node.ready_addr,
-                NODE_START_TIMEOUT,
+                timeout,
                 node.log.display()
             );
         }

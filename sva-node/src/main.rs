@@ -124,6 +124,7 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
 
     let rt = serve_runtime()?;
     rt.block_on(async move {
+        let mut mirror_node = None;
         let (local, status): (Arc<dyn ScsiTarget>, Arc<dyn StatusSource>) = match &cfg.mirror {
             None => {
                 let status = Arc::new(SingleNodeStatus::new(
@@ -137,16 +138,17 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
                 (Arc::new(LocalTarget::new(lu)), status)
             }
             Some(m) => {
-                let node = sva_node::mirror::boot::start(&cfg, m, lu, port_groups)
+                let node = sva_node::mirror::boot::start(&cfg, m, lu, port_groups, metrics.clone())
                     .await
                     .context("starting the mirror")?;
-                let status = Arc::new(MirrorStatus {
-                    node: node.clone(),
-                    name: node_name,
-                    volume: cfg.volume.name.clone(),
-                    metrics: metrics.clone(),
-                    resync_rate: Default::default(),
-                });
+                mirror_node = Some(node.clone());
+                let status = Arc::new(MirrorStatus::new(
+                    node.clone(),
+                    node_name,
+                    cfg.volume.name.clone(),
+                    metrics.clone(),
+                    m.resync_bytes_per_sec(),
+                ));
                 (Arc::new(MirroredTarget::new(node)), status)
             }
         };
@@ -180,9 +182,14 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
             let _ = stop_tx.send(true);
         });
         tracing::info!(portal = %addr, iqn = %iscsi_cfg.iqn, "serving");
-        sva_node::iscsi::driver::serve(listener, iscsi_cfg, target, stop_rx)
+        let served = sva_node::iscsi::driver::serve(listener, iscsi_cfg, target, stop_rx)
             .await
-            .context("iSCSI target")
+            .context("iSCSI target");
+        if let Some(node) = mirror_node {
+            // Lazy bitmap clears: persist them so a restart resyncs no more than needed.
+            let _ = tokio::task::spawn_blocking(move || node.flush_state()).await;
+        }
+        served
     })
 }
 

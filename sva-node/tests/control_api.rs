@@ -367,3 +367,154 @@ async fn keep_alive_serves_several_requests_and_shutdown_waits_for_idle_clients(
         .unwrap_or(0);
     assert_eq!(n, 0, "the idle connection was closed");
 }
+
+/// A mirrored node's status source as the engine would feed it: plex 2 resyncing from this
+/// node, a verify that ran; records the mutations it receives.
+struct FakeMirror {
+    rate: std::sync::Mutex<Vec<u64>>,
+    verifies: std::sync::Mutex<Vec<bool>>,
+}
+
+impl StatusSource for FakeMirror {
+    fn status(&self) -> sva_node::control::NodeStatus {
+        use sva_node::control::{NodeStatus, PlexStatus, ResyncProgress, VerifyStatus};
+        use sva_node::mirror::resync::ResyncRole;
+        use sva_node::witness::PlexState;
+        let plex = |id: u16, state, resync| PlexStatus {
+            id,
+            node: format!("n{id}"),
+            portal: format!("127.0.0.1:326{id}"),
+            state,
+            resync,
+        };
+        NodeStatus {
+            node: "n1".into(),
+            volume: "vol".into(),
+            epoch: 4,
+            alua_state: sva_node::scsi::alua::AluaState::ActiveOptimized,
+            plexes: vec![
+                plex(1, PlexState::InSync, ResyncProgress::default()),
+                plex(
+                    2,
+                    PlexState::Stale,
+                    ResyncProgress {
+                        done_bytes: 400 << 20,
+                        total_bytes: 1 << 30,
+                        bytes_per_sec: 100 << 20,
+                        copied_bytes: 300 << 20,
+                        eta_seconds: Some(7),
+                        full: false,
+                        role: Some(ResyncRole::Source),
+                    },
+                ),
+            ],
+            resync_rate_limit_bytes_per_sec: self.rate.lock().unwrap().last().copied(),
+            verify: Some(VerifyStatus {
+                running: false,
+                regions_total: 1024,
+                regions_done: 1024,
+                mismatched_regions: vec![17],
+                region_bytes: 1 << 20,
+            }),
+        }
+    }
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn set_resync_rate(&self, bytes_per_sec: u64) -> Result<(), sva_node::control::ControlError> {
+        self.rate.lock().unwrap().push(bytes_per_sec);
+        Ok(())
+    }
+    fn start_verify(&self, repair: bool) -> Result<(), sva_node::control::ControlError> {
+        let mut v = self.verifies.lock().unwrap();
+        if !v.is_empty() {
+            return Err(sva_node::control::ControlError::Conflict(
+                "a verify is already running".into(),
+            ));
+        }
+        v.push(repair);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn mirrored_status_shows_resync_and_verify_and_verify_can_be_started() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a = listener.local_addr().expect("addr");
+    let fake = Arc::new(FakeMirror {
+        rate: Default::default(),
+        verifies: Default::default(),
+    });
+    let state = ControlState {
+        metrics: Arc::new(Metrics::new()),
+        status: fake.clone() as Arc<dyn StatusSource>,
+        token: Some(TOKEN.into()),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, state, async move {
+        let _ = stopped.await;
+    }));
+
+    let j = request(a, "GET", "/v1/status", None, "").await.json();
+    let r = &j["plexes"][1]["resync"];
+    assert_eq!(r["doneBytes"], 400 << 20);
+    assert_eq!(r["totalBytes"], 1 << 30);
+    assert_eq!(r["bytesPerSec"], 100 << 20);
+    assert_eq!(r["copiedBytes"], 300 << 20);
+    assert_eq!(r["etaSeconds"], 7);
+    assert_eq!(r["full"], false);
+    assert_eq!(r["role"], "source");
+    assert!(j["plexes"][0]["resync"]["role"].is_null());
+    assert!(j["plexes"][0]["resync"]["etaSeconds"].is_null());
+    assert_eq!(j["verify"]["regionsTotal"], 1024);
+    assert_eq!(j["verify"]["mismatchedRegions"][0], 17);
+    assert_eq!(j["verify"]["regionBytes"], 1 << 20);
+    assert_eq!(j["verify"]["running"], false);
+
+    let auth = Some(format!("Bearer {TOKEN}"));
+    let auth = auth.as_deref();
+    // Verify needs the token.
+    let r = request(a, "POST", "/v1/verify", None, r#"{"repair":false}"#).await;
+    assert_eq!(r.status, 401);
+    let r = request(a, "POST", "/v1/verify", auth, r#"{"fix":true}"#).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(fake.verifies.lock().unwrap().is_empty());
+    let r = request(a, "POST", "/v1/verify", auth, r#"{"repair":true}"#).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.json()["repair"], true);
+    assert_eq!(*fake.verifies.lock().unwrap(), vec![true]);
+    // The engine refuses a second one: 409 with its reason.
+    let r = request(a, "POST", "/v1/verify", auth, "").await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.json()["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("already running")));
+
+    // The resync rate reaches the source and shows in the status.
+    let r = request(
+        a,
+        "POST",
+        "/v1/resync-rate",
+        auth,
+        r#"{"bytesPerSec": 5000000}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(*fake.rate.lock().unwrap(), vec![5_000_000]);
+    let j = request(a, "GET", "/v1/status", None, "").await.json();
+    assert_eq!(j["resyncRateLimitBytesPerSec"], 5_000_000);
+
+    let _ = stop.send(());
+    assert!(server.await.expect("not panicked").is_ok());
+}
+
+#[tokio::test]
+async fn a_single_node_refuses_verify_with_409() {
+    let node = start(Some(TOKEN)).await;
+    let auth = format!("Bearer {TOKEN}");
+    let r = request(node.addr, "POST", "/v1/verify", Some(&auth), "{}").await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.json()["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("mirrored")));
+}

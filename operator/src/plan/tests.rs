@@ -55,6 +55,7 @@ fn cluster(plexes: u8) -> Observed {
         ],
         plexes: vec![],
         reports: BTreeMap::new(),
+        chap: None,
     }
 }
 
@@ -114,6 +115,7 @@ fn healthy_two() -> Observed {
         &o.plexes.iter().map(|p| (p.id, p.status.clone())).collect(),
         authoritative_report(&o.reports),
         0,
+        None,
     );
     o
 }
@@ -478,14 +480,168 @@ fn node_without_address_gets_no_config_and_a_warning() {
     let mut o = cluster(2);
     o.nodes[1].address = None;
     let steps = plan(&o);
-    let Step::EnsureConfig { data } = &steps[1] else {
-        panic!("config must come second")
-    };
-    // Every config lists every plex, so none can be rendered without w2's address.
-    assert!(data.is_empty(), "{data:?}");
-    assert_eq!(steps[2], Step::EnsureSecret);
-    assert!(events(&steps).contains(&"ConfigNotRendered"));
+    // Every config lists every plex, so none can be rendered without w2's address: no config
+    // Secret at all (never an empty or partial one), and no pod that would mount it.
+    assert!(
+        !steps.iter().any(|s| matches!(s, Step::EnsureConfig { .. })),
+        "{steps:?}"
+    );
+    assert!(!steps.iter().any(|s| matches!(s, Step::EnsurePod { .. })));
+    assert_eq!(steps[1], Step::EnsureSecret);
+    assert!(events(&steps).contains(&REASON_CONFIG_NOT_RENDERED));
+    let st = volume_status_of(&steps).unwrap();
+    assert_eq!(
+        cond(st, CONDITION_CONFIG_RENDERED),
+        ("False".into(), REASON_CONFIG_NOT_RENDERED.into())
+    );
     let o = cluster(2);
     let steps = plan(&o);
-    assert!(!events(&steps).contains(&"ConfigNotRendered"));
+    assert!(!events(&steps).contains(&REASON_CONFIG_NOT_RENDERED));
+    assert_eq!(
+        cond(volume_status_of(&steps).unwrap(), CONDITION_CONFIG_RENDERED).0,
+        "True"
+    );
+}
+
+#[test]
+fn chap_secret_problem_keeps_the_running_config_and_pods_and_says_why_once() {
+    let mut o = healthy_two();
+    o.plexes[0].pod_ready = None; // a pod to re-create: it must wait for a good config
+    o.spec.chap_secret_ref = Some(crate::crd::SecretRef {
+        name: "vol-chap".into(),
+    });
+    o.chap = Some(Err("CHAP Secret vol-chap not found".into()));
+    let steps = plan(&o);
+    assert!(!steps
+        .iter()
+        .any(|s| matches!(s, Step::EnsureConfig { .. } | Step::EnsurePod { .. })));
+    assert!(!steps.iter().any(|s| matches!(s, Step::DeletePod { .. })));
+    let note = steps.iter().find_map(|s| match s {
+        Step::Event {
+            kind: EventKind::Warning,
+            reason: REASON_CONFIG_NOT_RENDERED,
+            note,
+        } => Some(note.clone()),
+        _ => None,
+    });
+    assert_eq!(note.as_deref(), Some("CHAP Secret vol-chap not found"));
+    let st = volume_status_of(&steps).unwrap().clone();
+    assert_eq!(
+        st.phase,
+        VolumePhase::Healthy,
+        "the data plane still serves"
+    );
+    let c = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION_CONFIG_RENDERED)
+        .unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.message.as_str()),
+        ("False", "CHAP Secret vol-chap not found")
+    );
+    // Next round: the condition already says so, no second Event.
+    o.status = st;
+    assert!(!events(&plan(&o)).contains(&REASON_CONFIG_NOT_RENDERED));
+    // The Secret appears: configs (with CHAP) and the missing pod are written again.
+    o.chap = Some(Ok(nodeconfig::ChapCredentials {
+        username: "alice".into(),
+        secret: "s3cret-123456".into(),
+        mutual: None,
+    }));
+    let steps = plan(&o);
+    let Step::EnsureConfig { data } = &steps[1] else {
+        panic!("config second: {steps:?}")
+    };
+    assert!(data["plex-1.yaml"].contains("username: alice"));
+    let logged = format!("{steps:?}");
+    assert!(
+        logged.contains("plex-1.yaml") && !logged.contains("s3cret-123456"),
+        "plans are logged: no secrets in Debug: {logged}"
+    );
+    assert!(steps.contains(&Step::EnsurePod {
+        id: 1,
+        node: "w1".into()
+    }));
+    assert_eq!(
+        cond(volume_status_of(&steps).unwrap(), CONDITION_CONFIG_RENDERED).0,
+        "True"
+    );
+}
+
+#[test]
+fn resync_rate_is_posted_to_nodes_whose_limit_differs() {
+    let mut o = healthy_two();
+    assert!(!plan(&o)
+        .iter()
+        .any(|s| matches!(s, Step::SetResyncRate { .. })));
+    o.spec.resync_rate = Some("100Mi".into());
+    if let Some(r) = o.reports.get_mut(&2) {
+        r.resync_rate_limit_bytes_per_sec = Some(100 << 20);
+    }
+    let steps = plan(&o);
+    let posts: Vec<&Step> = steps
+        .iter()
+        .filter(|s| matches!(s, Step::SetResyncRate { .. }))
+        .collect();
+    assert_eq!(
+        posts,
+        [&Step::SetResyncRate {
+            id: 1,
+            bytes_per_sec: 100 << 20
+        }],
+        "plex 2 already runs at the spec's rate"
+    );
+    // An unreachable node gets nothing (it is told when it answers again).
+    o.reports.remove(&1);
+    assert!(!plan(&o)
+        .iter()
+        .any(|s| matches!(s, Step::SetResyncRate { .. })));
+}
+
+#[test]
+fn full_resync_of_a_replacement_shows_node_eta_and_copied_bytes() {
+    let mut o = healthy_two();
+    let mut p3 = plex(3, "w3", "h3", PlexPhase::Pending);
+    p3.replaces = Some(2);
+    o.plexes.push(p3);
+    let mut r = report(
+        "w1",
+        3,
+        &[
+            (1, PlexState::InSync),
+            (2, PlexState::Stale),
+            (3, PlexState::Resyncing),
+        ],
+    );
+    r.plexes[2].resync = ResyncReport {
+        done_bytes: 3 << 28,
+        total_bytes: 1 << 30,
+        bytes_per_sec: 1 << 20,
+        copied_bytes: 1 << 20,
+        eta_seconds: Some(300),
+        full: true,
+        ..ResyncReport::default()
+    };
+    o.reports.insert(1, r);
+    let steps = plan(&o);
+    let p3 = steps
+        .iter()
+        .find_map(|s| match s {
+            Step::PlexStatus { id: 3, status } => Some(status.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let progress = p3.resync.unwrap();
+    assert_eq!(
+        (
+            progress.percent.as_str(),
+            progress.eta_seconds,
+            progress.copied_bytes,
+            progress.full
+        ),
+        ("75%", Some(300), 1 << 20, true)
+    );
+    let vol = volume_status_of(&steps).unwrap().resync.clone().unwrap();
+    assert_eq!((vol.percent.as_str(), vol.eta_seconds), ("75%", Some(300)));
 }

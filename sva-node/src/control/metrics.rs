@@ -182,6 +182,8 @@ pub struct PlexGauges {
     resync_done_bytes: AtomicU64,
     resync_total_bytes: AtomicU64,
     resync_bytes_per_sec: AtomicU64,
+    /// Payload bytes copied in every resync of this plex since the node started (counter).
+    resync_copied_bytes_total: AtomicU64,
 }
 
 const PLEX_STATES: [(PlexState, &str); 4] = [
@@ -216,7 +218,17 @@ impl PlexGauges {
             resync_done_bytes: AtomicU64::new(0),
             resync_total_bytes: AtomicU64::new(0),
             resync_bytes_per_sec: AtomicU64::new(0),
+            resync_copied_bytes_total: AtomicU64::new(0),
         }
+    }
+    /// Count `bytes` more payload copied for this plex's resync.
+    pub fn add_resync_copied(&self, bytes: u64) {
+        self.resync_copied_bytes_total
+            .fetch_add(bytes, Ordering::Relaxed);
+    }
+    /// Payload bytes copied in every resync of this plex so far.
+    pub fn resync_copied_total(&self) -> u64 {
+        self.resync_copied_bytes_total.load(Ordering::Relaxed)
     }
     pub fn set_state(&self, s: PlexState) {
         self.state.store(plex_state_code(s), Ordering::Relaxed);
@@ -259,6 +271,9 @@ pub struct Metrics {
     /// `AluaState::code()` of this node's target port group.
     alua_state: AtomicU8,
     plexes: RwLock<BTreeMap<u16, Arc<PlexGauges>>>,
+    /// Online verify of the last (or running) pass: regions compared, regions that differed.
+    verify_regions_done: AtomicU64,
+    verify_mismatched_regions: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -276,7 +291,17 @@ impl Metrics {
             epoch: AtomicU64::new(0),
             alua_state: AtomicU8::new(AluaState::ActiveOptimized.code()),
             plexes: RwLock::new(BTreeMap::new()),
+            verify_regions_done: AtomicU64::new(0),
+            verify_mismatched_regions: AtomicU64::new(0),
         }
+    }
+
+    /// Online verify progress of the last (or running) pass.
+    pub fn set_verify(&self, regions_done: u64, mismatched_regions: u64) {
+        self.verify_regions_done
+            .store(regions_done, Ordering::Relaxed);
+        self.verify_mismatched_regions
+            .store(mismatched_regions, Ordering::Relaxed);
     }
 
     fn op(&self, class: OpClass) -> &OpStats {
@@ -556,8 +581,8 @@ impl Metrics {
                 |g| g.resync().1,
             ),
             (
-                "sva_resync_rate_bytes_per_second",
-                "Current resync copy rate of the plex.",
+                "sva_resync_bytes_per_second",
+                "Current resync copy rate of the plex (bytes of regions done per second).",
                 |g| g.resync().2,
             ),
         ];
@@ -567,6 +592,42 @@ impl Metrics {
                 let _ = writeln!(w, "{}{{plex=\"{}\"}} {}", name, id, get(g));
             }
         }
+        header(
+            w,
+            "sva_resync_copied_bytes_total",
+            "counter",
+            "Payload bytes copied by resyncs of the plex since this node started (holes copy none).",
+        );
+        for (id, g) in &plexes {
+            let _ = writeln!(
+                w,
+                "sva_resync_copied_bytes_total{{plex=\"{}\"}} {}",
+                id,
+                g.resync_copied_total()
+            );
+        }
+        header(
+            w,
+            "sva_verify_regions_done",
+            "gauge",
+            "Regions compared by the last (or running) online verify.",
+        );
+        let _ = writeln!(
+            w,
+            "sva_verify_regions_done {}",
+            self.verify_regions_done.load(Ordering::Relaxed)
+        );
+        header(
+            w,
+            "sva_verify_mismatched_regions",
+            "gauge",
+            "Regions whose checksums differed between plexes in the last (or running) online verify.",
+        );
+        let _ = writeln!(
+            w,
+            "sva_verify_mismatched_regions {}",
+            self.verify_mismatched_regions.load(Ordering::Relaxed)
+        );
         out
     }
 }
@@ -737,6 +798,9 @@ mod tests {
         m.set_alua_state(AluaState::Transitioning);
         let p2 = m.plex(2, PlexState::Resyncing).expect("room for plex");
         p2.set_resync(1 << 20, 1 << 30, 50 << 20);
+        p2.add_resync_copied(4096);
+        p2.add_resync_copied(8192);
+        m.set_verify(12, 2);
         m.plex(1, PlexState::InSync).expect("room for plex");
 
         let text = m.render();
@@ -777,6 +841,17 @@ mod tests {
             1073741824.0
         );
         assert_eq!(value(&s, "sva_resync_total_bytes", &[("plex", "1")]), 0.0);
+        assert_eq!(
+            value(&s, "sva_resync_bytes_per_second", &[("plex", "2")]),
+            (50u64 << 20) as f64
+        );
+        assert_eq!(types["sva_resync_copied_bytes_total"], "counter");
+        assert_eq!(
+            value(&s, "sva_resync_copied_bytes_total", &[("plex", "2")]),
+            12288.0
+        );
+        assert_eq!(value(&s, "sva_verify_regions_done", &[]), 12.0);
+        assert_eq!(value(&s, "sva_verify_mismatched_regions", &[]), 2.0);
 
         for op in ["read", "write", "other"] {
             let buckets: Vec<(f64, f64)> = s

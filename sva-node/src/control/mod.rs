@@ -41,6 +41,10 @@ pub enum ControlError {
     /// The node cannot do this now (503), e.g. the mirror engine is not running.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The request conflicts with the node's state (409), e.g. a verify already runs or
+    /// this node is not the sequencer; the text says which.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// No such endpoint (404).
     #[error("not found")]
     NotFound,
@@ -56,6 +60,7 @@ impl ControlError {
             ControlError::MutationsDisabled => 403,
             ControlError::BadRequest(_) => 400,
             ControlError::Unavailable(_) => 503,
+            ControlError::Conflict(_) => 409,
             ControlError::NotFound => 404,
             ControlError::Timeout => 408,
         }

@@ -6,6 +6,7 @@
 //! | `GET /metrics` | none | Prometheus text format 0.0.4 |
 //! | `GET /v1/status` | none | JSON [`NodeStatus`] + `sessions` + `counters` |
 //! | `POST /v1/resync-rate` | bearer | body `{"bytesPerSec": N}` → 200 `{"bytesPerSec": N}` |
+//! | `POST /v1/verify` | bearer | body `{"repair": bool}` (or empty) → 202 `{"started": true, "repair": bool}`; 409 if refused |
 //!
 //! Reads are open (probes and Prometheus carry no secrets); every `POST` needs
 //! `Authorization: Bearer <token>` (DESIGN.md §9), compared in constant time. Errors are
@@ -84,6 +85,7 @@ pub fn router(state: ControlState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/resync-rate", post(resync_rate))
+        .route("/v1/verify", post(verify))
         .fallback(|| async { ControlError::NotFound })
         .layer(middleware::from_fn(request_timeout))
         .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
@@ -166,6 +168,31 @@ async fn resync_rate(
     }
     s.status.set_resync_rate(req.bytes_per_sec)?;
     Ok(Json(req))
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct VerifyRequest {
+    #[serde(default)]
+    repair: bool,
+}
+
+/// Start an online verify (DESIGN.md §6): 202 once the engine accepted it; progress shows in
+/// `/v1/status` `verify`. 409 when it refuses (not the sequencer, one already runs).
+async fn verify(
+    State(s): State<ControlState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ControlError> {
+    authorize(&s, &headers)?;
+    let req: VerifyRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        VerifyRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    s.status.start_verify(req.repair)?;
+    let body = Json(serde_json::json!({ "started": true, "repair": req.repair }));
+    Ok((StatusCode::ACCEPTED, body).into_response())
 }
 
 /// Parse a JSON body regardless of its Content-Type (so `curl -d` works), with serde's

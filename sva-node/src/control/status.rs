@@ -94,6 +94,14 @@ pub trait StatusSource: Send + Sync + 'static {
     fn health(&self) -> Result<(), String>;
     /// Store a new resync rate limit (already validated to `1..=RESYNC_BYTES_PER_SEC_MAX`).
     fn set_resync_rate(&self, bytes_per_sec: u64) -> Result<(), ControlError>;
+    /// Start an online verify of every region across the in-sync plexes (`repair`: mark
+    /// mismatched regions for resync). A node without a mirror cannot.
+    fn start_verify(&self, repair: bool) -> Result<(), ControlError> {
+        let _ = repair;
+        Err(ControlError::Conflict(
+            "online verify needs a mirrored volume (this node serves it alone)".into(),
+        ))
+    }
 }
 
 /// [`StatusSource`] of a node serving a volume alone: one plex, always InSync. Epoch, ALUA

@@ -7,6 +7,12 @@
 //! `stateDir/mirror-started` marker exists) lost its in-memory state in the restart, so it
 //! starts out of sync ([`Start::Restart`]) and stays Unavailable until resynced: it never
 //! serves data its peers may have overwritten meanwhile.
+//!
+//! Its state directory tells the resync what may differ ([`StateFiles::recover`]): the
+//! activity log (regions this node may have written that its peers lack), the write-intent
+//! bitmap of each plex that was stale, and whether the data is valid at all (the marker).
+//! The activity log is created before the marker, so a node with the marker always has one
+//! (a missing one is distrusted: every region).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,8 +21,11 @@ use std::time::{Duration, Instant};
 use super::engine::{Config as EngineConfig, PathState, Start};
 use super::link::LinkConfig;
 use super::node::{MirrorNode, MirrorSetup};
+use super::persist::{PersistError, StateFiles};
 use crate::config::{Config, KubernetesLeaseSection, MirrorSection, WitnessSection};
-use crate::control::{ControlError, NodeStatus, PlexStatus, ResyncProgress, StatusSource};
+use crate::control::{
+    ControlError, NodeStatus, PlexStatus, ResyncProgress, StatusSource, VerifyStatus,
+};
 use crate::scsi::alua::{AluaState, PortGroups};
 use crate::scsi::lu::LogicalUnit;
 use crate::witness::{
@@ -60,6 +69,8 @@ pub enum BootError {
     },
     #[error("the witness record of volume {volume} does not list plex {plex}")]
     NotAMember { volume: String, plex: u16 },
+    #[error("resync state in the state directory: {0}")]
+    State(#[from] PersistError),
 }
 
 /// Start the mirror node of `cfg` (which must have a `mirror` section).
@@ -68,6 +79,7 @@ pub async fn start(
     m: &MirrorSection,
     lu: Arc<LogicalUnit>,
     port_groups: Arc<PortGroups>,
+    metrics: Arc<crate::control::Metrics>,
 ) -> Result<MirrorNode, BootError> {
     let me = cfg.target.relative_target_port_id;
     let secret = |what, path: &PathBuf| {
@@ -96,14 +108,28 @@ pub async fn start(
         });
     }
     let marker = cfg.state_dir.join(STARTED_MARKER);
-    let start = if marker.exists() {
+    let data_valid = marker.exists();
+    let block_size = lu.config().block_size;
+    let volume_bytes = lu.block_count() * u64::from(block_size);
+    let (state, recovered) = StateFiles::recover(
+        &cfg.state_dir,
+        m.region_bytes(),
+        volume_bytes,
+        m.activity_log_regions(),
+        data_valid,
+    )?;
+    let start = if data_valid {
         tracing::warn!(
             "this node served volume {} before and lost its state in the restart: \
-             it stays out of sync (Unavailable) until resynced",
-            cfg.volume.name
+             it stays out of sync (Unavailable) until resynced ({} activity-log region(s), \
+             bitmaps for plexes {:?})",
+            cfg.volume.name,
+            recovered.activity_log.len(),
+            recovered.bitmaps.keys().collect::<Vec<_>>()
         );
-        Start::Restart(Default::default())
+        Start::Restart(recovered)
     } else {
+        // The (empty) activity log exists now: only then may the marker say "served".
         write_marker(&marker)?;
         Start::Bootstrap
     };
@@ -114,7 +140,8 @@ pub async fn start(
             source,
         })?;
     let mut engine = EngineConfig::new(me);
-    engine.block_size = lu.config().block_size;
+    engine.block_size = block_size;
+    engine.region_bytes = m.region_bytes();
     Ok(MirrorNode::start(MirrorSetup {
         engine,
         membership,
@@ -135,6 +162,9 @@ pub async fn start(
                 .collect(),
         },
         listener,
+        state: Arc::new(state),
+        resync_bytes_per_sec: m.resync_bytes_per_sec(),
+        metrics,
     }))
 }
 
@@ -238,7 +268,39 @@ pub struct MirrorStatus {
     pub name: String,
     pub volume: String,
     pub metrics: Arc<crate::control::Metrics>,
+    /// Current resync throttle (0: unlimited): the config's at start, then the API's.
     pub resync_rate: std::sync::atomic::AtomicU64,
+}
+
+impl MirrorStatus {
+    pub fn new(
+        node: MirrorNode,
+        name: String,
+        volume: String,
+        metrics: Arc<crate::control::Metrics>,
+        resync_bytes_per_sec: u64,
+    ) -> MirrorStatus {
+        MirrorStatus {
+            node,
+            name,
+            volume,
+            metrics,
+            resync_rate: std::sync::atomic::AtomicU64::new(resync_bytes_per_sec),
+        }
+    }
+}
+
+/// A resync as `/v1/status` shows it.
+pub fn resync_progress(v: &super::node::ResyncView) -> ResyncProgress {
+    ResyncProgress {
+        done_bytes: v.info.done_bytes,
+        total_bytes: v.info.total_bytes,
+        bytes_per_sec: v.bytes_per_sec,
+        copied_bytes: v.info.copied_bytes,
+        eta_seconds: v.eta_seconds,
+        full: v.info.full,
+        role: Some(v.role),
+    }
 }
 
 impl StatusSource for MirrorStatus {
@@ -248,6 +310,8 @@ impl StatusSource for MirrorStatus {
         self.metrics.set_epoch(epoch);
         self.metrics.set_alua_state(alua_state);
         let rate = self.resync_rate.load(std::sync::atomic::Ordering::Relaxed);
+        let resyncs = self.node.resync_views();
+        let (verify, region_bytes) = self.node.verify_view();
         NodeStatus {
             node: self.name.clone(),
             volume: self.volume.clone(),
@@ -261,11 +325,17 @@ impl StatusSource for MirrorStatus {
                     node: p.node.clone(),
                     portal: p.portal.clone(),
                     state: p.state,
-                    resync: ResyncProgress::default(),
+                    resync: resyncs.get(&p.id).map(resync_progress).unwrap_or_default(),
                 })
                 .collect(),
             resync_rate_limit_bytes_per_sec: (rate > 0).then_some(rate),
-            verify: None,
+            verify: (verify.running || verify.regions_total > 0).then(|| VerifyStatus {
+                running: verify.running,
+                regions_total: verify.regions_total,
+                regions_done: verify.regions_done,
+                mismatched_regions: verify.mismatched.clone(),
+                region_bytes,
+            }),
         }
     }
 
@@ -280,7 +350,14 @@ impl StatusSource for MirrorStatus {
     fn set_resync_rate(&self, bytes_per_sec: u64) -> Result<(), ControlError> {
         self.resync_rate
             .store(bytes_per_sec, std::sync::atomic::Ordering::Relaxed);
+        self.node.set_resync_rate(bytes_per_sec);
         Ok(())
+    }
+
+    fn start_verify(&self, repair: bool) -> Result<(), ControlError> {
+        self.node
+            .start_verify(repair)
+            .map_err(ControlError::Conflict)
     }
 }
 

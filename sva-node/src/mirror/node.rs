@@ -10,12 +10,20 @@
 //!                                                            PathState ──> PortGroups (RTPG, 2A/06)
 //! ```
 //!
+//! Resync (DESIGN.md §6, `resync.rs`): `MarkDirtyRegions` is made durable synchronously while
+//! the engine lock is held, so it is on disk before any later `Apply`/`CopyIn` is even spawned.
+//! Each `Apply`/`CopyIn` first puts its regions in the activity log (durably, on its blocking
+//! thread), then writes; `Settled` lets them leave the log. `CopyOut`, `CopyIn` and `Checksum`
+//! run on blocking threads and feed `copied_out`/`applied`/`checksummed`. Bitmap clears are
+//! flushed every [`BITMAP_FLUSH_INTERVAL`] and at shutdown. A monitor samples the engine's
+//! resync and verify progress every [`MONITOR_INTERVAL`] for rates, logs and metrics.
+//!
 //! The engine lives behind one mutex. Every input (a submitted op, a peer message, an applied
 //! op, a witness answer, a timer tick) locks it, feeds it, and runs the commands it emits in
 //! order while still holding the lock; each of those is non-blocking (queue a message, spawn
 //! the apply or the CAS, answer a waiting initiator), so the lock is held for microseconds.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -26,8 +34,11 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::engine::{Command, Config as EngineConfig, Engine, Millis, OpId, Outcome, PathState};
 use super::link::{self, Inbound, LinkConfig, Links};
-use super::msg::{OpMeta, PAYLOAD_BYTES_MAX};
+use super::msg::{OpMeta, OpRange, PlexId, PAYLOAD_BYTES_MAX};
 use super::op::{self, ReplicatedOp};
+use super::persist::StateFiles;
+use super::resync::{CopyWhat, ResyncInfo, ResyncRole, VerifyInfo};
+use crate::control::Metrics;
 use crate::scsi::alua::{AluaState, PortGroup, PortGroups};
 use crate::scsi::lu::{run_off_thread, Admission, LogicalUnit};
 use crate::scsi::sense::asc;
@@ -43,6 +54,40 @@ const INBOUND_QUEUE_MAX: usize = 16 * 1024;
 const TIMER_TICK_MIN: Duration = Duration::from_millis(5);
 /// Longest a witness call may take before the engine is told the witness is unreachable.
 const WITNESS_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Lazy bitmap clears reach the disk at least this often.
+pub const BITMAP_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the monitor samples resync/verify progress.
+pub const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
+/// A resync progress line is logged this often while a resync runs.
+pub const RESYNC_LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// The resync rate is the progress over this last stretch of time.
+pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// One resync as status shows it: the engine's counts plus the driver's rate and ETA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncView {
+    pub role: ResyncRole,
+    pub info: ResyncInfo,
+    pub bytes_per_sec: u64,
+    pub eta_seconds: Option<u64>,
+}
+
+/// Rate and log bookkeeping of one running resync.
+#[derive(Debug)]
+struct ResyncTrack {
+    started: Instant,
+    samples: VecDeque<(Instant, u64)>,
+    last_log: Instant,
+    /// `copied_bytes` already added to the metrics counter.
+    counted: u64,
+    view: ResyncView,
+}
+
+#[derive(Debug, Default)]
+struct Monitor {
+    resyncs: BTreeMap<PlexId, ResyncTrack>,
+    verify: VerifyInfo,
+}
 
 /// Everything the driver shares between tasks.
 struct Shared {
@@ -57,6 +102,10 @@ struct Shared {
     next_op: std::sync::atomic::AtomicU64,
     timer: Notify,
     path: Mutex<PathState>,
+    state: Arc<StateFiles>,
+    block_size: u32,
+    metrics: Arc<Metrics>,
+    monitor: Mutex<Monitor>,
 }
 
 /// A running mirror node; clone-cheap handle.
@@ -76,6 +125,11 @@ pub struct MirrorSetup {
     pub volume: String,
     pub links: LinkConfig,
     pub listener: tokio::net::TcpListener,
+    /// Bitmaps and activity log (already recovered into `start`).
+    pub state: Arc<StateFiles>,
+    /// Resync throttle at start (0: unlimited).
+    pub resync_bytes_per_sec: u64,
+    pub metrics: Arc<Metrics>,
 }
 
 impl MirrorNode {
@@ -84,7 +138,9 @@ impl MirrorNode {
         let (in_tx, in_rx) = mpsc::channel::<Inbound>(INBOUND_QUEUE_MAX);
         let links = link::start(s.links, s.listener, in_tx);
         let started = Instant::now();
-        let engine = Engine::new(s.engine, s.membership, 0, s.start);
+        let block_size = s.engine.block_size;
+        let mut engine = Engine::new(s.engine, s.membership, 0, s.start);
+        engine.set_resync_rate(s.resync_bytes_per_sec);
         let node = MirrorNode {
             shared: Arc::new(Shared {
                 engine: Mutex::new(engine),
@@ -98,12 +154,18 @@ impl MirrorNode {
                 next_op: std::sync::atomic::AtomicU64::new(1),
                 timer: Notify::new(),
                 path: Mutex::new(PathState::Unavailable),
+                state: s.state,
+                block_size,
+                metrics: s.metrics,
+                monitor: Mutex::new(Monitor::default()),
             }),
         };
         // Run what the engine emitted at construction (its first path state).
         node.with_engine(|_, _| {});
         tokio::spawn(node.clone().inbox(in_rx));
         tokio::spawn(node.clone().timer());
+        tokio::spawn(node.clone().flusher());
+        tokio::spawn(node.clone().monitor());
         node
     }
 
@@ -132,8 +194,18 @@ impl MirrorNode {
         match cmd {
             Command::Send { to, msg } => self.shared.links.send(to, msg),
             Command::Apply { seq, op, .. } => {
+                let regions = match op.range {
+                    OpRange::Blocks(r) => self.shared.state.regions_of(
+                        r.lba,
+                        u64::from(r.blocks),
+                        self.shared.block_size,
+                    ),
+                    OpRange::Barrier => Vec::new(),
+                };
+                self.shared.state.op_dispatched(seq, regions);
                 let node = self.clone();
                 tokio::task::spawn_blocking(move || {
+                    node.before_write(seq);
                     let response = node.apply(op);
                     node.with_engine(|e, now| e.applied(now, seq, response));
                 });
@@ -171,26 +243,236 @@ impl MirrorNode {
                 *lock(&self.shared.path) = p;
                 self.publish_port_groups(e.membership(), e.me(), p);
             }
-            Command::MarkDirty(range) => {
-                // The persistent write-intent bitmap is the resync issue's; the engine keeps
-                // the in-memory map (`Engine::dirty`).
-                tracing::trace!(?range, "dirty");
+            Command::Settled { up_to } => self.shared.state.settled(up_to),
+            Command::CopyOut { seq, what } => {
+                let node = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    let lu = &node.shared.lu;
+                    let data = match what {
+                        CopyWhat::Region { range, .. } => {
+                            lu.read_blocks_for_copy(range.lba, u64::from(range.blocks))
+                        }
+                        CopyWhat::LuState => Ok(lu.replicated_state()),
+                    };
+                    match data {
+                        Ok(data) => node.with_engine(|e, now| e.copied_out(now, seq, data)),
+                        // Sending anything else would corrupt the target; the copy stalls
+                        // until the target is dropped and rejoins.
+                        Err(err) => tracing::error!("resync copy {seq} ({what:?}): read: {err}"),
+                    }
+                });
             }
-            Command::Settled { .. } => {}
-            // Resync and verify: the resync issue's driver work.
-            Command::CopyOut { .. }
-            | Command::CopyIn { .. }
-            | Command::Checksum { .. }
-            | Command::MarkDirtyRegions { .. }
-            | Command::ClearDirtyRegions { .. }
-            | Command::DropBitmap { .. }
-            | Command::ActivityLogAbsorbed => {
-                tracing::debug!("resync command not handled yet");
+            Command::CopyIn { seq, what, data } => {
+                let regions = match what {
+                    CopyWhat::Region { index, .. } => vec![index],
+                    CopyWhat::LuState => Vec::new(),
+                };
+                self.shared.state.op_dispatched(seq, regions);
+                let node = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    node.before_write(seq);
+                    let lu = &node.shared.lu;
+                    let result = match what {
+                        CopyWhat::Region { range, .. } => {
+                            lu.write_blocks_for_copy(range.lba, u64::from(range.blocks), &data)
+                        }
+                        CopyWhat::LuState => lu
+                            .install_replicated_state(&data)
+                            .map_err(std::io::Error::other),
+                    };
+                    match result {
+                        Ok(()) => node.with_engine(|e, now| e.applied(now, seq, Bytes::new())),
+                        // Never claim a copy that is not on disk: the copy stays unapplied and
+                        // the source keeps the region dirty.
+                        Err(err) => tracing::error!("resync copy {seq} ({what:?}): write: {err}"),
+                    }
+                });
+            }
+            Command::Checksum { seq, region, range } => {
+                let node = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    let sum = match node
+                        .shared
+                        .lu
+                        .checksum_blocks(range.lba, u64::from(range.blocks))
+                    {
+                        Ok(sum) => sum,
+                        Err(err) => {
+                            // An unreadable region is a mismatch: a value no other plex sends.
+                            tracing::error!("verify of region {region}: read: {err}");
+                            let mut h = blake3::Hasher::new();
+                            h.update(b"sva verify: unreadable region on plex ");
+                            h.update(&node.shared.lu.config().relative_target_port.to_le_bytes());
+                            *h.finalize().as_bytes()
+                        }
+                    };
+                    node.with_engine(|e, now| e.checksummed(now, seq, sum));
+                });
+            }
+            Command::MarkDirtyRegions { plex, regions } => {
+                // Synchronous (rare): durable before any later Apply/CopyIn is spawned.
+                if let Err(err) = self.shared.state.mark_dirty(plex, &regions) {
+                    tracing::error!(
+                        "write-intent bitmap of plex {plex}: {err}; a crash now may leave \
+                         regions {:?}.. unresynced",
+                        regions.first()
+                    );
+                }
+            }
+            Command::ClearDirtyRegions { plex, regions } => {
+                self.shared.state.clear_dirty(plex, &regions)
+            }
+            Command::DropBitmap { plex } => {
+                if let Err(err) = self.shared.state.drop_bitmap(plex) {
+                    tracing::warn!("removing the bitmap of plex {plex}: {err}");
+                }
+            }
+            Command::ActivityLogAbsorbed => {
+                if let Err(err) = self.shared.state.absorbed() {
+                    tracing::warn!("activity log: {err}");
+                }
             }
         }
     }
 
-    /// Every node reports every group of the volume (DESIGN.md §4): ours from the engine's path
+    /// On an op's blocking thread, before its data write: its regions in the activity log.
+    fn before_write(&self, seq: u64) {
+        if let Err(err) = self.shared.state.op_before_write(seq) {
+            // Refusing the write would make this plex silently differ from its peers; a
+            // missing log entry only matters if this node crashes before the op settles.
+            tracing::error!("activity log before op {seq}: {err}");
+        }
+    }
+
+    /// Persist lazy bitmap clears (also called at shutdown).
+    pub fn flush_state(&self) {
+        if let Err(err) = self.shared.state.flush_bitmaps() {
+            tracing::warn!("flushing write-intent bitmaps: {err}");
+        }
+    }
+
+    async fn flusher(self) {
+        let mut tick = tokio::time::interval(BITMAP_FLUSH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let node = self.clone();
+            let _ = tokio::task::spawn_blocking(move || node.flush_state()).await;
+        }
+    }
+
+    /// Change the resync throttle (0: unlimited).
+    pub fn set_resync_rate(&self, bytes_per_sec: u64) {
+        self.with_engine(|e, _| e.set_resync_rate(bytes_per_sec));
+    }
+
+    /// Start an online verify (sequencer only); the engine's refusal otherwise.
+    pub fn start_verify(&self, repair: bool) -> Result<(), String> {
+        self.with_engine(|e, now| e.start_verify(now, repair))
+            .map_err(str::to_string)
+    }
+
+    /// Resyncs this node takes part in, by plex, with rate and ETA.
+    pub fn resync_views(&self) -> BTreeMap<PlexId, ResyncView> {
+        lock(&self.shared.monitor)
+            .resyncs
+            .iter()
+            .map(|(p, t)| (*p, t.view))
+            .collect()
+    }
+
+    /// The last (or running) verify, and the region size.
+    pub fn verify_view(&self) -> (VerifyInfo, u64) {
+        (
+            lock(&self.shared.monitor).verify.clone(),
+            self.shared.state.region_bytes(),
+        )
+    }
+
+    async fn monitor(self) {
+        let mut tick = tokio::time::interval(MONITOR_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.sample(Instant::now());
+        }
+    }
+
+    /// Sample the engine's progress: rates, ETAs, log lines and metrics.
+    fn sample(&self, now: Instant) {
+        let (resyncs, verify, membership) = {
+            let e = lock(&self.shared.engine);
+            (e.resync_status(), e.verify_status(), e.membership().clone())
+        };
+        let metrics = &self.shared.metrics;
+        for p in &membership.plexes {
+            if let Some(g) = metrics.plex(p.id, p.state) {
+                g.set_state(p.state);
+            }
+        }
+        metrics.set_verify(verify.regions_done, verify.mismatched.len() as u64);
+        let mut mon = lock(&self.shared.monitor);
+        let mut seen = Vec::new();
+        for (role, info) in resyncs {
+            seen.push(info.plex);
+            let t = mon.resyncs.entry(info.plex).or_insert_with(|| {
+                tracing::info!(
+                    "resync of plex {} started ({}, {:?} side): {} to copy",
+                    info.plex,
+                    if info.full { "full" } else { "incremental" },
+                    role,
+                    human_bytes(info.total_bytes)
+                );
+                ResyncTrack {
+                    started: now,
+                    samples: VecDeque::new(),
+                    last_log: now,
+                    counted: 0,
+                    view: ResyncView {
+                        role,
+                        info,
+                        bytes_per_sec: 0,
+                        eta_seconds: None,
+                    },
+                }
+            });
+            update_track(t, role, info, now);
+            if let Some(g) = metrics.plex(info.plex, PlexState::Resyncing) {
+                let v = &t.view;
+                g.set_resync(v.info.done_bytes, v.info.total_bytes, v.bytes_per_sec);
+                let copied = v.info.copied_bytes;
+                g.add_resync_copied(copied.saturating_sub(t.counted));
+                t.counted = t.counted.max(copied);
+            }
+            if now.duration_since(t.last_log) >= RESYNC_LOG_INTERVAL {
+                t.last_log = now;
+                tracing::info!("{}", progress_line(&t.view));
+            }
+        }
+        let ended: Vec<PlexId> = mon
+            .resyncs
+            .keys()
+            .copied()
+            .filter(|p| !seen.contains(p))
+            .collect();
+        for p in ended {
+            if let Some(t) = mon.resyncs.remove(&p) {
+                let secs = now.duration_since(t.started).as_secs_f64();
+                tracing::info!(
+                    "resync of plex {p} ended after {secs:.1} s: {} of {} done, {} copied",
+                    human_bytes(t.view.info.done_bytes),
+                    human_bytes(t.view.info.total_bytes),
+                    human_bytes(t.view.info.copied_bytes)
+                );
+                if let Some(g) = metrics.plex(p, PlexState::InSync) {
+                    g.set_resync(0, 0, 0);
+                }
+            }
+        }
+        mon.verify = verify;
+    }
+
+    /// Every node reports every group of the volume    /// Every node reports every group of the volume (DESIGN.md §4): ours from the engine's path
     /// state, the others from the membership record.
     fn publish_port_groups(&self, m: &Membership, me: u16, mine: PathState) {
         let groups = m
@@ -415,7 +697,137 @@ impl ScsiTarget for MirroredTarget {
     }
 }
 
+/// Add a sample of `info` to `t` and recompute its rate (progress over the last
+/// [`RATE_WINDOW`]) and ETA.
+fn update_track(t: &mut ResyncTrack, role: ResyncRole, info: ResyncInfo, now: Instant) {
+    if info.done_bytes < t.view.info.done_bytes {
+        // A new resync of the same plex (the target rejoined): start the window afresh.
+        t.samples.clear();
+    }
+    t.samples.push_back((now, info.done_bytes));
+    while t
+        .samples
+        .front()
+        .is_some_and(|(at, _)| now.duration_since(*at) > RATE_WINDOW)
+    {
+        t.samples.pop_front();
+    }
+    let rate = match (t.samples.front(), t.samples.back()) {
+        (Some((t0, d0)), Some((t1, d1))) if t1 > t0 => {
+            let secs = t1.duration_since(*t0).as_secs_f64();
+            (d1.saturating_sub(*d0) as f64 / secs) as u64
+        }
+        _ => 0,
+    };
+    let left = info.total_bytes.saturating_sub(info.done_bytes);
+    t.view = ResyncView {
+        role,
+        info,
+        bytes_per_sec: rate,
+        eta_seconds: (rate > 0).then(|| left.div_ceil(rate)),
+    };
+}
+
+/// "resync of plex 2: 412 MiB of 1.0 GiB (40%), 180 MiB/s, about 3 s left"
+pub fn progress_line(v: &ResyncView) -> String {
+    let i = &v.info;
+    let pct = (i.done_bytes as u128 * 100)
+        .checked_div(i.total_bytes as u128)
+        .unwrap_or(100);
+    let eta = match v.eta_seconds {
+        Some(s) => format!("about {s} s left"),
+        None => "time left unknown".to_string(),
+    };
+    format!(
+        "resync of plex {}: {} of {} ({pct}%), {}/s, {eta}",
+        i.plex,
+        human_bytes(i.done_bytes),
+        human_bytes(i.total_bytes),
+        human_bytes(v.bytes_per_sec)
+    )
+}
+
+/// Bytes for people: `512 B`, `412 MiB`, `1.0 GiB`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    match u {
+        0 => format!("{b} B"),
+        _ if v < 10.0 => format!("{v:.1} {}", UNITS[u]),
+        _ => format!("{v:.0} {}", UNITS[u]),
+    }
+}
+
 /// The engine mutex is never held across a panic-prone call, but recover anyway.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_line_reads_like_the_design() {
+        let v = ResyncView {
+            role: ResyncRole::Source,
+            info: ResyncInfo {
+                plex: 2,
+                full: false,
+                total_bytes: 1 << 30,
+                done_bytes: 412 << 20,
+                copied_bytes: 0,
+            },
+            bytes_per_sec: 180 << 20,
+            eta_seconds: Some(4),
+        };
+        assert_eq!(
+            progress_line(&v),
+            "resync of plex 2: 412 MiB of 1.0 GiB (40%), 180 MiB/s, about 4 s left"
+        );
+        assert_eq!(human_bytes(512), "512 B");
+    }
+
+    #[test]
+    fn rate_is_the_progress_over_the_window() {
+        let t0 = Instant::now();
+        let info = |done| ResyncInfo {
+            plex: 2,
+            full: true,
+            total_bytes: 1000 << 20,
+            done_bytes: done,
+            copied_bytes: done,
+        };
+        let mut t = ResyncTrack {
+            started: t0,
+            samples: VecDeque::new(),
+            last_log: t0,
+            counted: 0,
+            view: ResyncView {
+                role: ResyncRole::Source,
+                info: info(0),
+                bytes_per_sec: 0,
+                eta_seconds: None,
+            },
+        };
+        update_track(&mut t, ResyncRole::Source, info(0), t0);
+        assert_eq!((t.view.bytes_per_sec, t.view.eta_seconds), (0, None));
+        for s in 1..=20u64 {
+            update_track(
+                &mut t,
+                ResyncRole::Source,
+                info(s * (10 << 20)),
+                t0 + Duration::from_secs(s),
+            );
+        }
+        // 10 MiB/s throughout; 800 MiB left.
+        assert_eq!(t.view.bytes_per_sec, 10 << 20);
+        assert_eq!(t.view.eta_seconds, Some(80));
+        assert!(t.samples.len() <= 11, "window bounded: {}", t.samples.len());
+    }
 }

@@ -325,6 +325,30 @@ fn lock_or_recover<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
+/// Version of [`LogicalUnit::replicated_state`]'s image.
+pub const REPLICATED_STATE_VERSION: u32 = 1;
+
+/// The image of [`LogicalUnit::replicated_state`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReplicatedState {
+    version: u32,
+    pr: PrSnapshot,
+    d_sense: bool,
+    swp: bool,
+}
+
+/// Why a replicated-state image was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicatedStateError {
+    #[error("undecodable LU state image: {0}")]
+    Decode(String),
+    #[error("LU state image version {0} is not supported")]
+    Version(u32),
+    #[error("saving the APTPL state failed")]
+    Persist,
+}
+
 /// One logical unit (LUN 0) over a block backend.
 pub struct LogicalUnit {
     pub(crate) cfg: LuConfig,
@@ -793,6 +817,81 @@ impl LogicalUnit {
         st.nexuses.remove(nexus);
         st.copies.retain(|c| c.nexus != *nexus);
         st.pr.nexus_lost(nexus);
+    }
+
+    /// The LU's replicated non-data state (DESIGN.md §6, resync `CopyWhat::LuState`): the
+    /// persistent-reservation image (registrations, reservation, PRgeneration, APTPL), the
+    /// SCSI-2 reservation and the changeable mode parameters, as versioned JSON.
+    pub fn replicated_state(&self) -> Bytes {
+        let st = self.lock_state();
+        let image = ReplicatedState {
+            version: REPLICATED_STATE_VERSION,
+            pr: st.pr.snapshot(),
+            d_sense: st.mode.d_sense,
+            swp: st.mode.swp,
+        };
+        drop(st);
+        // Serializing plain structs of strings and integers cannot fail.
+        Bytes::from(serde_json::to_vec(&image).unwrap_or_default())
+    }
+
+    /// Replace the replicated non-data state with `image` from [`replicated_state`] of a
+    /// peer (the APTPL file is rewritten to match). Per-nexus state (unit attentions) stays.
+    ///
+    /// [`replicated_state`]: LogicalUnit::replicated_state
+    pub fn install_replicated_state(&self, image: &[u8]) -> Result<(), ReplicatedStateError> {
+        let image: ReplicatedState = serde_json::from_slice(image)
+            .map_err(|e| ReplicatedStateError::Decode(e.to_string()))?;
+        if image.version != REPLICATED_STATE_VERSION {
+            return Err(ReplicatedStateError::Version(image.version));
+        }
+        let mut st = self.lock_state();
+        st.pr = Reservations::restore(image.pr);
+        st.mode = ModeState {
+            d_sense: image.d_sense,
+            swp: image.swp,
+        };
+        let snapshot = st.pr.snapshot();
+        self.persist_pr(&snapshot)
+            .map_err(|_| ReplicatedStateError::Persist)?;
+        Ok(())
+    }
+
+    /// Resync: blocks `lba..lba+blocks` as [`store::region::read_region`] returns them
+    /// (empty when they read back as zeroes).
+    ///
+    /// [`store::region::read_region`]: crate::store::region::read_region
+    pub fn read_blocks_for_copy(&self, lba: u64, blocks: u64) -> std::io::Result<Bytes> {
+        let (off, len) = self.byte_range(lba, blocks)?;
+        crate::store::region::read_region(self.backend.as_ref(), off, len)
+    }
+
+    /// Resync: write what [`read_blocks_for_copy`](Self::read_blocks_for_copy) returned on a
+    /// peer, durably (empty: deallocate).
+    pub fn write_blocks_for_copy(&self, lba: u64, blocks: u64, data: &[u8]) -> std::io::Result<()> {
+        let (off, len) = self.byte_range(lba, blocks)?;
+        let _guard = self.ranges.lock(lba, blocks);
+        crate::store::region::write_region(self.backend.as_ref(), off, len, data)
+    }
+
+    /// Verify: BLAKE3 of blocks `lba..lba+blocks` (holes read as zeroes).
+    pub fn checksum_blocks(&self, lba: u64, blocks: u64) -> std::io::Result<[u8; 32]> {
+        let (off, len) = self.byte_range(lba, blocks)?;
+        crate::store::region::checksum_region(self.backend.as_ref(), off, len)
+    }
+
+    fn byte_range(&self, lba: u64, blocks: u64) -> std::io::Result<(u64, u64)> {
+        let bs = u64::from(self.cfg.block_size);
+        match (lba.checked_mul(bs), blocks.checked_mul(bs)) {
+            (Some(o), Some(l)) if lba.saturating_add(blocks) <= self.block_count => Ok((o, l)),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "blocks {lba}+{blocks} beyond the volume's {}",
+                    self.block_count
+                ),
+            )),
+        }
     }
 
     /// Save the APTPL state atomically (temp file, fsync, rename, fsync dir).

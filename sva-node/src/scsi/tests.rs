@@ -1293,6 +1293,69 @@ fn cached_read_matches_execute() {
     assert!(m.lu.try_execute_cached(&nexus(1), &read(0, 1)).is_none());
 }
 
+// ---- replicated non-data state (resync `CopyWhat::LuState`) ----
+
+#[test]
+fn replicated_state_round_trips_to_another_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Lu::new();
+    let n2 = nexus(2);
+    let (c, p) = prout(0x00, 0, 0, 0x11, true); // REGISTER with APTPL
+    src.ok(&c, &p);
+    let (c, p) = prout(0x01, 0x01, 0x11, 0, false); // RESERVE Write Exclusive
+    src.ok(&c, &p);
+    let mut page = control_page(&src);
+    page[4] |= 0x08; // SWP
+    let mut param = vec![0, 0, 0, 0];
+    param.extend_from_slice(&page);
+    src.ok(&[0x15, 0x10, 0, 0, param.len() as u8, 0], &param);
+    let image = src.lu.replicated_state();
+
+    // A replacement node: its own APTPL file, nothing registered.
+    let mut cfg = LuConfig::new("vol-1");
+    cfg.pr_state_path = Some(dir.path().join("pr.json"));
+    let dst = Lu::with(cfg, Arc::new(MemBackend::new(BLOCKS * 512)));
+    dst.lu.nexus_added(&n2);
+    dst.check(&n2, &[0; 6], &[]);
+    dst.lu.install_replicated_state(&image).expect("install");
+    assert_eq!(dst.lu.replicated_state(), image, "identical image");
+    {
+        let st = dst.lu.lock_state();
+        assert_eq!(st.pr.keys(), vec![0x11]);
+        assert_eq!(st.pr.generation(), src.lu.lock_state().pr.generation());
+        assert!(st.pr.reservation().is_some());
+        assert!(st.mode.swp);
+    }
+    assert!(dir.path().join("pr.json").exists(), "APTPL image saved");
+    // Behaviour follows: nexus 2 is not the holder, so its write conflicts.
+    let w = RwCdb {
+        lba: 0,
+        blocks: 1,
+        flags: 0,
+    }
+    .encode(0x2a);
+    let r = dst.run(&n2, &w, &[0u8; 512]);
+    assert_eq!(r.status, ScsiStatus::ReservationConflict);
+
+    // SCSI-2 reservation travels too.
+    let t = Lu::new();
+    t.ok(&[0x16, 0, 0, 0, 0, 0], &[]); // RESERVE(6) by nexus 1
+    let other = Lu::new();
+    other
+        .lu
+        .install_replicated_state(&t.lu.replicated_state())
+        .expect("install");
+    assert_eq!(other.lu.lock_state().pr.scsi2_holder(), Some(&nexus(1)));
+
+    // Garbage and other versions are refused, the state untouched.
+    assert!(other.lu.install_replicated_state(b"{not json").is_err());
+    let v2 = String::from_utf8(image.to_vec())
+        .unwrap()
+        .replace("\"version\":1", "\"version\":2");
+    assert!(other.lu.install_replicated_state(v2.as_bytes()).is_err());
+    assert_eq!(other.lu.lock_state().pr.scsi2_holder(), Some(&nexus(1)));
+}
+
 /// A small, page-aligned write-back WRITE runs inline with exactly `execute`'s outcome
 /// (data written, UA first for a new nexus, no sync); anything that may wait or needs more
 /// than a page-cache copy is left to the normal path.

@@ -49,6 +49,7 @@ pub trait BlockBackend: Send + Sync + 'static {
 pub mod fault;
 pub mod file;
 pub mod mem;
+pub mod region;
 
 #[cfg(test)]
 mod conformance;
