@@ -457,6 +457,9 @@ pub struct Engine {
     tokens_at: Millis,
     verify: Option<Verify>,
     verify_info: VerifyInfo,
+    /// Stale plexes whose bitmap here was set to every region (a full resync) since they
+    /// went stale: a later `full` request resumes instead of starting over.
+    filled: BTreeSet<PlexId>,
     /// The `Sync` this coordinator sent for the current epoch (re-sent to a member whose
     /// copy was lost).
     last_sync: Option<Message>,
@@ -503,6 +506,7 @@ impl Engine {
             verify: None,
             verify_info: VerifyInfo::default(),
             last_sync: None,
+            filled: BTreeSet::new(),
             cfg,
         };
         let me = e.cfg.me;
@@ -1736,6 +1740,7 @@ impl Engine {
             .collect();
         for p in gone {
             self.bitmaps.remove(&p);
+            self.filled.remove(&p);
             self.cmds.push_back(Command::DropBitmap { plex: p });
         }
         let ranges: Vec<OpRange> = self.log.values().map(|le| le.entry.meta.range).collect();
@@ -1880,6 +1885,8 @@ impl Engine {
             self.bitmaps.remove(&p);
             self.cmds.push_back(Command::DropBitmap { plex: p });
         }
+        self.data_valid = true;
+        self.filled.retain(|p| self.bitmaps.contains_key(p));
         // Back in sync through a resync: what the activity log covered was copied.
         if self.target.take().is_some() || !self.own_dirty.is_empty() {
             self.own_dirty.clear();
@@ -1921,6 +1928,7 @@ impl Engine {
                 self.cmds.push_back(Command::DropBitmap { plex: p });
             }
             self.bitmaps.clear();
+            self.filled.clear();
             self.next_join = 0;
         }
         self.learners.clear();
@@ -2189,8 +2197,8 @@ impl Engine {
             done_bytes: 0,
             copied_bytes: 0,
         });
-        // The source holds a bitmap for us now: a later request need not be full.
-        self.data_valid = true;
+        // `data_valid` stays false until we are in sync: every in-sync node must learn that
+        // we need everything (the source may fail before it finishes).
         self.handle_timeout(now);
     }
 
@@ -2219,7 +2227,7 @@ impl Engine {
         let n = self.region_map().regions_of_volume(self.cfg.volume_blocks);
         if let Some(bm) = self.bitmaps.get_mut(&from) {
             let mut regions: Vec<u64> = al.into_iter().filter(|&r| bm.set(r)).collect();
-            if full {
+            if full && self.filled.insert(from) {
                 regions.extend(bm.fill(n));
             }
             if !regions.is_empty() {
@@ -2649,6 +2657,7 @@ impl Engine {
             let regions = bm.fill(bm.regions_of_volume(self.cfg.volume_blocks));
             self.cmds
                 .push_back(Command::MarkDirtyRegions { plex: p, regions });
+            self.filled.insert(p);
         }
         self.bitmaps.insert(p, bm);
     }
