@@ -1743,7 +1743,7 @@ impl Engine {
             self.filled.remove(&p);
             self.cmds.push_back(Command::DropBitmap { plex: p });
         }
-        let ranges: Vec<OpRange> = self.log.values().map(|le| le.entry.meta.range).collect();
+        let ranges = self.write_ranges();
         for r in ranges {
             self.mark_dirty(None, r);
         }
@@ -1866,7 +1866,7 @@ impl Engine {
                 self.send(origin, Message::Applied { epoch, seq });
             }
         }
-        let ranges: Vec<OpRange> = self.log.values().map(|le| le.entry.meta.range).collect();
+        let ranges = self.write_ranges();
         for r in ranges {
             self.mark_dirty(None, r);
         }
@@ -2263,7 +2263,7 @@ impl Engine {
     fn accept_learner(&mut self, now: Millis, t: PlexId, full: bool) {
         // Ops ordered before its start may still be applying here: the copies (ordered after
         // them) carry them, and their regions are dirty.
-        let ranges: Vec<OpRange> = self.log.values().map(|le| le.entry.meta.range).collect();
+        let ranges = self.write_ranges();
         for r in ranges {
             self.mark_dirty(None, r);
         }
@@ -2300,7 +2300,7 @@ impl Engine {
         if self.rejoin.is_some_and(|(r, _)| r == t) {
             self.rejoin = None;
         }
-        let ranges: Vec<OpRange> = self.log.values().map(|le| le.entry.meta.range).collect();
+        let ranges = self.write_ranges();
         for r in ranges {
             self.mark_dirty(None, r);
         }
@@ -2660,6 +2660,16 @@ impl Engine {
             self.filled.insert(p);
         }
         self.bitmaps.insert(p, bm);
+    }
+
+    /// Ranges of the logged ops that write data (copies and verifies change nothing on an
+    /// in-sync plex; a copy the learner did not ack is still dirty).
+    fn write_ranges(&self) -> Vec<OpRange> {
+        self.log
+            .values()
+            .filter(|le| le.entry.origin != INTERNAL_ORIGIN)
+            .map(|le| le.entry.meta.range)
+            .collect()
     }
 
     /// Stale (or resyncing) plexes of the current record, ascending.
