@@ -2018,6 +2018,9 @@ impl Engine {
     }
 
     fn timeout_out(&mut self, now: Millis) {
+        if matches!(self.role, Role::Out) {
+            self.drop_recovered_bitmaps();
+        }
         if !self.io_inflight.is_empty() {
             return;
         }
@@ -2164,6 +2167,15 @@ impl Engine {
         self.progress(now);
     }
 
+    /// Bitmaps persisted by an earlier life are only valid if this node recovers as the
+    /// source: a stale node must delete them, or a later recovery would trust them.
+    fn drop_recovered_bitmaps(&mut self) {
+        let old = std::mem::take(&mut self.recovered_bitmaps);
+        for p in old.into_keys() {
+            self.cmds.push_back(Command::DropBitmap { plex: p });
+        }
+    }
+
     fn become_learner(
         &mut self,
         now: Millis,
@@ -2172,6 +2184,7 @@ impl Engine {
         start_seq: Seq,
         dirty_regions: u64,
     ) {
+        self.drop_recovered_bitmaps();
         self.membership = m;
         self.role = Role::Learning { source, start_seq };
         self.log.clear();
