@@ -457,9 +457,6 @@ pub struct Engine {
     tokens_at: Millis,
     verify: Option<Verify>,
     verify_info: VerifyInfo,
-    /// Stale plexes whose bitmap here was set to every region (a full resync) since they
-    /// went stale: a later `full` request resumes instead of starting over.
-    filled: BTreeSet<PlexId>,
     /// The `Sync` this coordinator sent for the current epoch (re-sent to a member whose
     /// copy was lost).
     last_sync: Option<Message>,
@@ -506,7 +503,6 @@ impl Engine {
             verify: None,
             verify_info: VerifyInfo::default(),
             last_sync: None,
-            filled: BTreeSet::new(),
             cfg,
         };
         let me = e.cfg.me;
@@ -1740,7 +1736,6 @@ impl Engine {
             .collect();
         for p in gone {
             self.bitmaps.remove(&p);
-            self.filled.remove(&p);
             self.cmds.push_back(Command::DropBitmap { plex: p });
         }
         let ranges = self.write_ranges();
@@ -1886,7 +1881,6 @@ impl Engine {
             self.cmds.push_back(Command::DropBitmap { plex: p });
         }
         self.data_valid = true;
-        self.filled.retain(|p| self.bitmaps.contains_key(p));
         // Back in sync through a resync: what the activity log covered was copied.
         if self.target.take().is_some() || !self.own_dirty.is_empty() {
             self.own_dirty.clear();
@@ -1928,7 +1922,6 @@ impl Engine {
                 self.cmds.push_back(Command::DropBitmap { plex: p });
             }
             self.bitmaps.clear();
-            self.filled.clear();
             self.next_join = 0;
         }
         self.learners.clear();
@@ -2210,8 +2203,9 @@ impl Engine {
             done_bytes: 0,
             copied_bytes: 0,
         });
-        // `data_valid` stays false until we are in sync: every in-sync node must learn that
-        // we need everything (the source may fail before it finishes).
+        // The source holds a (full) bitmap for us now: asking again (after a drop) must not
+        // start over. The driver writes its `mirror-started` marker now too (RESYNC.md).
+        self.data_valid = true;
         self.handle_timeout(now);
     }
 
@@ -2240,7 +2234,7 @@ impl Engine {
         let n = self.region_map().regions_of_volume(self.cfg.volume_blocks);
         if let Some(bm) = self.bitmaps.get_mut(&from) {
             let mut regions: Vec<u64> = al.into_iter().filter(|&r| bm.set(r)).collect();
-            if full && self.filled.insert(from) {
+            if full {
                 regions.extend(bm.fill(n));
             }
             if !regions.is_empty() {
@@ -2670,7 +2664,6 @@ impl Engine {
             let regions = bm.fill(bm.regions_of_volume(self.cfg.volume_blocks));
             self.cmds
                 .push_back(Command::MarkDirtyRegions { plex: p, regions });
-            self.filled.insert(p);
         }
         self.bitmaps.insert(p, bm);
     }

@@ -208,8 +208,9 @@ struct Node {
     /// settled, plus what a previous incarnation left until `ActivityLogAbsorbed`.
     al_ops: BTreeMap<Seq, BTreeSet<u64>>,
     al_recovered: BTreeSet<u64>,
-    /// The disk was wiped and the plex is not in sync again yet: it asks every peer for a full
+    /// The disk was wiped and no source accepted the plex yet: it asks every peer for a full
     /// resync (its divergence is everywhere; invariant 4 skips it, 2 and 6 check the result).
+    /// Like the driver's `mirror-started` marker, cleared once a source accepted it.
     wiped: bool,
     /// Seq of the last LU-state copy applied here (it carries every earlier barrier).
     lu_copy_seq: Seq,
@@ -424,6 +425,16 @@ impl Sim {
                 }
             }
             self.maintenance();
+            for nd in &mut self.nodes {
+                if nd.wiped
+                    && nd
+                        .engine
+                        .as_ref()
+                        .is_some_and(|e| matches!(e.role(), RoleKind::Learning | RoleKind::Active))
+                {
+                    nd.wiped = false;
+                }
+            }
             if self.now.is_multiple_of(COVERAGE_EVERY_MS) {
                 self.check_coverage(false);
             }
@@ -651,8 +662,8 @@ impl Sim {
                 let recovered = Recovered {
                     activity_log: nd.al_recovered.clone(),
                     bitmaps: nd.bitmaps.clone(),
-                    // The driver's `mirror-started` marker: absent on a wiped plex until it
-                    // is in sync again.
+                    // The driver's `mirror-started` marker: absent on a wiped plex until a
+                    // source accepted it (and holds a full bitmap for it).
                     data_valid: !nd.wiped,
                 };
                 nd.engine = Some(Engine::new(

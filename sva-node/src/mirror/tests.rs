@@ -1072,8 +1072,17 @@ fn an_interrupted_full_resync_resumes_instead_of_starting_over() {
     drain(&mut p1);
     let left = p1.bitmap(2).map_or(0, |b| b.len());
     assert!(left < 8, "copies were acked: {left} regions left");
-    // The learner restarts (its marker is still absent: it asks for a full resync again).
-    p1.handle_message(t + 3, 2, full);
+    // The learner restarts. The driver wrote its marker once it was accepted, so it asks
+    // for a partial resync: the source's bitmap says what is left.
+    p1.handle_message(
+        t + 3,
+        2,
+        Message::JoinRequest {
+            epoch: 2,
+            activity_log: vec![],
+            full: false,
+        },
+    );
     let cmds = drain(&mut p1);
     assert!(cmds.iter().any(|c| matches!(
         c,
