@@ -12,8 +12,9 @@
 //!
 //! Resync (DESIGN.md §6, `resync.rs`): `MarkDirtyRegions` is made durable synchronously while
 //! the engine lock is held, so it is on disk before any later `Apply`/`CopyIn` is even spawned.
-//! Each `Apply`/`CopyIn` first puts its regions in the activity log (durably, on its blocking
-//! thread), then writes; `Settled` lets them leave the log. `CopyOut`, `CopyIn` and `Checksum`
+//! Each `Apply` first puts its regions in the activity log (durably, on its blocking thread),
+//! then writes; `Settled` lets them leave the log (lazily: at capacity, or after
+//! [`ACTIVITY_LOG_IDLE`] untouched). `CopyIn` needs no log entry (see there). `CopyOut`, `CopyIn` and `Checksum`
 //! run on blocking threads and feed `copied_out`/`applied`/`checksummed`. Bitmap clears are
 //! flushed every [`BITMAP_FLUSH_INTERVAL`] and at shutdown. A monitor samples the engine's
 //! resync and verify progress every [`MONITOR_INTERVAL`] for rates, logs and metrics.
@@ -60,6 +61,8 @@ pub const BITMAP_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 pub const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
 /// A resync progress line is logged this often while a resync runs.
 pub const RESYNC_LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// Activity-log regions whose ops all settled leave the log after this long untouched.
+pub const ACTIVITY_LOG_IDLE: Duration = Duration::from_secs(5);
 /// The resync rate is the progress over this last stretch of time.
 pub const RATE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -267,14 +270,12 @@ impl MirrorNode {
                 });
             }
             Command::CopyIn { seq, what, data } => {
-                let regions = match what {
-                    CopyWhat::Region { index, .. } => vec![index],
-                    CopyWhat::LuState => Vec::new(),
-                };
-                self.shared.state.op_dispatched(seq, regions);
+                // No activity-log entry: the source clears the region from this plex's
+                // bitmap only after the durable write below is acked, so a crash before that
+                // leaves it dirty there already. Logging it too would only make a restart
+                // mid-resync copy the recently copied regions again.
                 let node = self.clone();
                 tokio::task::spawn_blocking(move || {
-                    node.before_write(seq);
                     let lu = &node.shared.lu;
                     let result = match what {
                         CopyWhat::Region { range, .. } => {
@@ -348,10 +349,14 @@ impl MirrorNode {
         }
     }
 
-    /// Persist lazy bitmap clears (also called at shutdown).
+    /// Persist lazy bitmap clears and let idle settled regions leave the activity log (also
+    /// called at shutdown).
     pub fn flush_state(&self) {
         if let Err(err) = self.shared.state.flush_bitmaps() {
             tracing::warn!("flushing write-intent bitmaps: {err}");
+        }
+        if let Err(err) = self.shared.state.trim_activity_log(ACTIVITY_LOG_IDLE) {
+            tracing::warn!("trimming the activity log: {err}");
         }
     }
 
