@@ -57,8 +57,9 @@ const TIMER_TICK_MIN: Duration = Duration::from_millis(5);
 const WITNESS_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Lazy bitmap clears reach the disk at least this often.
 pub const BITMAP_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
-/// How often the monitor samples resync/verify progress.
-pub const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the monitor samples resync/verify progress (often enough that a short resync is
+/// seen at all; a sample is one lock of the engine and a few small copies).
+pub const MONITOR_INTERVAL: Duration = Duration::from_millis(200);
 /// A resync progress line is logged this often while a resync runs.
 pub const RESYNC_LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// Activity-log regions whose ops all settled leave the log after this long untouched.
@@ -467,12 +468,26 @@ impl MirrorNode {
         for p in ended {
             if let Some(t) = mon.resyncs.remove(&p) {
                 let secs = now.duration_since(t.started).as_secs_f64();
-                tracing::info!(
-                    "resync of plex {p} ended after {secs:.1} s: {} of {} done, {} copied",
-                    human_bytes(t.view.info.done_bytes),
-                    human_bytes(t.view.info.total_bytes),
-                    human_bytes(t.view.info.copied_bytes)
-                );
+                let v = &t.view.info;
+                let in_sync = membership
+                    .plexes
+                    .iter()
+                    .any(|r| r.id == p && r.state == PlexState::InSync);
+                if in_sync {
+                    tracing::info!(
+                        "resync of plex {p} finished after {secs:.1} s: plex {p} is in sync \
+                         again ({} to copy and {} copied when last sampled)",
+                        human_bytes(v.total_bytes),
+                        human_bytes(v.copied_bytes)
+                    );
+                } else {
+                    tracing::info!(
+                        "resync of plex {p} stopped after {secs:.1} s: {} of {} done, {} copied",
+                        human_bytes(v.done_bytes),
+                        human_bytes(v.total_bytes),
+                        human_bytes(v.copied_bytes)
+                    );
+                }
                 if let Some(g) = metrics.plex(p, PlexState::InSync) {
                     g.set_resync(0, 0, 0);
                 }
