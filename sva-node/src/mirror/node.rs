@@ -84,6 +84,8 @@ struct ResyncTrack {
     last_log: Instant,
     /// `copied_bytes` already added to the metrics counter.
     counted: u64,
+    /// Data moves (rather than the plex being away with regions marked).
+    copying: bool,
     view: ResyncView,
 }
 
@@ -426,18 +428,19 @@ impl MirrorNode {
         for (role, info) in resyncs {
             seen.push(info.plex);
             let t = mon.resyncs.entry(info.plex).or_insert_with(|| {
-                tracing::info!(
-                    "resync of plex {} started ({}, {:?} side): {} to copy",
-                    info.plex,
-                    if info.full { "full" } else { "incremental" },
-                    role,
-                    human_bytes(info.total_bytes)
-                );
+                if role == ResyncRole::Source {
+                    tracing::info!(
+                        "plex {} is out of sync: {} marked to resync from here when it returns",
+                        info.plex,
+                        human_bytes(info.total_bytes)
+                    );
+                }
                 ResyncTrack {
                     started: now,
                     samples: VecDeque::new(),
                     last_log: now,
                     counted: 0,
+                    copying: false,
                     view: ResyncView {
                         role,
                         info,
@@ -447,14 +450,32 @@ impl MirrorNode {
                 }
             });
             update_track(t, role, info, now);
+            // Copying (as opposed to waiting for the plex to come back) once anything moved;
+            // a target is copying from the start.
+            let moving = role == ResyncRole::Target || info.done_bytes > 0 || info.copied_bytes > 0;
+            if moving && !t.copying {
+                t.copying = true;
+                t.started = now;
+                t.last_log = now;
+                tracing::info!(
+                    "resync of plex {} started ({}, this node is the {:?}): {} to copy",
+                    info.plex,
+                    if info.full { "full" } else { "incremental" },
+                    role,
+                    human_bytes(info.total_bytes)
+                );
+            }
             if let Some(g) = metrics.plex(info.plex, PlexState::Resyncing) {
                 let v = &t.view;
                 g.set_resync(v.info.done_bytes, v.info.total_bytes, v.bytes_per_sec);
                 let copied = v.info.copied_bytes;
-                g.add_resync_copied(copied.saturating_sub(t.counted));
-                t.counted = t.counted.max(copied);
+                if copied < t.counted {
+                    t.counted = 0; // a new resync of this plex
+                }
+                g.add_resync_copied(copied - t.counted);
+                t.counted = copied;
             }
-            if now.duration_since(t.last_log) >= RESYNC_LOG_INTERVAL {
+            if t.copying && now.duration_since(t.last_log) >= RESYNC_LOG_INTERVAL {
                 t.last_log = now;
                 tracing::info!("{}", progress_line(&t.view));
             }
@@ -832,6 +853,7 @@ mod tests {
             samples: VecDeque::new(),
             last_log: t0,
             counted: 0,
+            copying: false,
             view: ResyncView {
                 role: ResyncRole::Source,
                 info: info(0),
