@@ -265,7 +265,13 @@ impl MirrorNode {
                         CopyWhat::LuState => Ok(lu.replicated_state()),
                     };
                     match data {
-                        Ok(data) => node.with_engine(|e, now| e.copied_out(now, seq, data)),
+                        Ok(data) => {
+                            let progress = node.with_engine(|e, now| {
+                                e.copied_out(now, seq, data);
+                                e.resync_status()
+                            });
+                            node.note_progress(progress);
+                        }
                         // Sending anything else would corrupt the target; the copy stalls
                         // until the target is dropped and rejoins.
                         Err(err) => tracing::error!("resync copy {seq} ({what:?}): read: {err}"),
@@ -289,7 +295,13 @@ impl MirrorNode {
                             .map_err(std::io::Error::other),
                     };
                     match result {
-                        Ok(()) => node.with_engine(|e, now| e.applied(now, seq, Bytes::new())),
+                        Ok(()) => {
+                            let progress = node.with_engine(|e, now| {
+                                e.applied(now, seq, Bytes::new());
+                                e.resync_status()
+                            });
+                            node.note_progress(progress);
+                        }
                         // Never claim a copy that is not on disk: the copy stays unapplied and
                         // the source keeps the region dirty.
                         Err(err) => tracing::error!("resync copy {seq} ({what:?}): write: {err}"),
@@ -401,6 +413,22 @@ impl MirrorNode {
         )
     }
 
+    /// Fresher counts right after a copy moved, between monitor samples: the last copies of a
+    /// resync are counted even when it ends before the next sample.
+    fn note_progress(&self, progress: Vec<(ResyncRole, ResyncInfo)>) {
+        let mut mon = lock(&self.shared.monitor);
+        for (_, info) in progress {
+            if let Some(t) = mon.resyncs.get_mut(&info.plex) {
+                if info.copied_bytes >= t.view.info.copied_bytes {
+                    t.view.info = info;
+                }
+                if let Some(g) = self.shared.metrics.plex(info.plex, PlexState::Resyncing) {
+                    count_copied(t, &g);
+                }
+            }
+        }
+    }
+
     async fn monitor(self) {
         let mut tick = tokio::time::interval(MONITOR_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -468,12 +496,7 @@ impl MirrorNode {
             if let Some(g) = metrics.plex(info.plex, PlexState::Resyncing) {
                 let v = &t.view;
                 g.set_resync(v.info.done_bytes, v.info.total_bytes, v.bytes_per_sec);
-                let copied = v.info.copied_bytes;
-                if copied < t.counted {
-                    t.counted = 0; // a new resync of this plex
-                }
-                g.add_resync_copied(copied - t.counted);
-                t.counted = copied;
+                count_copied(t, &g);
             }
             if t.copying && now.duration_since(t.last_log) >= RESYNC_LOG_INTERVAL {
                 t.last_log = now;
@@ -497,7 +520,7 @@ impl MirrorNode {
                 if in_sync {
                     tracing::info!(
                         "resync of plex {p} finished after {secs:.1} s: plex {p} is in sync \
-                         again ({} to copy and {} copied when last sampled)",
+                         again ({} to copy, {} copied)",
                         human_bytes(v.total_bytes),
                         human_bytes(v.copied_bytes)
                     );
@@ -740,6 +763,16 @@ impl ScsiTarget for MirroredTarget {
             }
         });
     }
+}
+
+/// Add the payload bytes `t` copied since last counted to the plex's counter.
+fn count_copied(t: &mut ResyncTrack, g: &crate::control::metrics::PlexGauges) {
+    let copied = t.view.info.copied_bytes;
+    if copied < t.counted {
+        t.counted = 0; // a new resync of this plex
+    }
+    g.add_resync_copied(copied - t.counted);
+    t.counted = copied;
 }
 
 /// Add a sample of `info` to `t` and recompute its rate (progress over the last
