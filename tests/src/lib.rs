@@ -31,9 +31,13 @@ pub mod tools;
 use std::net::SocketAddr;
 
 pub use cunit::CunitSummary;
-pub use mirror::{wait_until, MirroredVolume, MirroredVolumeOptions, NodePlacement};
+pub use mirror::{
+    fetch_status, wait_until, MirrorStatus, MirroredVolume, MirroredVolumeOptions, NodePlacement,
+};
 pub use process::{free_port, have_tools, run_tool, TargetProcess, ToolOutput};
-pub use sva_node::{render_config, CacheMode, MirrorOptions, MirrorPlex, SvaNode, SvaNodeOptions};
+pub use sva_node::{
+    render_config, CacheMode, MirrorOptions, MirrorPlex, MirrorTuning, SvaNode, SvaNodeOptions,
+};
 pub use tgtd::{Tgtd, TgtdOptions};
 
 /// A running iSCSI target under test, whatever implements it.

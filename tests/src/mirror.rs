@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::process::{free_port, TargetProcess, PORTAL_READY_TIMEOUT};
-use crate::sva_node::{sva_node_bin, MirrorOptions, MirrorPlex};
+use crate::sva_node::{sva_node_bin, MirrorOptions, MirrorPlex, MirrorTuning};
 use crate::{CacheMode, IscsiTarget, SvaNode, SvaNodeOptions};
 
 /// How long a fresh volume may take until every node reports ActiveOptimized.
@@ -71,6 +71,8 @@ pub struct MirroredVolumeOptions {
     /// Directory the volume's own temporary directory (configs, backing files, logs) is
     /// created in (`None`: `$TMPDIR`); the benchmark puts every target on one filesystem.
     pub base_dir: Option<PathBuf>,
+    /// Optional resync tuning rendered into every node's `mirror:` section.
+    pub tuning: MirrorTuning,
 }
 
 impl Default for MirroredVolumeOptions {
@@ -85,6 +87,7 @@ impl Default for MirroredVolumeOptions {
             witness_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             placement: Vec::new(),
             base_dir: None,
+            tuning: MirrorTuning::default(),
         }
     }
 }
@@ -117,6 +120,8 @@ pub struct MirroredVolume {
     witness: Option<TargetProcess>,
     witness_addr: SocketAddr,
     controls: Vec<SocketAddr>,
+    /// The bearer token of every node's control API (`control.tokenFile`).
+    control_token: String,
     // Dropped last: the processes die before their files go away.
     dir: tempfile::TempDir,
 }
@@ -192,6 +197,8 @@ impl MirroredVolume {
         };
         let witness_secret = write_secret(&dir.path().join("witness-secret"))?;
         let replication_secret = write_secret(&dir.path().join("replication-secret"))?;
+        let control_token_file = write_secret(&dir.path().join("control-token"))?;
+        let control_token = std::fs::read_to_string(&control_token_file)?;
         let witness_addr = SocketAddr::new(opts.witness_ip, free_port()?);
         let place = |id: u16| {
             opts.placement
@@ -232,6 +239,7 @@ impl MirroredVolume {
             witness: Some(witness),
             witness_addr,
             controls: controls.clone(),
+            control_token,
             dir,
         };
         for p in &plexes {
@@ -250,12 +258,14 @@ impl MirroredVolume {
                 base_dir: Some(v.dir.path().to_owned()),
                 portal: Some(p.portal),
                 control: controls.get(usize::from(p.id - 1)).copied(),
+                control_token_file: Some(control_token_file.clone()),
                 mirror: Some(MirrorOptions {
                     listen: p.peer_addr,
                     secret_file: replication_secret.clone(),
                     plexes: plexes.clone(),
                     witness: witness_addr,
                     witness_secret_file: witness_secret.clone(),
+                    tuning: opts.tuning,
                 }),
                 netns: placement.netns,
             };
@@ -339,41 +349,71 @@ impl MirroredVolume {
         self.node_mut(plex).is_running()
     }
 
+    /// Control API address of plex `plex`'s node.
+    pub fn control_addr(&self, plex: u16) -> Result<SocketAddr> {
+        self.controls
+            .get(usize::from(plex.saturating_sub(1)))
+            .copied()
+            .with_context(|| format!("no plex {plex}"))
+    }
+
+    /// The bearer token every node's control API accepts.
+    pub fn control_token(&self) -> &str {
+        &self.control_token
+    }
+
+    /// `POST http://CONTROL{path}` with a JSON `body` to plex `plex`'s node, with the volume's
+    /// bearer token when `authorized`; returns the HTTP status code and the body.
+    pub fn post(
+        &self,
+        plex: u16,
+        path: &str,
+        body: &str,
+        authorized: bool,
+    ) -> Result<(u16, String)> {
+        let token = authorized.then_some(self.control_token.as_str());
+        http_request(self.control_addr(plex)?, "POST", path, body, token)
+    }
+
+    /// `GET http://CONTROL/metrics` of plex `plex`'s node (Prometheus text).
+    pub fn metrics(&self, plex: u16) -> Result<String> {
+        http_get(self.control_addr(plex)?, "/metrics")
+    }
+
+    /// State directory of plex `plex`'s node.
+    pub fn state_dir(&self, plex: u16) -> PathBuf {
+        self.node(plex).paths().state_dir.clone()
+    }
+
+    /// Turns plex `plex` into a new, empty plex (a replaced disk): its backing file becomes a
+    /// sparse file of the same size and its state directory is emptied. The node must not run.
+    pub fn wipe_plex(&mut self, plex: u16) -> Result<()> {
+        if self.node_mut(plex).is_running() {
+            bail!("plex {plex}'s node still runs; stop or kill it before wiping its plex");
+        }
+        let store = self.plex_path(plex);
+        let size = std::fs::metadata(&store)
+            .with_context(|| format!("stat {}", store.display()))?
+            .len();
+        std::fs::remove_file(&store).with_context(|| format!("rm {}", store.display()))?;
+        let f = std::fs::File::create(&store)?;
+        f.set_len(size)?;
+        f.sync_all()?;
+        let state = self.state_dir(plex);
+        for e in std::fs::read_dir(&state).with_context(|| format!("ls {}", state.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p)?;
+            } else {
+                std::fs::remove_file(&p)?;
+            }
+        }
+        Ok(())
+    }
+
     /// `GET http://CONTROL/v1/status` of plex `plex`'s node.
     pub fn status(&self, plex: u16) -> Result<MirrorStatus> {
-        let addr = *self
-            .controls
-            .get(usize::from(plex.saturating_sub(1)))
-            .with_context(|| format!("no plex {plex}"))?;
-        let body = http_get(addr, "/v1/status")?;
-        let raw: serde_json::Value = serde_json::from_str(&body)
-            .with_context(|| format!("/v1/status is not JSON: {body}"))?;
-        let epoch = raw["epoch"]
-            .as_u64()
-            .with_context(|| format!("/v1/status without epoch: {body}"))?;
-        let alua_state = raw["aluaState"]
-            .as_str()
-            .with_context(|| format!("/v1/status without aluaState: {body}"))?
-            .to_owned();
-        let plexes = raw["plexes"]
-            .as_array()
-            .with_context(|| format!("/v1/status without plexes: {body}"))?
-            .iter()
-            .map(|p| {
-                let id = p["id"].as_u64().and_then(|i| u16::try_from(i).ok());
-                let state = p["state"].as_str();
-                match (id, state) {
-                    (Some(id), Some(s)) => Ok((id, s.to_owned())),
-                    _ => Err(anyhow!("bad plex entry {p} in {body}")),
-                }
-            })
-            .collect::<Result<_>>()?;
-        Ok(MirrorStatus {
-            epoch,
-            alua_state,
-            plexes,
-            raw,
-        })
+        fetch_status(self.control_addr(plex)?)
     }
 
     /// The last `lines` lines of the witness's and every node's log, labelled.
@@ -407,6 +447,39 @@ impl Drop for MirroredVolume {
             n.kill9();
         }
     }
+}
+
+/// `GET http://ADDR/v1/status` of a node's control API, parsed (usable from any thread).
+pub fn fetch_status(addr: SocketAddr) -> Result<MirrorStatus> {
+    let body = http_get(addr, "/v1/status")?;
+    let raw: serde_json::Value =
+        serde_json::from_str(&body).with_context(|| format!("/v1/status is not JSON: {body}"))?;
+    let epoch = raw["epoch"]
+        .as_u64()
+        .with_context(|| format!("/v1/status without epoch: {body}"))?;
+    let alua_state = raw["aluaState"]
+        .as_str()
+        .with_context(|| format!("/v1/status without aluaState: {body}"))?
+        .to_owned();
+    let plexes = raw["plexes"]
+        .as_array()
+        .with_context(|| format!("/v1/status without plexes: {body}"))?
+        .iter()
+        .map(|p| {
+            let id = p["id"].as_u64().and_then(|i| u16::try_from(i).ok());
+            let state = p["state"].as_str();
+            match (id, state) {
+                (Some(id), Some(s)) => Ok((id, s.to_owned())),
+                _ => Err(anyhow!("bad plex entry {p} in {body}")),
+            }
+        })
+        .collect::<Result<_>>()?;
+    Ok(MirrorStatus {
+        epoch,
+        alua_state,
+        plexes,
+        raw,
+    })
 }
 
 /// Polls `pred` every 20 ms until it holds (returns how long that took) or `timeout` passes.
@@ -480,35 +553,65 @@ fn write_secret(path: &Path) -> Result<PathBuf> {
 
 /// A minimal HTTP/1.1 GET (`Connection: close`) returning the body of a 200 response.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let (code, body) = http_request(addr, "GET", path, "", None)?;
+    if code != 200 {
+        bail!("GET {path} from {addr}: HTTP {code}\n{body}");
+    }
+    Ok(body)
+}
+
+/// A minimal HTTP/1.1 request (`Connection: close`) with an optional JSON body and bearer
+/// token; returns the status code and the (de-chunked) body, whatever the status.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    bearer: Option<&str>,
+) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
         .with_context(|| format!("connect {addr}"))?;
     s.set_read_timeout(Some(HTTP_TIMEOUT))?;
     s.set_write_timeout(Some(HTTP_TIMEOUT))?;
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let content = if body.is_empty() && method == "GET" {
+        String::new()
+    } else {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+    };
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\n{auth}{content}Connection: close\r\n\r\n{body}"
     )?;
     let mut raw = Vec::new();
     s.take(HTTP_RESPONSE_MAX)
         .read_to_end(&mut raw)
-        .with_context(|| format!("reading GET {path} from {addr}"))?;
+        .with_context(|| format!("reading {method} {path} from {addr}"))?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
         .with_context(|| format!("no end of headers in response from {addr}: {text}"))?;
     let status = head.lines().next().unwrap_or_default();
-    if status.split_whitespace().nth(1) != Some("200") {
-        bail!("GET {path} from {addr}: {status}\n{body}");
-    }
+    let code = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .with_context(|| format!("bad status line from {addr}: {status}"))?;
     let chunked = head.lines().any(|l| {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    Ok(if chunked {
+    let body = if chunked {
         dechunk(body)?
     } else {
         body.to_owned()
-    })
+    };
+    Ok((code, body))
 }
 
 fn dechunk(mut body: &str) -> Result<String> {

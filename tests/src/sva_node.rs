@@ -58,6 +58,9 @@ pub struct SvaNodeOptions {
     pub portal: Option<SocketAddr>,
     /// Control API listen address (`GET /v1/status`); `None`: no control API.
     pub control: Option<SocketAddr>,
+    /// `control.tokenFile`: the bearer token mutating endpoints (`POST /v1/...`) require;
+    /// `None`: mutations are disabled (403).
+    pub control_token_file: Option<PathBuf>,
     /// The `mirror:` section; `None`: a single-node volume.
     pub mirror: Option<MirrorOptions>,
     /// Run the node inside this network namespace (`ip netns exec NS sva-node ...`).
@@ -83,6 +86,20 @@ pub struct MirrorOptions {
     pub plexes: Vec<MirrorPlex>,
     pub witness: SocketAddr,
     pub witness_secret_file: PathBuf,
+    /// Resync/verify tuning; each field is only rendered when set (node defaults otherwise).
+    pub tuning: MirrorTuning,
+}
+
+/// Optional `mirror:` fields of the resync design (RESYNC.md "Config"); `None` = not rendered,
+/// so the node's default applies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MirrorTuning {
+    /// `mirror.regionBytes`: bitmap/copy/verify region (node default 1 MiB).
+    pub region_bytes: Option<u64>,
+    /// `mirror.resyncBytesPerSec`: resync rate limit (node default 0 = unlimited).
+    pub resync_bytes_per_sec: Option<u64>,
+    /// `mirror.activityLogRegions`: activity log capacity (node default 1024).
+    pub activity_log_regions: Option<u64>,
 }
 
 impl Default for SvaNodeOptions {
@@ -100,6 +117,7 @@ impl Default for SvaNodeOptions {
             base_dir: None,
             portal: None,
             control: None,
+            control_token_file: None,
             mirror: None,
             netns: None,
         }
@@ -141,6 +159,9 @@ pub fn render_config(opts: &SvaNodeOptions, portal: SocketAddr, paths: &NodePath
     });
     if let Some(c) = opts.control {
         value["control"] = serde_json::json!({ "listen": c.to_string() });
+        if let Some(t) = &opts.control_token_file {
+            value["control"]["tokenFile"] = serde_json::json!(t);
+        }
     }
     if let Some(m) = &opts.mirror {
         value["mirror"] = serde_json::json!({
@@ -157,6 +178,16 @@ pub fn render_config(opts: &SvaNodeOptions, portal: SocketAddr, paths: &NodePath
                 "secretFile": m.witness_secret_file,
             },
         });
+        let t = &m.tuning;
+        for (key, v) in [
+            ("regionBytes", t.region_bytes),
+            ("resyncBytesPerSec", t.resync_bytes_per_sec),
+            ("activityLogRegions", t.activity_log_regions),
+        ] {
+            if let Some(v) = v {
+                value["mirror"][key] = serde_json::json!(v);
+            }
+        }
     }
     // serde_yaml renders a serde_json::Value faithfully; JSON would parse too, YAML reads better.
     serde_yaml::to_string(&value).unwrap_or_else(|_| value.to_string())

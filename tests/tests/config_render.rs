@@ -64,12 +64,14 @@ fn rendered_mirror_config_parses_with_the_nodes_parser() {
         target_port_group_id: 2,
         portal_group_tag: 2,
         control: Some(addr("10.200.0.2:19100")),
+        control_token_file: Some(PathBuf::from("/tmp/x/control-token")),
         mirror: Some(MirrorOptions {
             listen: addr("10.200.0.2:14002"),
             secret_file: PathBuf::from("/tmp/x/replication-secret"),
             plexes: plexes.clone(),
             witness: addr("10.200.0.1:14000"),
             witness_secret_file: PathBuf::from("/tmp/x/witness-secret"),
+            tuning: Default::default(),
         }),
         ..SvaNodeOptions::default()
     };
@@ -85,6 +87,10 @@ fn rendered_mirror_config_parses_with_the_nodes_parser() {
     assert_eq!(
         cfg.control.as_ref().map(|c| c.listen.as_str()),
         Some("10.200.0.2:19100")
+    );
+    assert_eq!(
+        cfg.control.as_ref().and_then(|c| c.token_file.clone()),
+        Some(PathBuf::from("/tmp/x/control-token"))
     );
     let m = cfg.mirror.expect("mirror section");
     assert_eq!(m.listen, "10.200.0.2:14002");

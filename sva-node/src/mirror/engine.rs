@@ -13,6 +13,13 @@
 //! result (`Sync`) so every member applies the same ops in the same order before the new epoch
 //! serves. A node that loses the CAS or cannot reach the witness fences (terminal here).
 //!
+//! Resync (RESYNC.md, `resync.rs`): a non-InSync plex asks every peer to `JoinRequest` it; the
+//! sequencer adds it as a *learner* (it receives and applies every op from `start_seq` on, its
+//! acks count for log GC only) and orders one copy op per dirty region of its write-intent
+//! bitmap, ordered like a write; when the bitmap is empty it CASes the learner InSync and runs a
+//! normal view change with it. A restarted node that the record still lists InSync recovers
+//! per [`RECOVER_WAIT_MS`]. Online verify orders one checksum op per region the same way.
+//!
 //! Read lease: a heartbeat echoes the sender's last received timestamp of the peer; a node
 //! serves reads (and acks, and orders ops) only while every in-sync peer echoed a timestamp
 //! younger than [`READ_LEASE_MS`]. A peer is excluded only [`PEER_TIMEOUT_MS`] after it was
@@ -20,11 +27,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::dirty::{DirtyMap, REGION_BYTES_DEFAULT};
 use super::msg::{Entry, Epoch, EpochState, LbaRange, Message, OpMeta, OpRange, PlexId, Seq};
-use super::resync::{CopyWhat, Recovered, ResyncInfo, VerifyInfo};
+use super::resync::{CopyWhat, Recovered, ResyncInfo, ResyncRole, VerifyInfo};
 use crate::witness::{Membership, PlexState, WitnessError};
 
 /// Milliseconds on the driver's monotonic clock (any origin).
@@ -46,6 +53,23 @@ pub const HOLD_TIMEOUT_MS: Millis = 4 * PEER_TIMEOUT_MS;
 pub const LOG_ENTRIES_MAX: usize = 1024;
 /// Ops held (waiting for a lease, a new epoch or log room); beyond, `Retry` at once.
 pub const HELD_OPS_MAX: usize = 1024;
+
+/// Copy (and verify) ops a source keeps outstanding per learner.
+pub const COPY_WINDOW: usize = 8;
+/// A restarted node that the record lists InSync waits this long without hearing a serving
+/// in-sync peer before it CASes itself sole source: longer than a serving peer takes to
+/// exclude it (`PEER_TIMEOUT_MS`) or to fence itself without the witness (`HOLD_TIMEOUT_MS`).
+pub const RECOVER_WAIT_MS: Millis = HOLD_TIMEOUT_MS + PEER_TIMEOUT_MS + 2 * HEARTBEAT_INTERVAL_MS;
+/// A source whose learner does not catch up within this long after the last copy resumes
+/// ordering and tries the rejoin again later.
+pub const REJOIN_DRAIN_MS: Millis = PEER_TIMEOUT_MS;
+
+/// After a recovery CAS to epoch `e`, seqs restart at `e << RECOVERY_SEQ_SHIFT` (monotonic as
+/// long as fewer than 2^40 ops are ordered between recoveries).
+const RECOVERY_SEQ_SHIFT: u32 = 40;
+
+/// Origin of the engine's own ops (copies, verifies): plex ids are 1-based.
+const INTERNAL_ORIGIN: PlexId = 0;
 
 /// `Heartbeat::echo` when the sender has not heard the peer's timestamp yet.
 pub const NO_ECHO: Millis = Millis::MAX;
@@ -100,8 +124,6 @@ pub enum Command {
         record: Membership,
     },
     PathState(PathState),
-    /// Persist this range in the write-intent bitmap before any later `Apply` runs.
-    MarkDirty(LbaRange),
     /// Every op `<= up_to` is applied on every in-sync plex: the activity log may drop it.
     Settled {
         up_to: Seq,
@@ -164,6 +186,9 @@ pub struct Config {
     pub block_size: u32,
     /// Write-intent bitmap region size.
     pub region_bytes: u64,
+    /// Volume size in blocks (the driver sets it): a full resync and a verify cover
+    /// `0..volume_blocks`. 0: unknown (full resyncs and verify refuse to run).
+    pub volume_blocks: u64,
 }
 
 impl Config {
@@ -172,6 +197,7 @@ impl Config {
             me,
             block_size: 512,
             region_bytes: REGION_BYTES_DEFAULT,
+            volume_blocks: 0,
         }
     }
 }
@@ -185,6 +211,10 @@ pub enum RoleKind {
     Joining,
     Fenced,
     Out,
+    /// Restarted while the record lists it InSync: waiting for serving peers (RESYNC.md).
+    Recovering,
+    /// Being resynced by the sequencer (path Unavailable).
+    Learning,
 }
 
 #[derive(Debug)]
@@ -203,8 +233,137 @@ enum Role {
     Joining { since: Millis },
     /// Lost the CAS or the witness: never acks again (terminal in this issue).
     Fenced,
-    /// Not in sync (stale, removed, or restarted): Unavailable until resync.
+    /// Not in sync (stale, removed, or restarted): Unavailable; asks to be resynced.
     Out,
+    /// Restarted while the record lists it InSync; `since`: start or the last sign of a
+    /// serving in-sync peer.
+    Recovering { since: Millis },
+    /// A learner of `source` (the sequencer), from `start_seq` on.
+    Learning { source: PlexId, start_seq: Seq },
+}
+
+/// An engine-internal op (origin [`INTERNAL_ORIGIN`]), encoded in its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Internal {
+    Copy { target: PlexId, what: CopyWhat },
+    Verify { region: u64, range: LbaRange },
+}
+
+const I_COPY_REGION: u8 = 1;
+const I_COPY_LU: u8 = 2;
+const I_VERIFY: u8 = 3;
+
+impl Internal {
+    fn meta(self) -> OpMeta {
+        let mut b = BytesMut::new();
+        let range = match self {
+            Internal::Copy {
+                target,
+                what: CopyWhat::Region { index, range },
+            } => {
+                b.put_u8(I_COPY_REGION);
+                b.put_u16(target);
+                b.put_u64(index);
+                b.put_u64(range.lba);
+                b.put_u32(range.blocks);
+                OpRange::Blocks(range)
+            }
+            Internal::Copy {
+                target,
+                what: CopyWhat::LuState,
+            } => {
+                b.put_u8(I_COPY_LU);
+                b.put_u16(target);
+                OpRange::Barrier
+            }
+            Internal::Verify { region, range } => {
+                b.put_u8(I_VERIFY);
+                b.put_u64(region);
+                b.put_u64(range.lba);
+                b.put_u32(range.blocks);
+                OpRange::Blocks(range)
+            }
+        };
+        OpMeta {
+            range,
+            payload: b.freeze(),
+        }
+    }
+
+    /// `None`: not an internal op or garbage (applied as a no-op).
+    fn of(e: &Entry) -> Option<Internal> {
+        if e.origin != INTERNAL_ORIGIN {
+            return None;
+        }
+        let mut b = e.meta.payload.clone();
+        if b.remaining() < 1 {
+            return None;
+        }
+        match b.get_u8() {
+            I_COPY_REGION if b.remaining() >= 22 => Some(Internal::Copy {
+                target: b.get_u16(),
+                what: CopyWhat::Region {
+                    index: b.get_u64(),
+                    range: LbaRange {
+                        lba: b.get_u64(),
+                        blocks: b.get_u32(),
+                    },
+                },
+            }),
+            I_COPY_LU if b.remaining() >= 2 => Some(Internal::Copy {
+                target: b.get_u16(),
+                what: CopyWhat::LuState,
+            }),
+            I_VERIFY if b.remaining() >= 20 => Some(Internal::Verify {
+                region: b.get_u64(),
+                range: LbaRange {
+                    lba: b.get_u64(),
+                    blocks: b.get_u32(),
+                },
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LuCopy {
+    Todo,
+    Ordered,
+    Done,
+}
+
+/// A copy ordered for a learner and not yet acknowledged by it.
+#[derive(Debug)]
+struct CopyOut {
+    region: Option<u64>,
+    /// The data once read (kept for retransmission until the learner applied it).
+    data: Option<Bytes>,
+    sent_at: Millis,
+}
+
+/// Source side of one learner.
+#[derive(Debug)]
+struct Learner {
+    start_seq: Seq,
+    last_heard: Millis,
+    /// Heard from since it was accepted (a later `JoinRequest` then means it restarted).
+    heard: bool,
+    applied_prefix: Seq,
+    lu: LuCopy,
+    cursor: u64,
+    copies: BTreeMap<Seq, CopyOut>,
+    full: bool,
+    done_bytes: u64,
+    copied_bytes: u64,
+}
+
+/// A verify in progress (sequencer side).
+#[derive(Debug, Default)]
+struct Verify {
+    next_region: u64,
+    members: Vec<PlexId>,
+    outstanding: BTreeMap<Seq, (u64, BTreeMap<PlexId, [u8; 32]>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,13 +431,40 @@ pub struct Engine {
     next_fwd: u64,
     pending: BTreeMap<u64, Pending>,
     held: VecDeque<(OpId, OpMeta)>,
-    dirty: DirtyMap,
+    // resync
+    /// Write-intent bitmap per non-InSync plex (kept by in-sync nodes).
+    bitmaps: BTreeMap<PlexId, DirtyMap>,
+    learners: BTreeMap<PlexId, Learner>,
+    /// Writes issued to the local plex and not yet reported applied (survives going out: a
+    /// new resync session waits for them, so no copy races an old write).
+    io_inflight: BTreeSet<Seq>,
+    /// Regions where this plex may differ from its peers (recovered activity log, ops
+    /// applied before it was excluded): sent with every `JoinRequest`.
+    own_dirty: BTreeSet<u64>,
+    data_valid: bool,
+    recovered_bitmaps: BTreeMap<PlexId, BTreeSet<u64>>,
+    next_join: Millis,
+    /// The record of an outstanding recovery CAS.
+    proposed: Option<Membership>,
+    /// Learner side: data of copy ops received ahead of their turn.
+    copy_data: BTreeMap<Seq, Bytes>,
+    target: Option<ResyncInfo>,
+    /// Source side: a learner caught up; new ops are held until it applied everything.
+    rejoin: Option<(PlexId, Millis)>,
+    rejoin_retry_at: Millis,
+    rate: u64,
+    tokens: i64,
+    tokens_at: Millis,
+    verify: Option<Verify>,
+    verify_info: VerifyInfo,
+    /// The `Sync` this coordinator sent for the current epoch (re-sent to a member whose
+    /// copy was lost).
+    last_sync: Option<Message>,
 }
 
 impl Engine {
     /// Start from the witness's current record.
     pub fn new(cfg: Config, membership: Membership, now: Millis, start: Start) -> Engine {
-        let dirty = DirtyMap::new(cfg.block_size, cfg.region_bytes);
         let mut e = Engine {
             active_epoch: membership.epoch,
             membership,
@@ -299,16 +485,57 @@ impl Engine {
             next_fwd: 1,
             pending: BTreeMap::new(),
             held: VecDeque::new(),
-            dirty,
+            bitmaps: BTreeMap::new(),
+            learners: BTreeMap::new(),
+            io_inflight: BTreeSet::new(),
+            own_dirty: BTreeSet::new(),
+            data_valid: true,
+            recovered_bitmaps: BTreeMap::new(),
+            next_join: now,
+            proposed: None,
+            copy_data: BTreeMap::new(),
+            target: None,
+            rejoin: None,
+            rejoin_retry_at: now,
+            rate: 0,
+            tokens: 0,
+            tokens_at: now,
+            verify: None,
+            verify_info: VerifyInfo::default(),
+            last_sync: None,
             cfg,
         };
-        if matches!(start, Start::Bootstrap) && e.is_in_sync(e.cfg.me) {
-            e.role = Role::Active;
-            e.reset_peers(now);
-            e.set_path(PathState::ActiveOptimized);
-        } else {
-            e.set_path(PathState::Unavailable);
+        let me = e.cfg.me;
+        match start {
+            Start::Bootstrap if e.is_in_sync(me) => {
+                e.role = Role::Active;
+                e.reset_peers(now);
+                e.set_path(PathState::ActiveOptimized);
+                // A plex that is not InSync at bootstrap is new to us: copy all of it.
+                for p in e.stale_ids() {
+                    e.ensure_bitmap(p, false);
+                }
+                return e;
+            }
+            // A new or replacement plex the record does not list InSync: a full resync.
+            Start::Bootstrap => e.data_valid = false,
+            Start::Restart(rec) => {
+                let Recovered {
+                    activity_log,
+                    bitmaps,
+                    data_valid,
+                } = rec;
+                e.own_dirty = activity_log;
+                e.recovered_bitmaps = bitmaps;
+                e.data_valid = data_valid;
+                // It lost its memory: it never claims to have served an epoch.
+                e.active_epoch = 0;
+                if data_valid && e.is_in_sync(me) {
+                    e.role = Role::Recovering { since: now };
+                }
+            }
         }
+        e.set_path(PathState::Unavailable);
         e
     }
 
@@ -331,11 +558,13 @@ impl Engine {
             Role::Joining { .. } => RoleKind::Joining,
             Role::Fenced => RoleKind::Fenced,
             Role::Out => RoleKind::Out,
+            Role::Recovering { .. } => RoleKind::Recovering,
+            Role::Learning { .. } => RoleKind::Learning,
         }
     }
-    /// The write-intent bitmap (regions a Stale plex may hold differently).
-    pub fn dirty(&self) -> &DirtyMap {
-        &self.dirty
+    /// The write-intent bitmap this node keeps for `plex` (regions it may hold differently).
+    pub fn bitmap(&self, plex: PlexId) -> Option<&DirtyMap> {
+        self.bitmaps.get(&plex)
     }
     /// Ops submitted here and not yet completed.
     pub fn ops_in_flight(&self) -> usize {
@@ -351,7 +580,15 @@ impl Engine {
     /// Next time `handle_timeout` must be called.
     pub fn next_timeout(&self) -> Option<Millis> {
         match self.role {
-            Role::Fenced | Role::Out => None,
+            Role::Fenced => None,
+            Role::Out => self.io_inflight.is_empty().then_some(self.next_join),
+            Role::Recovering { since } => {
+                if self.cas_outstanding {
+                    Some(self.next_join)
+                } else {
+                    Some(self.next_join.min(self.recover_deadline(since)))
+                }
+            }
             _ => {
                 // A suspicion deadline already handled must not come back: it would stay in
                 // the past while the peer is silent, and a driver timer that fires "now"
@@ -360,9 +597,18 @@ impl Engine {
                     .peers
                     .values()
                     .map(|p| p.last_heard + PEER_TIMEOUT_MS)
+                    .chain(
+                        self.learners
+                            .values()
+                            .map(|l| l.last_heard + PEER_TIMEOUT_MS),
+                    )
                     .filter(|&d| self.last_timeout.is_none_or(|t| d > t))
                     .min();
-                Some(suspect.map_or(self.next_heartbeat, |s| s.min(self.next_heartbeat)))
+                let mut t = suspect.map_or(self.next_heartbeat, |s| s.min(self.next_heartbeat));
+                if let Some(tok) = self.throttle_ready_at() {
+                    t = t.min(tok);
+                }
+                Some(t)
             }
         }
     }
@@ -377,7 +623,9 @@ impl Engine {
     /// A state-changing op from a local initiator (already admitted by the local LU).
     pub fn submit(&mut self, now: Millis, op: OpId, meta: OpMeta) {
         match self.role {
-            Role::Fenced | Role::Out => self.complete(op, Outcome::Retry),
+            Role::Fenced | Role::Out | Role::Recovering { .. } | Role::Learning { .. } => {
+                self.complete(op, Outcome::Retry)
+            }
             _ => {
                 if self.held.len() >= HELD_OPS_MAX {
                     self.complete(op, Outcome::Retry);
@@ -389,19 +637,43 @@ impl Engine {
         }
     }
 
-    /// The local LU applied `seq`; `response` is its encoded response (returned to the
-    /// initiator if the op originated here).
+    /// The local LU applied `seq` (an `Apply` or a `CopyIn`); `response` is its encoded
+    /// response (returned to the initiator if the op originated here).
     pub fn applied(&mut self, now: Millis, seq: Seq, response: Bytes) {
-        if matches!(self.role, Role::Fenced | Role::Out) {
+        self.io_inflight.remove(&seq);
+        if matches!(
+            self.role,
+            Role::Fenced | Role::Out | Role::Recovering { .. }
+        ) {
+            if matches!(self.role, Role::Out) && self.io_inflight.is_empty() {
+                self.next_join = self.next_join.min(now);
+            }
             return;
         }
         let Some(le) = self.log.get_mut(&seq) else {
             return;
         };
+        if le.state != EntryState::Issued {
+            return;
+        }
         le.state = EntryState::Applied;
         let origin = le.entry.origin;
         let fwd = le.entry.fwd;
-        if origin == self.cfg.me {
+        let internal = Internal::of(&le.entry);
+        if let (Role::Learning { source, .. }, Some(Internal::Copy { target, what })) =
+            (&self.role, internal)
+        {
+            let source = *source;
+            if target == self.cfg.me {
+                if let Some(t) = self.target.as_mut() {
+                    if let CopyWhat::Region { range, .. } = what {
+                        t.done_bytes += u64::from(range.blocks) * u64::from(self.cfg.block_size);
+                    }
+                }
+                let epoch = self.epoch();
+                self.send(source, Message::Applied { epoch, seq });
+            }
+        } else if origin == self.cfg.me {
             if let Some(p) = self.pending.get_mut(&fwd) {
                 if p.seq == Some(seq) {
                     p.response = Some(response);
@@ -429,9 +701,16 @@ impl Engine {
             return;
         }
         self.cas_outstanding = false;
-        if matches!(self.role, Role::Fenced | Role::Out) {
+        // A recovery CAS is answered whatever we learned meanwhile: a granted one makes us
+        // the only serving plex.
+        if self.proposed.is_some() && !matches!(self.role, Role::Fenced) {
+            self.recovery_result(now, result);
             return;
         }
+        if matches!(self.role, Role::Fenced | Role::Out | Role::Learning { .. }) {
+            return;
+        }
+        self.rejoin = None;
         match result {
             Ok(m) if m.sequencer == self.cfg.me && m.epoch > self.epoch() => {
                 self.switch_epoch(now, m);
@@ -455,7 +734,18 @@ impl Engine {
 
     /// A message from peer `from` (authenticated by the driver).
     pub fn handle_message(&mut self, now: Millis, from: PlexId, msg: Message) {
-        if matches!(self.role, Role::Fenced | Role::Out) || from == self.cfg.me {
+        if matches!(self.role, Role::Fenced) || from == self.cfg.me {
+            return;
+        }
+        if matches!(self.role, Role::Out | Role::Recovering { .. }) {
+            self.on_message_out(now, from, msg);
+            return;
+        }
+        if let Message::JoinRequest {
+            activity_log, full, ..
+        } = msg
+        {
+            self.on_join_request(now, from, activity_log, full);
             return;
         }
         if let Some(p) = self.peers.get_mut(&from) {
@@ -482,8 +772,14 @@ impl Engine {
             );
             return;
         }
-        if epoch > self.epoch() || !self.peers.contains_key(&from) {
+        if epoch > self.epoch() {
             return; // NewEpoch will follow (the coordinator re-sends it)
+        }
+        if !self.peers.contains_key(&from) {
+            if self.learners.contains_key(&from) {
+                self.on_learner_message(now, from, msg);
+            }
+            return;
         }
         match msg {
             Message::Heartbeat {
@@ -507,6 +803,9 @@ impl Engine {
                 if let Role::Collecting { states, .. } = &mut self.role {
                     states.insert(from, state);
                     self.try_finish_collect(now);
+                } else if let Some(sync) = self.last_sync.clone() {
+                    // Our `Sync` to it was lost: the same again.
+                    self.send(from, sync);
                 }
             }
             Message::Sync {
@@ -519,14 +818,54 @@ impl Engine {
                     self.apply_sync(now, base, high, entries);
                 }
             }
-            Message::NewEpoch { .. } => {}
+            Message::CopyData { seq, data, .. } => {
+                if let Role::Learning { source, .. } = self.role {
+                    if from == source && seq > self.applied_prefix {
+                        let pending = self
+                            .log
+                            .get(&seq)
+                            .is_none_or(|le| le.state == EntryState::Pending);
+                        if pending {
+                            self.copy_data.insert(seq, data);
+                            self.progress(now);
+                        }
+                    }
+                }
+            }
+            Message::ChecksumIs { seq, checksum, .. } => self.on_checksum(now, from, seq, checksum),
+            Message::JoinAccept {
+                membership,
+                start_seq,
+                dirty_regions,
+            } => {
+                // The source restarted our session (it took a duplicate request for a
+                // restart): follow it, or ask again once our writes drained.
+                if let Role::Learning {
+                    source,
+                    start_seq: mine,
+                } = self.role
+                {
+                    if from == source && start_seq != mine && membership.epoch == self.epoch() {
+                        self.go_out(Role::Out);
+                        if self.io_inflight.is_empty() {
+                            self.become_learner(now, from, membership, start_seq, dirty_regions);
+                        }
+                    }
+                }
+            }
+            Message::NewEpoch { .. } | Message::JoinRequest { .. } => {}
         }
     }
 
     /// Timers: heartbeats, failure detection, retransmission, hold timeouts.
     pub fn handle_timeout(&mut self, now: Millis) {
-        if matches!(self.role, Role::Fenced | Role::Out) {
-            return;
+        match self.role {
+            Role::Fenced => return,
+            Role::Out | Role::Recovering { .. } => {
+                self.timeout_out(now);
+                return;
+            }
+            _ => {}
         }
         self.last_timeout = Some(self.last_timeout.map_or(now, |t| t.max(now)));
         if now >= self.next_heartbeat {
@@ -546,7 +885,22 @@ impl Engine {
                     },
                 );
             }
+            let ids: Vec<PlexId> = self.learners.keys().copied().collect();
+            for id in ids {
+                // To a learner the source reports its *settled* prefix: the learner's log GC
+                // (and the activity log behind it) must not pass what every in-sync plex
+                // applied, or a copy of an op only the source applied could go unrecorded.
+                let m = Message::Heartbeat {
+                    epoch: self.epoch(),
+                    applied_prefix: self.settled,
+                    seq_high: self.seq_high,
+                    ts: now,
+                    echo: NO_ECHO,
+                };
+                self.send(id, m);
+            }
         }
+        self.resend_copy_data(now);
         // Retransmit forwards not yet ordered.
         if matches!(self.role, Role::Active) && !self.i_am_sequencer() {
             let seqr = self.membership.sequencer;
@@ -593,44 +947,166 @@ impl Engine {
 
     /// Source side of copy `seq`: the data `CopyOut` read (empty: zeros).
     pub fn copied_out(&mut self, now: Millis, seq: Seq, data: Bytes) {
-        let _ = (now, seq, data); // resync issue: send CopyData to the target
+        if !matches!(self.role, Role::Active | Role::Holding { .. }) {
+            return;
+        }
+        let Some(le) = self.log.get_mut(&seq) else {
+            return;
+        };
+        let Some(Internal::Copy { target, .. }) = Internal::of(&le.entry) else {
+            return;
+        };
+        if le.state != EntryState::Issued {
+            return;
+        }
+        le.state = EntryState::Applied;
+        let epoch = self.epoch();
+        let region_cost = self.region_cost();
+        let mut send = false;
+        if let Some(l) = self.learners.get_mut(&target) {
+            if let Some(c) = l.copies.get_mut(&seq) {
+                c.data = Some(data.clone());
+                c.sent_at = now;
+                l.copied_bytes += data.len() as u64;
+                send = true;
+                // A hole costs no tokens (RESYNC.md).
+                if data.is_empty() && c.region.is_some() && self.rate > 0 {
+                    self.tokens += region_cost;
+                }
+            }
+        }
+        if send {
+            self.send(target, Message::CopyData { epoch, seq, data });
+        }
+        self.advance_applied_prefix();
+        self.progress(now);
     }
 
-    /// Verify: the local checksum of copy `seq`'s region.
+    /// Verify: the local checksum of verify op `seq`'s region.
     pub fn checksummed(&mut self, now: Millis, seq: Seq, checksum: [u8; 32]) {
-        let _ = (now, seq, checksum); // resync issue
+        if !matches!(self.role, Role::Active | Role::Holding { .. }) {
+            return;
+        }
+        let Some(le) = self.log.get_mut(&seq) else {
+            return;
+        };
+        if le.state != EntryState::Issued
+            || !matches!(Internal::of(&le.entry), Some(Internal::Verify { .. }))
+        {
+            return;
+        }
+        le.state = EntryState::Applied;
+        let me = self.cfg.me;
+        if self.i_am_sequencer() {
+            self.on_checksum(now, me, seq, checksum);
+        } else {
+            let epoch = self.epoch();
+            let seqr = self.membership.sequencer;
+            self.send(
+                seqr,
+                Message::ChecksumIs {
+                    epoch,
+                    seq,
+                    checksum,
+                },
+            );
+        }
+        self.advance_applied_prefix();
+        self.progress(now);
     }
 
     /// Resync throttle in bytes/s (0: unthrottled), changeable at run time.
     pub fn set_resync_rate(&mut self, bytes_per_sec: u64) {
-        let _ = bytes_per_sec; // resync issue
+        if self.rate == 0 {
+            // From unthrottled: start with a full bucket.
+            self.tokens = self.burst();
+        }
+        self.rate = bytes_per_sec;
+        self.tokens = self.tokens.min(self.burst());
     }
 
-    /// Start an online verify of every region across the in-sync plexes (sequencer only);
-    /// `repair`: mark mismatched regions for resync.
+    /// Start an online verify of every region across the in-sync plexes (sequencer only).
+    /// `repair` is accepted but only logged by the driver: with every plex InSync there is
+    /// no authoritative copy to repair from.
     pub fn start_verify(&mut self, now: Millis, repair: bool) -> Result<(), &'static str> {
-        let _ = (now, repair);
-        Err("verify is not implemented yet")
+        let _ = repair;
+        if !matches!(self.role, Role::Active) || !self.i_am_sequencer() {
+            return Err("not the serving sequencer");
+        }
+        if self.verify.is_some() {
+            return Err("a verify is running");
+        }
+        if self.cfg.volume_blocks == 0 {
+            return Err("volume size unknown");
+        }
+        let total = self.region_map().regions_of_volume(self.cfg.volume_blocks);
+        self.verify = Some(Verify {
+            next_region: 0,
+            members: self.in_sync_ids(),
+            outstanding: BTreeMap::new(),
+        });
+        self.verify_info = VerifyInfo {
+            running: true,
+            regions_total: total,
+            regions_done: 0,
+            mismatched: Vec::new(),
+        };
+        self.progress(now);
+        Ok(())
     }
 
-    /// Resyncs this node takes part in.
-    pub fn resync_status(&self) -> Vec<(super::resync::ResyncRole, ResyncInfo)> {
-        Vec::new()
+    /// Resyncs this node takes part in: as the source, one per stale plex it keeps a bitmap
+    /// for (progress of the running copy, if any); as a learner, its own counts.
+    pub fn resync_status(&self) -> Vec<(ResyncRole, ResyncInfo)> {
+        if let Some(t) = self.target {
+            return vec![(ResyncRole::Target, t)];
+        }
+        if !self.i_am_sequencer() || !self.is_in_sync(self.cfg.me) {
+            return Vec::new();
+        }
+        let rb = self.cfg.region_bytes;
+        self.bitmaps
+            .iter()
+            .map(|(p, bm)| {
+                let l = self.learners.get(p);
+                let (done, copied, full) =
+                    l.map_or((0, 0, false), |l| (l.done_bytes, l.copied_bytes, l.full));
+                let remaining = bm.len() as u64 * rb;
+                (
+                    ResyncRole::Source,
+                    ResyncInfo {
+                        plex: *p,
+                        full,
+                        total_bytes: done + remaining,
+                        done_bytes: done,
+                        copied_bytes: copied,
+                    },
+                )
+            })
+            .collect()
     }
 
     /// The last (or running) verify.
     pub fn verify_status(&self) -> VerifyInfo {
-        VerifyInfo::default()
+        self.verify_info.clone()
     }
 
     // ----- internals -----
 
     fn progress(&mut self, now: Millis) {
         self.check_suspects(now);
+        if matches!(self.role, Role::Out) {
+            return;
+        }
+        self.check_learners(now);
         self.try_apply();
         self.check_commits(now);
         self.gc();
         self.start_held(now);
+        if self.schedule_resync(now) {
+            self.try_apply();
+        }
+        self.maybe_rejoin(now);
     }
 
     fn suspects(&self, now: Millis) -> BTreeSet<PlexId> {
@@ -643,6 +1119,14 @@ impl Engine {
 
     fn check_suspects(&mut self, now: Millis) {
         let suspects = self.suspects(now);
+        if let Role::Learning { .. } = self.role {
+            // The source went silent (or dropped us): ask again.
+            if !suspects.is_empty() {
+                self.go_out(Role::Out);
+                self.next_join = now;
+            }
+            return;
+        }
         match self.role {
             Role::Active if !suspects.is_empty() => {
                 self.role = Role::Holding { since: now };
@@ -705,8 +1189,15 @@ impl Engine {
             p.applied_prefix = p.applied_prefix.max(prefix);
         }
         self.ack_from(from, |s| s <= prefix);
+        if from == self.membership.sequencer && matches!(self.role, Role::Joining { .. }) {
+            // Still waiting for the coordinator's `Sync` while it serves: it was lost.
+            self.send_state();
+        }
         if from == self.membership.sequencer
-            && matches!(self.role, Role::Active | Role::Holding { .. })
+            && matches!(
+                self.role,
+                Role::Active | Role::Holding { .. } | Role::Learning { .. }
+            )
         {
             let known = self.known_prefix();
             if seq_high > known {
@@ -723,7 +1214,11 @@ impl Engine {
     }
 
     fn on_forward(&mut self, now: Millis, from: PlexId, fwd: u64, floor: u64, meta: OpMeta) {
-        if !matches!(self.role, Role::Active) || !self.i_am_sequencer() || !self.lease_valid(now) {
+        if !matches!(self.role, Role::Active)
+            || !self.i_am_sequencer()
+            || !self.lease_valid(now)
+            || self.rejoin.is_some()
+        {
             return; // the origin retransmits
         }
         let seen = self.fwd_seen.entry(from).or_default();
@@ -756,13 +1251,20 @@ impl Engine {
             fwd,
             meta,
         };
-        self.fwd_seen
-            .entry(origin)
-            .or_default()
-            .seqs
-            .insert(fwd, seq);
+        if origin != INTERNAL_ORIGIN {
+            self.fwd_seen
+                .entry(origin)
+                .or_default()
+                .seqs
+                .insert(fwd, seq);
+        }
         let epoch = self.epoch();
-        let ids: Vec<PlexId> = self.peers.keys().copied().collect();
+        let ids: Vec<PlexId> = self
+            .peers
+            .keys()
+            .chain(self.learners.keys())
+            .copied()
+            .collect();
         for id in ids {
             let msg = if id == origin {
                 Message::Ordered { epoch, seq, fwd }
@@ -785,7 +1287,10 @@ impl Engine {
     }
 
     fn on_apply(&mut self, now: Millis, entry: Entry) {
-        if !matches!(self.role, Role::Active | Role::Holding { .. }) {
+        if !matches!(
+            self.role,
+            Role::Active | Role::Holding { .. } | Role::Learning { .. }
+        ) {
             return;
         }
         if entry.seq <= self.settled || self.log.contains_key(&entry.seq) {
@@ -841,6 +1346,11 @@ impl Engine {
         if !self.i_am_sequencer() {
             return;
         }
+        // A learner never gets ops before its start (the copies cover them).
+        let start = self
+            .learners
+            .get(&to)
+            .map_or(start, |l| start.max(l.start_seq));
         let epoch = self.epoch();
         let out: Vec<Message> = self
             .log
@@ -868,15 +1378,19 @@ impl Engine {
         k
     }
 
-    /// Emit `Apply` for every op whose predecessors are all known and none of the earlier
-    /// overlapping ones is still unapplied.
+    /// Emit `Apply` (or the copy / checksum command of an internal op) for every op whose
+    /// predecessors are all known and none of the earlier overlapping ones is still unapplied.
     fn try_apply(&mut self) {
-        if !matches!(self.role, Role::Active | Role::Holding { .. }) {
+        let learning = matches!(self.role, Role::Learning { .. });
+        if !matches!(self.role, Role::Active | Role::Holding { .. }) && !learning {
             return;
         }
-        let stale = self.has_stale();
+        let me = self.cfg.me;
+        let source = self.i_am_sequencer() && self.is_in_sync(me) && !learning;
+        let in_sync = self.is_in_sync(me) && !learning;
         let mut busy: Vec<OpRange> = Vec::new();
         let mut issue: Vec<Seq> = Vec::new();
+        let mut noop: Vec<Seq> = Vec::new();
         // Only the contiguous known prefix: an unknown earlier op might overlap.
         for (expect, (s, le)) in (self.settled + 1..).zip(self.log.iter()) {
             if *s != expect {
@@ -887,11 +1401,42 @@ impl Engine {
                 EntryState::Applied => {}
                 EntryState::Issued => busy.push(r),
                 EntryState::Pending => {
-                    if !busy.iter().any(|b| b.overlaps(&r)) {
+                    let free = !busy.iter().any(|b| b.overlaps(&r));
+                    let does_io = match Internal::of(&le.entry) {
+                        None if le.entry.origin == INTERNAL_ORIGIN => false,
+                        None => true,
+                        Some(Internal::Copy { target, .. }) => {
+                            (source
+                                && self
+                                    .learners
+                                    .get(&target)
+                                    .is_some_and(|l| l.copies.contains_key(s)))
+                                || (learning && target == me)
+                        }
+                        Some(Internal::Verify { .. }) => in_sync,
+                    };
+                    if !does_io {
+                        // Copies for another plex, verifies on a learner: no local effect.
+                        if free {
+                            noop.push(*s);
+                        } else {
+                            busy.push(r);
+                        }
+                        continue;
+                    }
+                    let waiting_data = learning
+                        && matches!(Internal::of(&le.entry), Some(Internal::Copy { .. }))
+                        && !self.copy_data.contains_key(s);
+                    if free && !waiting_data {
                         issue.push(*s);
                     }
                     busy.push(r);
                 }
+            }
+        }
+        for s in noop {
+            if let Some(le) = self.log.get_mut(&s) {
+                le.state = EntryState::Applied;
             }
         }
         for s in issue {
@@ -899,24 +1444,59 @@ impl Engine {
                 continue;
             };
             le.state = EntryState::Issued;
-            let cmd = Command::Apply {
-                epoch: self.membership.epoch,
-                seq: s,
-                origin: le.entry.origin,
-                op: le.entry.meta.clone(),
-            };
             let range = le.entry.meta.range;
-            if stale {
-                self.mark_dirty(range);
-            }
+            let cmd = match Internal::of(&le.entry) {
+                Some(Internal::Copy { what, .. }) if learning => {
+                    let data = self.copy_data.remove(&s).unwrap_or_default();
+                    self.io_inflight.insert(s);
+                    Command::CopyIn { seq: s, what, data }
+                }
+                Some(Internal::Copy { what, .. }) => Command::CopyOut { seq: s, what },
+                Some(Internal::Verify { region, range }) => Command::Checksum {
+                    seq: s,
+                    region,
+                    range,
+                },
+                None => {
+                    self.io_inflight.insert(s);
+                    let cmd = Command::Apply {
+                        epoch: self.membership.epoch,
+                        seq: s,
+                        origin: le.entry.origin,
+                        op: le.entry.meta.clone(),
+                    };
+                    self.mark_dirty(Some(s), range);
+                    cmd
+                }
+            };
             self.cmds.push_back(cmd);
         }
+        self.advance_applied_prefix();
     }
 
-    fn mark_dirty(&mut self, r: OpRange) {
-        if let OpRange::Blocks(r) = r {
-            if self.dirty.mark(&r) {
-                self.cmds.push_back(Command::MarkDirty(r));
+    /// Before an op a stale plex misses is applied here, set its regions in that plex's
+    /// bitmap (persisted by the driver first). A learner gets ops from its start on.
+    fn mark_dirty(&mut self, seq: Option<Seq>, r: OpRange) {
+        let OpRange::Blocks(r) = r else {
+            return;
+        };
+        if !self.is_in_sync(self.cfg.me) || matches!(self.role, Role::Learning { .. }) {
+            return;
+        }
+        for p in self.stale_ids() {
+            if let (Some(l), Some(s)) = (self.learners.get(&p), seq) {
+                if s >= l.start_seq {
+                    continue;
+                }
+            }
+            self.ensure_bitmap(p, true);
+            let Some(bm) = self.bitmaps.get_mut(&p) else {
+                continue;
+            };
+            let regions = bm.mark_new(&r);
+            if !regions.is_empty() {
+                self.cmds
+                    .push_back(Command::MarkDirtyRegions { plex: p, regions });
             }
         }
     }
@@ -961,13 +1541,17 @@ impl Engine {
     }
 
     fn gc(&mut self) {
-        if !matches!(self.role, Role::Active | Role::Holding { .. }) {
+        if !matches!(
+            self.role,
+            Role::Active | Role::Holding { .. } | Role::Learning { .. }
+        ) {
             return;
         }
         let stable = self
             .peers
             .values()
             .map(|p| p.applied_prefix)
+            .chain(self.learners.values().map(|l| l.applied_prefix))
             .chain(std::iter::once(self.applied_prefix))
             .min()
             .unwrap_or(self.applied_prefix);
@@ -979,7 +1563,7 @@ impl Engine {
     }
 
     fn start_held(&mut self, now: Millis) {
-        if !matches!(self.role, Role::Active) || !self.lease_valid(now) {
+        if !matches!(self.role, Role::Active) || !self.lease_valid(now) || self.rejoin.is_some() {
             return;
         }
         while self.log.len() + self.pending.len() < LOG_ENTRIES_MAX {
@@ -1096,7 +1680,11 @@ impl Engine {
 
     /// Enter a new epoch: freeze, keep liveness and leases, forget acks of the old epoch.
     fn switch_epoch(&mut self, now: Millis, m: Membership) {
-        self.membership = m;
+        let me = self.cfg.me;
+        let was_in_sync =
+            self.is_in_sync(me) && !matches!(self.role, Role::Learning { .. } | Role::Out);
+        let old = std::mem::replace(&mut self.membership, m);
+        self.last_sync = None;
         let keep: BTreeSet<PlexId> = self.in_sync_ids().into_iter().collect();
         self.peers.retain(|id, _| keep.contains(id));
         for id in keep {
@@ -1110,16 +1698,49 @@ impl Engine {
         for p in self.peers.values_mut() {
             p.applied_prefix = 0;
         }
-        let me = self.cfg.me;
         for p in self.pending.values_mut() {
             p.acks.retain(|id| *id == me);
         }
         self.fwd_seen.clear();
-        if self.has_stale() {
-            let ranges: Vec<OpRange> = self.log.values().map(|le| le.entry.meta.range).collect();
-            for r in ranges {
-                self.mark_dirty(r);
+        // Learners: one made InSync (the rejoin) is a member now; the others may have missed
+        // any unsettled op and ask again later.
+        let ls: Vec<PlexId> = self.learners.keys().copied().collect();
+        for t in ls {
+            if self.is_in_sync(t) {
+                self.learners.remove(&t);
+            } else {
+                self.drop_learner(t);
             }
+        }
+        self.rejoin = None;
+        if self.verify.take().is_some() {
+            self.verify_info.running = false;
+        }
+        if self.is_in_sync(me) {
+            // A plex that goes stale now starts with the unsettled log (below); one that was
+            // stale while this node was not in sync is unknown to it: copy all of it.
+            for p in self.stale_ids() {
+                let was_in_sync_too = was_in_sync
+                    && old
+                        .plexes
+                        .iter()
+                        .any(|r| r.id == p && r.state == PlexState::InSync);
+                self.ensure_bitmap(p, was_in_sync_too);
+            }
+        }
+        let gone: Vec<PlexId> = self
+            .bitmaps
+            .keys()
+            .filter(|p| !self.stale_ids().contains(p) && !self.is_in_sync(**p))
+            .copied()
+            .collect();
+        for p in gone {
+            self.bitmaps.remove(&p);
+            self.cmds.push_back(Command::DropBitmap { plex: p });
+        }
+        let ranges: Vec<OpRange> = self.log.values().map(|le| le.entry.meta.range).collect();
+        for r in ranges {
+            self.mark_dirty(None, r);
         }
     }
 
@@ -1163,18 +1784,17 @@ impl Engine {
         }
         let high = expect - 1;
         let epoch = self.epoch();
+        let sync = Message::Sync {
+            epoch,
+            base,
+            high,
+            entries: cut.clone(),
+        };
         let ids: Vec<PlexId> = self.peers.keys().copied().collect();
         for id in ids {
-            self.send(
-                id,
-                Message::Sync {
-                    epoch,
-                    base,
-                    high,
-                    entries: cut.clone(),
-                },
-            );
+            self.send(id, sync.clone());
         }
+        self.last_sync = Some(sync);
         self.next_seq = high + 1;
         self.seq_high = high;
         self.apply_sync(now, base, high, cut);
@@ -1241,16 +1861,31 @@ impl Engine {
                 self.send(origin, Message::Applied { epoch, seq });
             }
         }
-        if self.has_stale() {
-            let ranges: Vec<OpRange> = self.log.values().map(|le| le.entry.meta.range).collect();
-            for r in ranges {
-                self.mark_dirty(r);
-            }
+        let ranges: Vec<OpRange> = self.log.values().map(|le| le.entry.meta.range).collect();
+        for r in ranges {
+            self.mark_dirty(None, r);
         }
         self.active_epoch = epoch;
         self.active_base = high;
         self.role = Role::Active;
         self.set_path(PathState::ActiveOptimized);
+        // The new epoch serves: bitmaps of plexes in sync again are done with.
+        let synced: Vec<PlexId> = self
+            .bitmaps
+            .keys()
+            .filter(|p| self.is_in_sync(**p))
+            .copied()
+            .collect();
+        for p in synced {
+            self.bitmaps.remove(&p);
+            self.cmds.push_back(Command::DropBitmap { plex: p });
+        }
+        // Back in sync through a resync: what the activity log covered was copied.
+        if self.target.take().is_some() || !self.own_dirty.is_empty() {
+            self.own_dirty.clear();
+            self.cmds.push_back(Command::ActivityLogAbsorbed);
+        }
+        self.copy_data.clear();
         for (fwd, meta) in redo {
             self.dispatch(fwd, meta);
         }
@@ -1262,6 +1897,38 @@ impl Engine {
     }
 
     fn go_out(&mut self, role: Role) {
+        // Ops this plex applied (or is applying) may be missing elsewhere: report them when
+        // it asks to be resynced.
+        let rm = self.region_map();
+        for le in self.log.values() {
+            // Copies it wrote count too: they may carry ops only the source applied.
+            let writes = match Internal::of(&le.entry) {
+                Some(Internal::Verify { .. }) => false,
+                Some(Internal::Copy { target, .. }) => target == self.cfg.me,
+                None => true,
+            };
+            if let (OpRange::Blocks(r), EntryState::Issued | EntryState::Applied, true) =
+                (le.entry.meta.range, le.state, writes)
+            {
+                self.own_dirty.extend(rm.regions_of(&r));
+            }
+        }
+        // A bitmap is only valid while this node stays in sync (a fenced node keeps its
+        // persisted ones: they were complete when it stopped).
+        if matches!(role, Role::Out) {
+            let bms: Vec<PlexId> = self.bitmaps.keys().copied().collect();
+            for p in bms {
+                self.cmds.push_back(Command::DropBitmap { plex: p });
+            }
+            self.bitmaps.clear();
+            self.next_join = 0;
+        }
+        self.learners.clear();
+        self.rejoin = None;
+        if self.verify.take().is_some() {
+            self.verify_info.running = false;
+        }
+        self.copy_data.clear();
         self.role = role;
         self.cas_outstanding = false;
         let pending = std::mem::take(&mut self.pending);
@@ -1275,6 +1942,728 @@ impl Engine {
         self.log.clear();
         self.peers.clear();
         self.set_path(PathState::Unavailable);
+    }
+
+    // ----- resync: the joining side -----
+
+    /// Out or Recovering: only the resync handshake matters.
+    fn on_message_out(&mut self, now: Millis, from: PlexId, msg: Message) {
+        let me = self.cfg.me;
+        match msg {
+            Message::JoinAccept {
+                membership,
+                start_seq,
+                dirty_regions,
+            } => {
+                let listed_in_sync = membership
+                    .plexes
+                    .iter()
+                    .any(|p| p.id == me && p.state == PlexState::InSync);
+                if membership.epoch < self.epoch()
+                    || membership.sequencer != from
+                    || listed_in_sync
+                    || !self.io_inflight.is_empty()
+                    || self.cas_outstanding
+                {
+                    return;
+                }
+                self.become_learner(now, from, membership, start_seq, dirty_regions);
+            }
+            Message::JoinRequest { .. } => {}
+            msg => {
+                let m = match &msg {
+                    Message::NewEpoch { membership } => Some(membership.clone()),
+                    _ => None,
+                };
+                if let Some(m) = m {
+                    if m.epoch > self.epoch() {
+                        let in_sync = m
+                            .plexes
+                            .iter()
+                            .any(|p| p.id == me && p.state == PlexState::InSync);
+                        self.membership = m;
+                        self.role = if in_sync && self.data_valid && self.membership.sequencer != me
+                        {
+                            Role::Recovering { since: now }
+                        } else {
+                            Role::Out
+                        };
+                        return;
+                    }
+                }
+                // Any message from a peer listed InSync (a heartbeat of an epoch it still
+                // serves, its answer to our JoinRequest) shows it alive: it will exclude us
+                // (RESYNC.md), so a recovering node keeps waiting.
+                if let Role::Recovering { since } = &mut self.role {
+                    if msg.epoch() >= self.membership.epoch
+                        && self
+                            .membership
+                            .plexes
+                            .iter()
+                            .any(|p| p.id == from && p.state == PlexState::InSync)
+                    {
+                        *since = (*since).max(now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn timeout_out(&mut self, now: Millis) {
+        if !self.io_inflight.is_empty() {
+            return;
+        }
+        if now >= self.next_join {
+            self.next_join = now + RETRANSMIT_MS;
+            let me = self.cfg.me;
+            let to: Vec<PlexId> = self
+                .membership
+                .plexes
+                .iter()
+                .filter(|p| p.id != me && p.state != PlexState::Removed)
+                .map(|p| p.id)
+                .collect();
+            let activity_log: Vec<u64> = self
+                .own_dirty
+                .iter()
+                .copied()
+                .take(super::msg::ACTIVITY_LOG_REGIONS_MAX)
+                .collect();
+            for id in to {
+                self.send(
+                    id,
+                    Message::JoinRequest {
+                        epoch: self.epoch(),
+                        activity_log: activity_log.clone(),
+                        full: !self.data_valid,
+                    },
+                );
+            }
+        }
+        if let Role::Recovering { since } = self.role {
+            if !self.cas_outstanding && now >= self.recover_deadline(since) {
+                // No in-sync peer serves: become the sole source (a lost CAS adopts).
+                let mut record = self.membership.clone();
+                record.epoch += 1;
+                record.sequencer = self.cfg.me;
+                for p in record.plexes.iter_mut() {
+                    if p.id != self.cfg.me && p.state == PlexState::InSync {
+                        p.state = PlexState::Stale;
+                    }
+                }
+                self.cas_outstanding = true;
+                self.proposed = Some(record.clone());
+                self.cmds.push_back(Command::WitnessCas {
+                    expected_epoch: self.epoch(),
+                    record,
+                });
+            }
+        }
+    }
+
+    fn recover_deadline(&self, since: Millis) -> Millis {
+        if self.in_sync_ids() == [self.cfg.me] {
+            since
+        } else {
+            since + RECOVER_WAIT_MS
+        }
+    }
+
+    fn recovery_result(&mut self, now: Millis, result: Result<Membership, WitnessError>) {
+        let proposed = self.proposed.take();
+        let m = match result {
+            Ok(m) => m,
+            Err(WitnessError::Conflict(m)) => *m,
+            // Unknown outcome: ask again later; a granted CAS comes back as a conflict that
+            // equals our proposal.
+            // Out meanwhile: a newer record exists, so that CAS cannot have been granted.
+            Err(_) => {
+                if let Role::Recovering { since } = &mut self.role {
+                    *since = now.saturating_sub(RECOVER_WAIT_MS) + RETRANSMIT_MS;
+                    self.proposed = proposed;
+                }
+                return;
+            }
+        };
+        if proposed.as_ref() == Some(&m) {
+            self.recover_win(now, m);
+            return;
+        }
+        if m.epoch > self.epoch() {
+            let me = self.cfg.me;
+            let in_sync = m
+                .plexes
+                .iter()
+                .any(|p| p.id == me && p.state == PlexState::InSync);
+            self.membership = m;
+            self.role = if in_sync {
+                Role::Recovering { since: now }
+            } else {
+                Role::Out
+            };
+            self.next_join = now;
+        }
+    }
+
+    /// Sole source after every node crashed: bitmaps = persisted ∪ own activity log.
+    fn recover_win(&mut self, now: Millis, m: Membership) {
+        let old = std::mem::replace(&mut self.membership, m);
+        let me = self.cfg.me;
+        let mut recovered = std::mem::take(&mut self.recovered_bitmaps);
+        for p in self.stale_ids() {
+            let mut bm = self.region_map();
+            match recovered.remove(&p) {
+                Some(regions) => regions.into_iter().for_each(|r| {
+                    bm.set(r);
+                }),
+                None => {
+                    let was_in_sync = old
+                        .plexes
+                        .iter()
+                        .any(|r| r.id == p && r.state == PlexState::InSync);
+                    if !was_in_sync {
+                        bm.fill(bm.regions_of_volume(self.cfg.volume_blocks));
+                    }
+                }
+            }
+            for r in &self.own_dirty {
+                bm.set(*r);
+            }
+            let regions: Vec<u64> = bm.regions().collect();
+            self.cmds
+                .push_back(Command::MarkDirtyRegions { plex: p, regions });
+            self.bitmaps.insert(p, bm);
+        }
+        for p in recovered.into_keys() {
+            if p != me {
+                self.cmds.push_back(Command::DropBitmap { plex: p });
+            }
+        }
+        self.own_dirty.clear();
+        self.cmds.push_back(Command::ActivityLogAbsorbed);
+        // Seqs stay monotonic across a recovery (the old ones are unknown): epoch-major.
+        let base = (self.epoch() << RECOVERY_SEQ_SHIFT).max(self.next_seq);
+        self.log.clear();
+        self.settled = base - 1;
+        self.applied_prefix = base - 1;
+        self.next_seq = base;
+        self.seq_high = base - 1;
+        self.active_epoch = self.epoch();
+        self.active_base = base - 1;
+        self.role = Role::Active;
+        self.reset_peers(now);
+        self.set_path(PathState::ActiveOptimized);
+        self.progress(now);
+    }
+
+    fn become_learner(
+        &mut self,
+        now: Millis,
+        source: PlexId,
+        m: Membership,
+        start_seq: Seq,
+        dirty_regions: u64,
+    ) {
+        self.membership = m;
+        self.role = Role::Learning { source, start_seq };
+        self.log.clear();
+        self.copy_data.clear();
+        self.settled = start_seq.saturating_sub(1);
+        self.applied_prefix = self.settled;
+        self.seq_high = self.settled;
+        self.active_epoch = 0;
+        self.active_base = 0;
+        self.peers.clear();
+        self.peers.insert(
+            source,
+            Peer {
+                last_heard: now,
+                ..Peer::default()
+            },
+        );
+        self.next_heartbeat = now;
+        self.target = Some(ResyncInfo {
+            plex: self.cfg.me,
+            full: !self.data_valid,
+            total_bytes: dirty_regions.saturating_mul(self.cfg.region_bytes),
+            done_bytes: 0,
+            copied_bytes: 0,
+        });
+        // The source holds a bitmap for us now: a later request need not be full.
+        self.data_valid = true;
+        self.handle_timeout(now);
+    }
+
+    // ----- resync: the source side -----
+
+    fn on_join_request(&mut self, now: Millis, from: PlexId, al: Vec<u64>, full: bool) {
+        if !matches!(self.role, Role::Active | Role::Holding { .. }) {
+            return;
+        }
+        let Some(rec) = self.membership.plexes.iter().find(|p| p.id == from) else {
+            return;
+        };
+        if rec.state == PlexState::Removed {
+            return;
+        }
+        if rec.state == PlexState::InSync {
+            // I serve and still count it in: it will be excluded (then it joins).
+            let m = Message::NewEpoch {
+                membership: self.membership.clone(),
+            };
+            self.send(from, m);
+            return;
+        }
+        // Every in-sync node adds what the plex reports, so any of them can be its source.
+        self.ensure_bitmap(from, false);
+        let n = self.region_map().regions_of_volume(self.cfg.volume_blocks);
+        if let Some(bm) = self.bitmaps.get_mut(&from) {
+            let mut regions: Vec<u64> = al.into_iter().filter(|&r| bm.set(r)).collect();
+            if full {
+                regions.extend(bm.fill(n));
+            }
+            if !regions.is_empty() {
+                self.cmds.push_back(Command::MarkDirtyRegions {
+                    plex: from,
+                    regions,
+                });
+            }
+        }
+        if !matches!(self.role, Role::Active) || !self.i_am_sequencer() {
+            return;
+        }
+        if self.rejoin.is_some_and(|(t, _)| t == from) {
+            return;
+        }
+        if let Some(l) = self.learners.get(&from) {
+            if !l.heard {
+                // Our accept may be lost: the same answer again.
+                let m = Message::JoinAccept {
+                    membership: self.membership.clone(),
+                    start_seq: l.start_seq,
+                    dirty_regions: self.bitmaps.get(&from).map_or(0, |b| b.len() as u64),
+                };
+                self.send(from, m);
+                return;
+            }
+            // It restarted: it lost what it applied as a learner.
+            self.drop_learner(from);
+        }
+        self.accept_learner(now, from, full);
+    }
+
+    fn accept_learner(&mut self, now: Millis, t: PlexId, full: bool) {
+        // Ops ordered before its start may still be applying here: the copies (ordered after
+        // them) carry them, and their regions are dirty.
+        let ranges: Vec<OpRange> = self.log.values().map(|le| le.entry.meta.range).collect();
+        for r in ranges {
+            self.mark_dirty(None, r);
+        }
+        let start_seq = self.next_seq;
+        self.learners.insert(
+            t,
+            Learner {
+                start_seq,
+                last_heard: now,
+                heard: false,
+                applied_prefix: start_seq - 1,
+                lu: LuCopy::Todo,
+                cursor: 0,
+                copies: BTreeMap::new(),
+                full,
+                done_bytes: 0,
+                copied_bytes: 0,
+            },
+        );
+        let m = Message::JoinAccept {
+            membership: self.membership.clone(),
+            start_seq,
+            dirty_regions: self.bitmaps.get(&t).map_or(0, |b| b.len() as u64),
+        };
+        self.send(t, m);
+        self.progress(now);
+    }
+
+    /// The learner may have missed any unsettled op: mark them all, stop its copies.
+    fn drop_learner(&mut self, t: PlexId) {
+        if self.learners.remove(&t).is_none() {
+            return;
+        }
+        if self.rejoin.is_some_and(|(r, _)| r == t) {
+            self.rejoin = None;
+        }
+        let ranges: Vec<OpRange> = self.log.values().map(|le| le.entry.meta.range).collect();
+        for r in ranges {
+            self.mark_dirty(None, r);
+        }
+    }
+
+    fn check_learners(&mut self, now: Millis) {
+        let silent: Vec<PlexId> = self
+            .learners
+            .iter()
+            .filter(|(_, l)| now >= l.last_heard + PEER_TIMEOUT_MS)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in silent {
+            self.drop_learner(t);
+        }
+    }
+
+    fn on_learner_message(&mut self, now: Millis, t: PlexId, msg: Message) {
+        if let Some(l) = self.learners.get_mut(&t) {
+            l.last_heard = l.last_heard.max(now);
+            l.heard = true;
+        }
+        match msg {
+            Message::Heartbeat { applied_prefix, .. } => {
+                if let Some(l) = self.learners.get_mut(&t) {
+                    l.applied_prefix = l.applied_prefix.max(applied_prefix);
+                }
+                self.learner_acked(t, |s| s <= applied_prefix);
+            }
+            Message::Applied { seq, .. } => self.learner_acked(t, |s| s == seq),
+            Message::Resend { from, .. } => self.on_resend(t, from),
+            _ => {}
+        }
+        self.progress(now);
+    }
+
+    /// The learner applied these copies: their regions are in sync (later writes reach it
+    /// as a learner).
+    fn learner_acked(&mut self, t: PlexId, applies: impl Fn(Seq) -> bool) {
+        let Some(l) = self.learners.get_mut(&t) else {
+            return;
+        };
+        let done: Vec<Seq> = l
+            .copies
+            .iter()
+            .filter(|(s, c)| applies(**s) && c.data.is_some())
+            .map(|(s, _)| *s)
+            .collect();
+        let mut cleared = Vec::new();
+        let rb = self.cfg.region_bytes;
+        for s in done {
+            let Some(c) = l.copies.remove(&s) else {
+                continue;
+            };
+            match c.region {
+                Some(r) => {
+                    if self.bitmaps.get_mut(&t).is_some_and(|bm| bm.clear(r)) {
+                        l.done_bytes += rb;
+                        cleared.push(r);
+                    }
+                }
+                None => l.lu = LuCopy::Done,
+            }
+        }
+        if !cleared.is_empty() {
+            self.cmds.push_back(Command::ClearDirtyRegions {
+                plex: t,
+                regions: cleared,
+            });
+        }
+    }
+
+    fn resend_copy_data(&mut self, now: Millis) {
+        let epoch = self.epoch();
+        let mut out = Vec::new();
+        for (t, l) in self.learners.iter_mut() {
+            for (s, c) in l.copies.iter_mut() {
+                if let Some(d) = &c.data {
+                    if now >= c.sent_at + RETRANSMIT_MS && *s > l.applied_prefix {
+                        c.sent_at = now;
+                        out.push((
+                            *t,
+                            Message::CopyData {
+                                epoch,
+                                seq: *s,
+                                data: d.clone(),
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        for (t, m) in out {
+            self.send(t, m);
+        }
+    }
+
+    /// Order copies (and verifies) within the window and the throttle; true if any.
+    fn schedule_resync(&mut self, now: Millis) -> bool {
+        if !matches!(self.role, Role::Active)
+            || !self.i_am_sequencer()
+            || self.rejoin.is_some()
+            || self.cas_outstanding
+        {
+            return false;
+        }
+        self.refill(now);
+        let mut ordered = false;
+        let ts: Vec<PlexId> = self.learners.keys().copied().collect();
+        let volume = self.cfg.volume_blocks;
+        let rm = self.region_map();
+        for t in ts {
+            if self.learners.get(&t).is_some_and(|l| l.lu == LuCopy::Todo) {
+                // First the LU state: a barrier, so every earlier op is in it.
+                let meta = Internal::Copy {
+                    target: t,
+                    what: CopyWhat::LuState,
+                }
+                .meta();
+                let seq = self.sequence(INTERNAL_ORIGIN, 0, meta);
+                if let Some(l) = self.learners.get_mut(&t) {
+                    l.lu = LuCopy::Ordered;
+                    l.copies.insert(
+                        seq,
+                        CopyOut {
+                            region: None,
+                            data: None,
+                            sent_at: now,
+                        },
+                    );
+                }
+                ordered = true;
+            }
+            while let Some(l) = self.learners.get(&t) {
+                if l.copies.len() >= COPY_WINDOW
+                    || self.log.len() >= LOG_ENTRIES_MAX
+                    || (self.rate > 0 && self.tokens < self.region_cost())
+                {
+                    break;
+                }
+                let Some(bm) = self.bitmaps.get(&t) else {
+                    break;
+                };
+                let busy: BTreeSet<u64> = l.copies.values().filter_map(|c| c.region).collect();
+                let next = |from: u64| {
+                    let mut r = bm.next_set(from);
+                    while let Some(x) = r {
+                        if !busy.contains(&x) {
+                            break;
+                        }
+                        r = bm.next_set(x + 1);
+                    }
+                    r
+                };
+                let Some(region) = next(l.cursor).or_else(|| next(0)) else {
+                    break;
+                };
+                let range = rm.region_range(region, volume);
+                let meta = Internal::Copy {
+                    target: t,
+                    what: CopyWhat::Region {
+                        index: region,
+                        range,
+                    },
+                }
+                .meta();
+                let seq = self.sequence(INTERNAL_ORIGIN, 0, meta);
+                if self.rate > 0 {
+                    self.tokens -= self.region_cost();
+                }
+                if let Some(l) = self.learners.get_mut(&t) {
+                    l.cursor = region + 1;
+                    l.copies.insert(
+                        seq,
+                        CopyOut {
+                            region: Some(region),
+                            data: None,
+                            sent_at: now,
+                        },
+                    );
+                }
+                ordered = true;
+            }
+        }
+        ordered |= self.schedule_verify();
+        ordered
+    }
+
+    fn schedule_verify(&mut self) -> bool {
+        let total = self.verify_info.regions_total;
+        let volume = self.cfg.volume_blocks;
+        let rm = self.region_map();
+        let mut ordered = false;
+        while let Some(v) = self.verify.as_ref() {
+            if v.outstanding.len() >= COPY_WINDOW
+                || v.next_region >= total
+                || self.log.len() >= LOG_ENTRIES_MAX
+                || (self.rate > 0 && self.tokens < self.region_cost())
+            {
+                break;
+            }
+            let region = v.next_region;
+            let range = rm.region_range(region, volume);
+            let seq = self.sequence(
+                INTERNAL_ORIGIN,
+                0,
+                Internal::Verify { region, range }.meta(),
+            );
+            if self.rate > 0 {
+                self.tokens -= self.region_cost();
+            }
+            if let Some(v) = self.verify.as_mut() {
+                v.next_region += 1;
+                v.outstanding.insert(seq, (region, BTreeMap::new()));
+            }
+            ordered = true;
+        }
+        ordered
+    }
+
+    fn on_checksum(&mut self, now: Millis, from: PlexId, seq: Seq, sum: [u8; 32]) {
+        let Some(v) = self.verify.as_mut() else {
+            return;
+        };
+        let Some((region, sums)) = v.outstanding.get_mut(&seq) else {
+            return;
+        };
+        sums.insert(from, sum);
+        if !v.members.iter().all(|m| sums.contains_key(m)) {
+            return;
+        }
+        let region = *region;
+        let differ = sums.values().any(|s| *s != sum);
+        v.outstanding.remove(&seq);
+        let finished = v.outstanding.is_empty() && v.next_region >= self.verify_info.regions_total;
+        self.verify_info.regions_done += 1;
+        if differ {
+            self.verify_info.mismatched.push(region);
+        }
+        if finished {
+            self.verify = None;
+            self.verify_info.running = false;
+        }
+        self.progress(now);
+    }
+
+    /// A learner with nothing left to copy: hold new ops until it applied everything, then
+    /// CAS it InSync (a view change with it as a member follows).
+    fn maybe_rejoin(&mut self, now: Millis) {
+        if !matches!(self.role, Role::Active)
+            || !self.i_am_sequencer()
+            || self.cas_outstanding
+            || !self.suspects(now).is_empty()
+        {
+            return;
+        }
+        if let Some((t, since)) = self.rejoin {
+            let caught_up = self
+                .learners
+                .get(&t)
+                .is_some_and(|l| l.applied_prefix >= self.seq_high)
+                && self.applied_prefix >= self.seq_high
+                // Settled everywhere: no op is left that another in-sync plex may lack and
+                // the learner (whose log starts at its start seq) could not report.
+                && self.settled >= self.seq_high;
+            if caught_up {
+                let mut record = self.membership.clone();
+                record.epoch += 1;
+                record.sequencer = self.cfg.me;
+                for p in record.plexes.iter_mut() {
+                    if p.id == t {
+                        p.state = PlexState::InSync;
+                    }
+                }
+                self.cas_outstanding = true;
+                self.role = Role::Holding { since: now };
+                self.cmds.push_back(Command::WitnessCas {
+                    expected_epoch: self.epoch(),
+                    record,
+                });
+            } else if now >= since + REJOIN_DRAIN_MS {
+                self.rejoin = None;
+                self.rejoin_retry_at = now + REJOIN_DRAIN_MS;
+                self.start_held(now);
+            }
+            return;
+        }
+        if now < self.rejoin_retry_at {
+            return;
+        }
+        let ready = self.learners.iter().find(|(t, l)| {
+            l.lu == LuCopy::Done
+                && l.copies.is_empty()
+                && self.bitmaps.get(t).is_none_or(|b| b.is_empty())
+        });
+        if let Some((t, _)) = ready {
+            self.rejoin = Some((*t, now));
+            self.maybe_rejoin(now);
+        }
+    }
+
+    fn region_map(&self) -> DirtyMap {
+        DirtyMap::new(self.cfg.block_size, self.cfg.region_bytes)
+    }
+
+    fn region_cost(&self) -> i64 {
+        i64::try_from(self.cfg.region_bytes).unwrap_or(i64::MAX)
+    }
+
+    fn burst(&self) -> i64 {
+        self.region_cost()
+    }
+
+    fn refill(&mut self, now: Millis) {
+        if self.rate == 0 {
+            self.tokens = 0;
+            self.tokens_at = now;
+            return;
+        }
+        let dt = now.saturating_sub(self.tokens_at);
+        let add = i64::try_from(u128::from(dt) * u128::from(self.rate) / 1000).unwrap_or(i64::MAX);
+        // A slow rate refilled every millisecond must not lose its fractions.
+        if add > 0 {
+            self.tokens = self.tokens.saturating_add(add).min(self.burst());
+            self.tokens_at = now;
+        }
+    }
+
+    /// When the throttle allows the next copy, if copies wait for it.
+    fn throttle_ready_at(&self) -> Option<Millis> {
+        if self.rate == 0 || self.tokens >= self.region_cost() || !matches!(self.role, Role::Active)
+        {
+            return None;
+        }
+        let waiting = self.learners.iter().any(|(t, l)| {
+            l.copies.len() < COPY_WINDOW && self.bitmaps.get(t).is_some_and(|b| !b.is_empty())
+        }) || self.verify.is_some();
+        if !waiting {
+            return None;
+        }
+        let need = u64::try_from(self.region_cost() - self.tokens).unwrap_or(u64::MAX);
+        let ms = u128::from(need) * 1000 / u128::from(self.rate) + 1;
+        Some(self.tokens_at + u64::try_from(ms).unwrap_or(u64::MAX / 2))
+    }
+
+    /// Create `p`'s bitmap if missing: empty when this node has followed `p` since it went
+    /// stale (`known`), else every region (a full resync) — persisted either way.
+    fn ensure_bitmap(&mut self, p: PlexId, known: bool) {
+        if self.bitmaps.contains_key(&p) {
+            return;
+        }
+        let mut bm = self.region_map();
+        if !known {
+            let regions = bm.fill(bm.regions_of_volume(self.cfg.volume_blocks));
+            self.cmds
+                .push_back(Command::MarkDirtyRegions { plex: p, regions });
+        }
+        self.bitmaps.insert(p, bm);
+    }
+
+    /// Stale (or resyncing) plexes of the current record, ascending.
+    fn stale_ids(&self) -> Vec<PlexId> {
+        let mut v: Vec<PlexId> = self
+            .membership
+            .plexes
+            .iter()
+            .filter(|p| matches!(p.state, PlexState::Stale | PlexState::Resyncing))
+            .map(|p| p.id)
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     // ----- helpers -----
@@ -1319,13 +2708,6 @@ impl Engine {
             .plexes
             .iter()
             .any(|p| p.id == id && p.state == PlexState::InSync)
-    }
-
-    fn has_stale(&self) -> bool {
-        self.membership
-            .plexes
-            .iter()
-            .any(|p| p.state != PlexState::InSync)
     }
 
     fn i_am_sequencer(&self) -> bool {

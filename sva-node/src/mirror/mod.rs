@@ -2,13 +2,16 @@
 //!
 //! ```text
 //!  driver (tokio, the lead's) ──submit/handle_message/handle_timeout/applied/witness_result──> Engine
-//!  Engine ──poll_command──> Send | Apply | Complete | WitnessCas | PathState | MarkDirty | Settled
+//!  Engine ──poll_command──> Send | Apply | Complete | WitnessCas | PathState | Settled
+//!                           | MarkDirtyRegions | ClearDirtyRegions | DropBitmap | ActivityLogAbsorbed
+//!                           | CopyOut | CopyIn | Checksum
 //! ```
 //!
 //! - [`engine`]: the sans-IO engine of one plex (ordering, acks, failure detection, read lease,
 //!   view change with reconciliation, fencing).
 //! - [`msg`]: peer messages and their length-prefixed binary codec.
-//! - [`dirty`]: the write-intent bitmap kept while a plex is Stale.
+//! - [`dirty`]: the write-intent bitmap (a bitset) kept per stale plex.
+//! - [`resync`]: the types of resync and online verify.
 //! - [`boot`]: starting a mirrored node from its config (witness record, restart detection).
 //! - [`op`]: what is replicated (state-changing commands, resets, nexus loss) and its codec.
 //! - [`link`]: authenticated TCP replication links between nodes.
@@ -28,7 +31,16 @@
 //! # Driver contract
 //!
 //! - After every input, drain [`Engine::poll_command`] until `None` and execute the commands
-//!   in order. `MarkDirty` must be durable before the data write of any later `Apply`.
+//!   in order. `MarkDirtyRegions` must be durable before the data write of any later `Apply`
+//!   or `CopyIn` (and before a later `Send`: a `JoinAccept` promises the regions are kept);
+//!   `ClearDirtyRegions` may be persisted lazily; `DropBitmap` deletes `bitmap-<plex>`.
+//! - Activity log: before running an `Apply`/`CopyIn` whose regions are not all in the log,
+//!   add them durably; evict a region only when no op above the last `Settled` touches it; the
+//!   regions handed in through `Recovered::activity_log` stay until `ActivityLogAbsorbed`.
+//! - `CopyOut`: read the region (or the LU's reservation state) and call
+//!   [`Engine::copied_out`] (empty data for a hole). `CopyIn`: write it durably (empty: zeros),
+//!   then [`Engine::applied`] with an empty response. `Checksum`: hash the range, then
+//!   [`Engine::checksummed`]. Set `Config::volume_blocks`.
 //! - `Apply` commands may run concurrently (the engine only emits ops that do not overlap an
 //!   unapplied earlier one); call [`Engine::applied`] with the LU's encoded response for each.
 //! - Call [`Engine::handle_timeout`] at [`Engine::next_timeout`] (or earlier; it is idempotent).

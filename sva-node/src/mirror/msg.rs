@@ -28,6 +28,10 @@ pub const ENTRIES_MAX: usize = 4096;
 pub const PLEXES_MAX: usize = 16;
 /// Longest string (node name, portal, address) in a membership record.
 pub const STRING_BYTES_MAX: usize = 1024;
+/// Most activity-log regions in one `JoinRequest` (the driver's log holds far fewer).
+pub const ACTIVITY_LOG_REGIONS_MAX: usize = 1 << 16;
+/// Largest `CopyData` payload (one region; the configured region size is far smaller).
+pub const COPY_BYTES_MAX: usize = 64 << 20;
 
 /// A range of logical blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -136,6 +140,32 @@ pub enum Message {
         high: Seq,
         entries: Vec<Entry>,
     },
+    /// Non-InSync plex → every peer (re-sent every `RETRANSMIT_MS` until accepted): resync me.
+    /// `activity_log`: regions where my plex may differ (from my activity log, or ops I applied
+    /// before I was excluded); `full`: my data is not valid (new or wiped plex). An in-sync
+    /// peer that is serving and still lists the sender InSync answers `NewEpoch` instead
+    /// (RESYNC.md: a restarted node waits while a peer serves).
+    JoinRequest {
+        epoch: Epoch,
+        activity_log: Vec<u64>,
+        full: bool,
+    },
+    /// Sequencer (the resync source) → joining plex: you are a learner; every op from
+    /// `start_seq` on reaches you as `Apply` (drop any earlier one: the copies cover it);
+    /// `dirty_regions` regions will be copied.
+    JoinAccept {
+        membership: Membership,
+        start_seq: Seq,
+        dirty_regions: u64,
+    },
+    /// Source → learner: the data of copy op `seq` (empty: zeros / a hole).
+    CopyData { epoch: Epoch, seq: Seq, data: Bytes },
+    /// In-sync plex → sequencer: my checksum of verify op `seq`'s region.
+    ChecksumIs {
+        epoch: Epoch,
+        seq: Seq,
+        checksum: [u8; 32],
+    },
 }
 
 impl Message {
@@ -148,8 +178,13 @@ impl Message {
             | Message::Heartbeat { epoch, .. }
             | Message::Resend { epoch, .. }
             | Message::State { epoch, .. }
-            | Message::Sync { epoch, .. } => *epoch,
-            Message::NewEpoch { membership } => membership.epoch,
+            | Message::Sync { epoch, .. }
+            | Message::JoinRequest { epoch, .. }
+            | Message::CopyData { epoch, .. }
+            | Message::ChecksumIs { epoch, .. } => *epoch,
+            Message::NewEpoch { membership } | Message::JoinAccept { membership, .. } => {
+                membership.epoch
+            }
         }
     }
 }
@@ -178,6 +213,10 @@ const K_RESEND: u8 = 6;
 const K_NEW_EPOCH: u8 = 7;
 const K_STATE: u8 = 8;
 const K_SYNC: u8 = 9;
+const K_JOIN_REQUEST: u8 = 10;
+const K_JOIN_ACCEPT: u8 = 11;
+const K_COPY_DATA: u8 = 12;
+const K_CHECKSUM_IS: u8 = 13;
 
 /// Append one frame for `msg` to `out`.
 pub fn encode(msg: &Message, out: &mut BytesMut) {
@@ -259,6 +298,47 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
             for e in entries {
                 put_entry(out, e);
             }
+        }
+        Message::JoinRequest {
+            epoch,
+            activity_log,
+            full,
+        } => {
+            out.put_u8(K_JOIN_REQUEST);
+            out.put_u64(*epoch);
+            out.put_u8(u8::from(*full));
+            let n = activity_log.len().min(ACTIVITY_LOG_REGIONS_MAX);
+            out.put_u32(n as u32);
+            for r in activity_log.iter().take(n) {
+                out.put_u64(*r);
+            }
+        }
+        Message::JoinAccept {
+            membership,
+            start_seq,
+            dirty_regions,
+        } => {
+            out.put_u8(K_JOIN_ACCEPT);
+            put_membership(out, membership);
+            out.put_u64(*start_seq);
+            out.put_u64(*dirty_regions);
+        }
+        Message::CopyData { epoch, seq, data } => {
+            out.put_u8(K_COPY_DATA);
+            out.put_u64(*epoch);
+            out.put_u64(*seq);
+            out.put_u32(data.len() as u32);
+            out.put_slice(data);
+        }
+        Message::ChecksumIs {
+            epoch,
+            seq,
+            checksum,
+        } => {
+            out.put_u8(K_CHECKSUM_IS);
+            out.put_u64(*epoch);
+            out.put_u64(*seq);
+            out.put_slice(checksum);
         }
     }
     let body = (out.len() - start - 4) as u32;
@@ -362,6 +442,56 @@ fn parse(b: &mut Bytes) -> Result<Message, CodecError> {
                 base,
                 high,
                 entries,
+            }
+        }
+        K_JOIN_REQUEST => {
+            let epoch = u64_(b)?;
+            let full = match u8_(b)? {
+                0 => false,
+                1 => true,
+                _ => return Err(CodecError::Invalid("full flag")),
+            };
+            let n = u32_(b)? as usize;
+            if n > ACTIVITY_LOG_REGIONS_MAX {
+                return Err(CodecError::Invalid("activity log length"));
+            }
+            need(b, n * 8)?;
+            let activity_log = (0..n).map(|_| b.get_u64()).collect();
+            Message::JoinRequest {
+                epoch,
+                activity_log,
+                full,
+            }
+        }
+        K_JOIN_ACCEPT => Message::JoinAccept {
+            membership: membership(b)?,
+            start_seq: u64_(b)?,
+            dirty_regions: u64_(b)?,
+        },
+        K_COPY_DATA => {
+            let epoch = u64_(b)?;
+            let seq = u64_(b)?;
+            let n = u32_(b)? as usize;
+            if n > COPY_BYTES_MAX {
+                return Err(CodecError::Invalid("copy length"));
+            }
+            need(b, n)?;
+            Message::CopyData {
+                epoch,
+                seq,
+                data: b.split_to(n),
+            }
+        }
+        K_CHECKSUM_IS => {
+            let epoch = u64_(b)?;
+            let seq = u64_(b)?;
+            need(b, 32)?;
+            let mut checksum = [0u8; 32];
+            b.copy_to_slice(&mut checksum);
+            Message::ChecksumIs {
+                epoch,
+                seq,
+                checksum,
             }
         }
         k => return Err(CodecError::UnknownKind(k)),
@@ -619,6 +749,40 @@ mod tests {
                     high: v[2],
                     entries
                 }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<u64>(), 0..8),
+                any::<bool>()
+            )
+                .prop_map(|(epoch, activity_log, full)| Message::JoinRequest {
+                    epoch,
+                    activity_log,
+                    full
+                }),
+            (arb_membership(), any::<u64>(), any::<u64>()).prop_map(
+                |(membership, start_seq, dirty_regions)| Message::JoinAccept {
+                    membership,
+                    start_seq,
+                    dirty_regions
+                }
+            ),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(epoch, seq, d)| Message::CopyData {
+                    epoch,
+                    seq,
+                    data: Bytes::from(d)
+                }),
+            (any::<u64>(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(epoch, seq, checksum)| {
+                Message::ChecksumIs {
+                    epoch,
+                    seq,
+                    checksum,
+                }
+            }),
         ]
     }
 
@@ -663,6 +827,38 @@ mod tests {
             b.extend_from_slice(&body);
             let _ = decode(&mut b);
         }
+    }
+
+    #[test]
+    fn resync_messages_refuse_oversized_lengths() {
+        // A JoinRequest claiming more activity-log regions than the limit.
+        let mut b = BytesMut::new();
+        b.put_u32(1 + 8 + 1 + 4);
+        b.put_u8(K_JOIN_REQUEST);
+        b.put_u64(1);
+        b.put_u8(0);
+        b.put_u32(ACTIVITY_LOG_REGIONS_MAX as u32 + 1);
+        assert_eq!(
+            decode(&mut b),
+            Err(CodecError::Invalid("activity log length"))
+        );
+        // A CopyData whose length runs past the frame.
+        let mut b = BytesMut::new();
+        b.put_u32(1 + 8 + 8 + 4 + 2);
+        b.put_u8(K_COPY_DATA);
+        b.put_u64(1);
+        b.put_u64(2);
+        b.put_u32(3);
+        b.put_slice(&[1, 2]);
+        assert_eq!(decode(&mut b), Err(CodecError::Truncated));
+        // A truncated checksum.
+        let mut b = BytesMut::new();
+        b.put_u32(1 + 8 + 8 + 31);
+        b.put_u8(K_CHECKSUM_IS);
+        b.put_u64(1);
+        b.put_u64(2);
+        b.put_slice(&[0; 31]);
+        assert_eq!(decode(&mut b), Err(CodecError::Truncated));
     }
 
     #[test]

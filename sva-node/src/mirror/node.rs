@@ -249,10 +249,6 @@ impl MirrorNode {
                 *lock(&self.shared.path) = p;
                 self.publish_port_groups(e.membership(), e.me(), p);
             }
-            Command::MarkDirty(range) => {
-                // Superseded by `MarkDirtyRegions` (per plex); the engine keeps this map.
-                tracing::trace!(?range, "dirty");
-            }
             Command::Settled { up_to } => self.shared.state.settled(up_to),
             Command::CopyOut { seq, what } => {
                 let node = self.clone();

@@ -11,10 +11,27 @@
 //! ```
 //!
 //! Persistence (the driver's): one write-intent bitmap per stale plex on every in-sync node
-//! (`MarkDirty` durable before any later data write; `ClearDirty` lazy), and one activity log
+//! (`MarkDirtyRegions` durable before any later data write; `ClearDirtyRegions` lazy), and one activity log
 //! per node (regions of ops applied but maybe not everywhere; made durable by the driver
 //! before it runs an `Apply`/`CopyIn` on a region not in it). A restarted node hands both to
 //! [`Engine::new`](super::Engine::new) through [`Recovered`].
+//!
+//! Rules the engine follows (RESYNC.md):
+//! - The source is the sequencer. Copies are internal log entries (origin 0) ordered like
+//!   writes, at most `COPY_WINDOW` per learner, throttled by a token bucket; the first one is
+//!   the LU state (a barrier), then dirty regions ascending. A learner gets every op from its
+//!   `start_seq` on; a copied region is cleared on the learner's ack and stays clean.
+//! - A learner silent for `PEER_TIMEOUT_MS`, a repeated `JoinRequest` from a learner already
+//!   heard (it restarted) or any view change drops it: every unsettled op is marked dirty.
+//! - Rejoin: bitmap empty and every copy acked ⇒ hold new ops until everything ordered is
+//!   applied on the learner and settled ⇒ CAS epoch+1 with it InSync ⇒ view change.
+//! - Every in-sync node adds a stale plex's reported activity log (and `full`) to its bitmap,
+//!   so any of them can become the source. A node that came back in sync through resync has
+//!   no bitmap for plexes that were stale meanwhile: if it must be their source, they get a
+//!   full resync.
+//! - A restarted node the record lists InSync recovers per `RECOVER_WAIT_MS`; after that
+//!   CAS, seqs restart at `epoch << 40` (monotonic while fewer than 2^40 ops run between
+//!   recoveries).
 
 use std::collections::{BTreeMap, BTreeSet};
 

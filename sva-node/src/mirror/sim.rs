@@ -5,24 +5,27 @@
 //! one- and two-way partitions that start and heal; every message goes through the codec),
 //! the disks (per block: the seq and unique value of the last op written, plus the history of
 //! values; a replicated "reservation" word changed by barrier ops), the witness (an in-memory
-//! CAS that a partitioned node may not reach), crashes (the engine's memory is lost; the disk,
-//! the write-intent bitmap and the activity log survive; the node restarts as a returning
-//! node) and clients (overlapping writes and barriers through random nodes, reads through
-//! nodes that hold a read lease).
+//! CAS that a partitioned node may not reach), crashes of one node or of every node at once
+//! (the engine's memory is lost; a write in flight may land torn — any subset of its blocks —
+//! or not at all; the persisted write-intent bitmaps and activity log survive; the node
+//! restarts with `Start::Restart(Recovered)` built from them, sometimes with a wiped disk),
+//! fenced nodes restarted by their supervisor, resync (`CopyOut`/`CopyIn` on the simulated
+//! disks, `Checksum` for an online verify started now and then) and clients (overlapping writes
+//! and barriers through random nodes, reads through nodes that hold a read lease).
 //!
 //! A run has a chaos phase, then a settle phase (faults healed, no new ops) after which the
 //! volume must be quiescent. Invariant checks (DESIGN.md §5) run during the run (at acks,
 //! reads and CAS) and at the end; each violation names its [`Invariant`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::{Bytes, BytesMut};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::dirty::DirtyMap;
 use super::engine::{Command, Config, Engine, Millis, OpId, Outcome, PathState, RoleKind, Start};
 use super::msg::{self, LbaRange, OpMeta, OpRange, PlexId, Seq};
+use super::resync::{CopyWhat, Recovered};
 use crate::witness::{Membership, PlexRecord, PlexState, WitnessError};
 
 /// The invariants of DESIGN.md §5 (plus read linearizability and liveness).
@@ -40,6 +43,9 @@ pub enum Invariant {
     DirtyMapCoversDivergence,
     /// 5. Reservation state is identical on every in-sync plex after each ordered op.
     ReservationStateIdentical,
+    /// 6. Once quiescent, resync brought back every stale, crashed, wiped or fenced plex:
+    ///    each is InSync and serving again.
+    ResyncCompletes,
     /// Every op submitted is completed (Done or Retry) once the volume is quiescent.
     Liveness,
 }
@@ -66,6 +72,12 @@ pub struct SimConfig {
     pub partition: f64,
     /// Per-ms probability that a node crashes.
     pub crash: f64,
+    /// Per-ms probability that every node crashes at once.
+    pub crash_all: f64,
+    /// Probability that a crashed node comes back with a wiped disk (a full resync).
+    pub wipe: f64,
+    /// Per-ms probability that the sequencer starts an online verify.
+    pub verify: f64,
     /// Per-ms probability that a client submits an op / a read.
     pub submit: f64,
     pub read: f64,
@@ -81,7 +93,7 @@ impl SimConfig {
             nodes: if r.gen_bool(0.5) { 2 } else { 3 },
             blocks: 1024,
             chaos_ms: 6_000,
-            settle_ms: 6_000,
+            settle_ms: 10_000,
             delay_ms_max: [2, 10, 40][r.gen_range(0..3)],
             loss: if faulty {
                 [0.0, 0.01, 0.05][r.gen_range(0..3)]
@@ -99,6 +111,13 @@ impl SimConfig {
             } else {
                 0.0
             },
+            crash_all: if faulty {
+                [0.0, 0.0, 0.0002][r.gen_range(0..3)]
+            } else {
+                0.0
+            },
+            wipe: [0.0, 0.2][r.gen_range(0..2)],
+            verify: 0.0005,
             submit: [0.05, 0.2, 0.5][r.gen_range(0..3)],
             read: 0.2,
         }
@@ -122,6 +141,22 @@ pub struct Stats {
     pub syncs_with_ops: u64,
     /// The final record had a serving in-sync plex (else invariant 2 was vacuous).
     pub served_at_end: bool,
+    /// Crashes of every node at once.
+    pub crashes_all: u64,
+    /// Apply / CopyIn writes torn by a crash.
+    pub torn_writes: u64,
+    /// Copies applied on a learner, and those of them that were holes.
+    pub copies: u64,
+    /// Learners that came back InSync (a `DropBitmap` after the rejoin view change).
+    pub rejoins: u64,
+    /// Recovery CASes won by a restarted node the record listed InSync.
+    pub recoveries: u64,
+    /// Restarts with a wiped disk.
+    pub wipes: u64,
+    /// Verify regions compared (and mismatches, which fail invariant 6).
+    pub verified_regions: u64,
+    /// Divergence-coverage checks made while a plex was stale.
+    pub coverage_checks: u64,
 }
 
 #[derive(Debug)]
@@ -134,6 +169,9 @@ pub struct Report {
 const BLOCK_SIZE: u32 = 512;
 /// 4 KiB regions = 8 blocks: small enough that coverage gaps show.
 const REGION_BYTES: u64 = 4096;
+const BLOCKS_PER_REGION: u64 = REGION_BYTES / BLOCK_SIZE as u64;
+/// Invariant 4 is also checked this often while a plex is stale.
+const COVERAGE_EVERY_MS: Millis = 50;
 const T0: Millis = 1_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,9 +202,16 @@ struct Node {
     history: Vec<std::collections::BTreeSet<u64>>,
     resv: u64,
     resv_log: BTreeMap<Seq, u64>,
-    /// Persistent write-intent bitmap and activity log (survive crashes).
-    dirty: DirtyMap,
-    al: BTreeMap<Seq, OpRange>,
+    /// Persisted write-intent bitmaps (one per stale plex; survive crashes).
+    bitmaps: BTreeMap<PlexId, BTreeSet<u64>>,
+    /// Persisted activity log: regions of the ops this incarnation applies and has not seen
+    /// settled, plus what a previous incarnation left until `ActivityLogAbsorbed`.
+    al_ops: BTreeMap<Seq, BTreeSet<u64>>,
+    al_recovered: BTreeSet<u64>,
+    /// The disk was wiped at the last restart and not yet accepted for a full resync.
+    wiped: bool,
+    /// Seq of the last LU-state copy applied here (it carries every earlier barrier).
+    lu_copy_seq: Seq,
     /// Op value -> the seq it was applied under here.
     applied_seqs: BTreeMap<u64, Seq>,
     /// This incarnation went Unavailable after fencing / going out.
@@ -194,6 +239,40 @@ enum Event {
         result: Result<Membership, String>,
         conflict: bool,
     },
+    CopyOutDone {
+        node: PlexId,
+        incarnation: u32,
+        seq: Seq,
+        what: CopyWhat,
+    },
+    CopyInDone {
+        node: PlexId,
+        incarnation: u32,
+        seq: Seq,
+        what: CopyWhat,
+        data: Bytes,
+    },
+    ChecksumDone {
+        node: PlexId,
+        incarnation: u32,
+        seq: Seq,
+        range: LbaRange,
+    },
+}
+
+fn region_of(block: u64) -> u64 {
+    block / BLOCKS_PER_REGION
+}
+
+fn regions_of(r: &OpRange) -> BTreeSet<u64> {
+    match r {
+        OpRange::Blocks(r) if r.blocks > 0 => (region_of(r.lba)..=region_of(r.end() - 1)).collect(),
+        _ => BTreeSet::new(),
+    }
+}
+
+fn lba_blocks(r: &LbaRange) -> std::ops::Range<u64> {
+    r.lba..r.end()
 }
 
 /// The simulated world.
@@ -216,6 +295,7 @@ pub struct Sim {
     max_ack_epoch: u64,
     stats: Stats,
     violations: Vec<Violation>,
+    trace: bool,
 }
 
 fn encode_payload(value: u64, kind: Kind) -> Bytes {
@@ -267,7 +347,7 @@ impl Sim {
             .map(|id| Node {
                 id,
                 engine: Some(Engine::new(
-                    engine_cfg(id),
+                    engine_cfg(id, cfg.blocks),
                     record.clone(),
                     T0,
                     Start::Bootstrap,
@@ -277,8 +357,11 @@ impl Sim {
                 history: vec![Default::default(); cfg.blocks as usize],
                 resv: 0,
                 resv_log: BTreeMap::new(),
-                dirty: DirtyMap::new(BLOCK_SIZE, REGION_BYTES),
-                al: BTreeMap::new(),
+                bitmaps: BTreeMap::new(),
+                al_ops: BTreeMap::new(),
+                al_recovered: BTreeSet::new(),
+                wiped: false,
+                lu_copy_seq: 0,
                 applied_seqs: BTreeMap::new(),
                 unavailable: false,
                 restart_at: None,
@@ -300,6 +383,7 @@ impl Sim {
             max_ack_epoch: 0,
             stats: Stats::default(),
             violations: Vec::new(),
+            trace: std::env::var("SVA_SIM_TRACE").is_ok(),
             cfg,
         }
     }
@@ -338,6 +422,10 @@ impl Sim {
                     self.client_submit();
                 }
             }
+            self.maintenance();
+            if self.now.is_multiple_of(COVERAGE_EVERY_MS) {
+                self.check_coverage(false);
+            }
             if self.rng.gen_bool(self.cfg.read) {
                 self.client_read();
             }
@@ -347,6 +435,13 @@ impl Sim {
             config: self.cfg,
             stats: self.stats,
             violations: self.violations,
+        }
+    }
+
+    /// `SVA_SIM_TRACE=1`: print the run's notable events (with `SVA_SIM_SEED`).
+    fn trace(&self, what: impl FnOnce() -> String) {
+        if self.trace {
+            eprintln!("[{:>6}] {}", self.now, what());
         }
     }
 
@@ -398,19 +493,126 @@ impl Sim {
         if self.cfg.crash > 0.0 && self.rng.gen_bool(self.cfg.crash) {
             let victim = self.rng.gen_range(0..n as usize);
             if self.nodes[victim].engine.is_some() {
-                self.stats.crashes += 1;
-                let node = &mut self.nodes[victim];
-                node.engine = None;
-                node.incarnation += 1;
-                node.unavailable = false;
-                node.restart_at = Some(self.now + self.rng.gen_range(200..2_000));
-                // Ops in flight on the crashed node die with its sessions.
-                let id = node.id;
-                for op in self.ops.values_mut() {
-                    if op.node == id && op.done.is_none() {
-                        op.done = Some(Outcome::Retry);
+                let at = self.now + self.rng.gen_range(200..2_000);
+                self.crash(victim, at);
+            }
+        }
+        if self.cfg.crash_all > 0.0 && self.rng.gen_bool(self.cfg.crash_all) {
+            self.stats.crashes_all += 1;
+            for victim in 0..n as usize {
+                if self.nodes[victim].engine.is_some() {
+                    let at = self.now + self.rng.gen_range(200..2_000);
+                    self.crash(victim, at);
+                }
+            }
+        }
+    }
+
+    /// A fenced node is restarted by its supervisor; a volume serving may start a verify.
+    fn maintenance(&mut self) {
+        for v in 0..self.nodes.len() {
+            let fenced = self.nodes[v]
+                .engine
+                .as_ref()
+                .is_some_and(|e| e.role() == RoleKind::Fenced);
+            if fenced {
+                let at = self.now + self.rng.gen_range(100..1_000);
+                self.crash(v, at);
+            }
+        }
+        if self.rng.gen_bool(self.cfg.verify) {
+            let s = (self.record.sequencer - 1) as usize;
+            self.check_verify();
+            if let Some(e) = self.nodes[s].engine.as_mut() {
+                let before = e.verify_status();
+                if e.start_verify(self.now, false).is_ok() {
+                    self.stats.verified_regions += before.regions_done;
+                }
+            }
+            self.drain(s);
+        }
+    }
+
+    /// Node `victim` loses its memory; writes in flight land torn (any subset of their
+    /// blocks, possibly none) since nothing reported them durable; it restarts at `at`.
+    fn crash(&mut self, victim: usize, at: Millis) {
+        self.stats.crashes += 1;
+        self.trace(|| format!("CRASH plex {} (restart at {at})", victim + 1));
+        let id = self.nodes[victim].id;
+        let inc = self.nodes[victim].incarnation;
+        let mut torn: Vec<(Seq, u64, Kind, OpRange)> = Vec::new();
+        let mut torn_copies: Vec<(CopyWhat, Bytes)> = Vec::new();
+        for ev in self.events.values() {
+            match ev {
+                Event::ApplyDone {
+                    node,
+                    incarnation,
+                    seq,
+                    value,
+                    kind,
+                    range,
+                } if *node == id && *incarnation == inc => {
+                    torn.push((*seq, *value, *kind, *range));
+                }
+                Event::CopyInDone {
+                    node,
+                    incarnation,
+                    what,
+                    data,
+                    ..
+                } if *node == id && *incarnation == inc => {
+                    torn_copies.push((*what, data.clone()));
+                }
+                _ => {}
+            }
+        }
+        for (seq, value, kind, range) in torn {
+            self.stats.torn_writes += 1;
+            match kind {
+                Kind::Write => {
+                    for b in blocks_of(&range) {
+                        if self.rng.gen_bool(0.5) {
+                            let nd = &mut self.nodes[victim];
+                            nd.disk[b as usize] = Block { seq, value };
+                            nd.history[b as usize].insert(value);
+                        }
                     }
                 }
+                Kind::Barrier => {
+                    if self.rng.gen_bool(0.5) {
+                        let nd = &mut self.nodes[victim];
+                        nd.resv = mix(nd.resv, value);
+                    }
+                }
+            }
+        }
+        for (what, data) in torn_copies {
+            self.stats.torn_writes += 1;
+            if let CopyWhat::Region { range, .. } = what {
+                let blocks = decode_region(&data, range.blocks);
+                for (i, b) in lba_blocks(&range).enumerate() {
+                    if self.rng.gen_bool(0.5) {
+                        let nd = &mut self.nodes[victim];
+                        nd.disk[b as usize] = blocks[i];
+                        nd.history[b as usize].insert(blocks[i].value);
+                    }
+                }
+            }
+        }
+        let node = &mut self.nodes[victim];
+        node.engine = None;
+        node.incarnation += 1;
+        node.unavailable = false;
+        node.restart_at = Some(at);
+        // The activity log survives; what this incarnation logged is "recovered" now.
+        let ops = std::mem::take(&mut node.al_ops);
+        for r in ops.into_values() {
+            node.al_recovered.extend(r);
+        }
+        // Ops in flight on the crashed node die with its sessions.
+        for op in self.ops.values_mut() {
+            if op.node == id && op.done.is_none() {
+                op.done = Some(Outcome::Retry);
             }
         }
     }
@@ -430,11 +632,33 @@ impl Sim {
             if self.nodes[n].restart_at.is_some_and(|t| t <= self.now) {
                 self.nodes[n].restart_at = None;
                 let id = self.nodes[n].id;
-                self.nodes[n].engine = Some(Engine::new(
-                    engine_cfg(id),
+                let wipe = self.cfg.wipe > 0.0 && self.rng.gen_bool(self.cfg.wipe);
+                self.trace(|| format!("RESTART plex {id} wiped={wipe}"));
+                let nd = &mut self.nodes[n];
+                if wipe {
+                    // A replaced disk: no data, no state directory.
+                    self.stats.wipes += 1;
+                    nd.disk = vec![Block::default(); self.cfg.blocks as usize];
+                    nd.history = vec![Default::default(); self.cfg.blocks as usize];
+                    nd.resv = 0;
+                    nd.resv_log.clear();
+                    nd.lu_copy_seq = 0;
+                    nd.bitmaps.clear();
+                    nd.al_recovered.clear();
+                    nd.wiped = true;
+                }
+                let recovered = Recovered {
+                    activity_log: nd.al_recovered.clone(),
+                    bitmaps: nd.bitmaps.clone(),
+                    // The driver's `mirror-started` marker: absent on a wiped plex until a
+                    // source holds a full bitmap for it.
+                    data_valid: !nd.wiped,
+                };
+                nd.engine = Some(Engine::new(
+                    engine_cfg(id, self.cfg.blocks),
                     self.record.clone(),
                     self.now,
-                    Start::Restart(Default::default()),
+                    Start::Restart(recovered),
                 ));
                 self.drain(n);
             }
@@ -573,6 +797,91 @@ impl Sim {
                     }
                     self.drain(n);
                 }
+                Event::CopyOutDone {
+                    node,
+                    incarnation,
+                    seq,
+                    what,
+                } => {
+                    let n = (node - 1) as usize;
+                    if self.nodes[n].incarnation != incarnation {
+                        continue;
+                    }
+                    let nd = &self.nodes[n];
+                    let data = match what {
+                        CopyWhat::Region { range, .. } => {
+                            let blocks: Vec<Block> =
+                                lba_blocks(&range).map(|b| nd.disk[b as usize]).collect();
+                            encode_region(&blocks)
+                        }
+                        CopyWhat::LuState => Bytes::from(nd.resv.to_be_bytes().to_vec()),
+                    };
+                    if let Some(e) = self.nodes[n].engine.as_mut() {
+                        e.copied_out(self.now, seq, data);
+                        self.drain(n);
+                    }
+                }
+                Event::CopyInDone {
+                    node,
+                    incarnation,
+                    seq,
+                    what,
+                    data,
+                } => {
+                    let n = (node - 1) as usize;
+                    if self.nodes[n].incarnation != incarnation || self.nodes[n].engine.is_none() {
+                        continue;
+                    }
+                    self.stats.copies += 1;
+                    let nd = &mut self.nodes[n];
+                    match what {
+                        CopyWhat::Region { range, .. } => {
+                            let blocks = decode_region(&data, range.blocks);
+                            for (i, b) in lba_blocks(&range).enumerate() {
+                                nd.disk[b as usize] = blocks[i];
+                                nd.history[b as usize].insert(blocks[i].value);
+                            }
+                        }
+                        CopyWhat::LuState => {
+                            let mut v = [0u8; 8];
+                            if let Some(d) = data.get(..8) {
+                                v.copy_from_slice(d);
+                            }
+                            nd.resv = u64::from_be_bytes(v);
+                            nd.lu_copy_seq = nd.lu_copy_seq.max(seq);
+                            // Barriers it applied before (maybe of a discarded history) are
+                            // superseded by the copied state.
+                            nd.resv_log.clear();
+                        }
+                    }
+                    if let Some(e) = nd.engine.as_mut() {
+                        e.applied(self.now, seq, Bytes::new());
+                    }
+                    self.drain(n);
+                }
+                Event::ChecksumDone {
+                    node,
+                    incarnation,
+                    seq,
+                    range,
+                } => {
+                    let n = (node - 1) as usize;
+                    if self.nodes[n].incarnation != incarnation {
+                        continue;
+                    }
+                    let nd = &self.nodes[n];
+                    let mut h = [0u8; 32];
+                    for b in lba_blocks(&range) {
+                        let x = mix(nd.disk[b as usize].value, b);
+                        for (i, byte) in x.to_be_bytes().iter().enumerate() {
+                            h[(b as usize * 8 + i) % 32] ^= byte;
+                        }
+                    }
+                    if let Some(e) = self.nodes[n].engine.as_mut() {
+                        e.checksummed(self.now, seq, h);
+                        self.drain(n);
+                    }
+                }
                 Event::WitnessReply {
                     node,
                     incarnation,
@@ -609,6 +918,26 @@ impl Sim {
             let epoch = e.epoch();
             let role = e.role();
             let id = self.nodes[n].id;
+            if !matches!(
+                cmd,
+                Command::Send { .. }
+                    | Command::Apply { .. }
+                    | Command::Complete { .. }
+                    | Command::Settled { .. }
+            ) {
+                self.trace(|| format!("plex {id} ({role:?} e{epoch}): {cmd:?}"));
+            } else if let Command::Send { to, msg } = &cmd {
+                if std::env::var("SVA_SIM_TRACE").as_deref() == Ok("all")
+                    || !matches!(
+                        msg,
+                        msg::Message::Heartbeat { .. }
+                            | msg::Message::Apply { .. }
+                            | msg::Message::Applied { .. }
+                    )
+                {
+                    self.trace(|| format!("plex {id} ({role:?} e{epoch}) -> {to}: {msg:?}"));
+                }
+            }
             match cmd {
                 Command::Send { to, msg } => {
                     self.stats.messages += 1;
@@ -636,7 +965,12 @@ impl Sim {
                     }
                 }
                 Command::Apply { seq, op, .. } => {
-                    self.nodes[n].al.insert(seq, op.range);
+                    // Activity log: durable before the write starts.
+                    self.nodes[n]
+                        .al_ops
+                        .entry(seq)
+                        .or_default()
+                        .extend(regions_of(&op.range));
                     let (value, kind) = decode_payload(&op.payload);
                     let at = self.now + self.rng.gen_range(1..=4);
                     let incarnation = self.nodes[n].incarnation;
@@ -652,18 +986,104 @@ impl Sim {
                         },
                     );
                 }
-                Command::MarkDirty(r) => {
-                    self.nodes[n].dirty.mark(&r);
-                }
                 Command::Settled { up_to } => {
-                    let al = &mut self.nodes[n].al;
+                    let al = &mut self.nodes[n].al_ops;
                     *al = al.split_off(&(up_to + 1));
+                }
+                Command::MarkDirtyRegions { plex, regions } => {
+                    self.nodes[n]
+                        .bitmaps
+                        .entry(plex)
+                        .or_default()
+                        .extend(regions);
+                    // A full resync of a wiped plex is now covered by a bitmap.
+                    let t = (plex - 1) as usize;
+                    if t < self.nodes.len() && self.nodes[t].wiped {
+                        let full = self.nodes[n].bitmaps.get(&plex).map_or(0, |b| b.len());
+                        if full as u64 * BLOCKS_PER_REGION >= self.cfg.blocks {
+                            self.nodes[t].wiped = false;
+                        }
+                    }
+                }
+                Command::ClearDirtyRegions { plex, regions } => {
+                    if let Some(b) = self.nodes[n].bitmaps.get_mut(&plex) {
+                        for r in regions {
+                            b.remove(&r);
+                        }
+                    }
+                }
+                Command::DropBitmap { plex } => {
+                    if self.nodes[n].bitmaps.remove(&plex).is_some()
+                        && self
+                            .record
+                            .plexes
+                            .iter()
+                            .any(|p| p.id == plex && p.state == PlexState::InSync)
+                        && n + 1 == self.record.sequencer as usize
+                    {
+                        self.stats.rejoins += 1;
+                    }
+                }
+                Command::ActivityLogAbsorbed => {
+                    self.nodes[n].al_recovered.clear();
+                }
+                Command::CopyOut { seq, what } => {
+                    let at = self.now + self.rng.gen_range(1..=4);
+                    let incarnation = self.nodes[n].incarnation;
+                    self.schedule(
+                        at,
+                        Event::CopyOutDone {
+                            node: id,
+                            incarnation,
+                            seq,
+                            what,
+                        },
+                    );
+                }
+                Command::CopyIn { seq, what, data } => {
+                    if let CopyWhat::Region { range, .. } = what {
+                        self.nodes[n]
+                            .al_ops
+                            .entry(seq)
+                            .or_default()
+                            .extend(regions_of(&OpRange::Blocks(range)));
+                    }
+                    let at = self.now + self.rng.gen_range(1..=4);
+                    let incarnation = self.nodes[n].incarnation;
+                    self.schedule(
+                        at,
+                        Event::CopyInDone {
+                            node: id,
+                            incarnation,
+                            seq,
+                            what,
+                            data,
+                        },
+                    );
+                }
+                Command::Checksum { seq, range, .. } => {
+                    let at = self.now + self.rng.gen_range(1..=4);
+                    let incarnation = self.nodes[n].incarnation;
+                    self.schedule(
+                        at,
+                        Event::ChecksumDone {
+                            node: id,
+                            incarnation,
+                            seq,
+                            range,
+                        },
+                    );
                 }
                 Command::PathState(s) => {
                     if s == PathState::Unavailable
                         && matches!(role, RoleKind::Fenced | RoleKind::Out)
                     {
                         self.nodes[n].unavailable = true;
+                    }
+                    // Back in sync through a resync, in a newer epoch: it may ack again.
+                    if s == PathState::ActiveOptimized {
+                        self.nodes[n].unavailable = false;
+                        self.nodes[n].wiped = false;
                     }
                 }
                 Command::WitnessCas {
@@ -678,6 +1098,9 @@ impl Sim {
                     {
                         (Ok(self.record.clone()), true)
                     } else {
+                        if record.sequencer == id && role == RoleKind::Recovering {
+                            self.stats.recoveries += 1;
+                        }
                         self.record = record.clone();
                         self.stats.epochs += 1;
                         self.check_acked_on_in_sync("at CAS", None);
@@ -694,14 +1117,6 @@ impl Sim {
                     );
                 }
                 Command::Complete { op, outcome } => self.on_complete(n, epoch, op, outcome),
-                // Resync: simulated by the resync issue.
-                Command::CopyOut { .. }
-                | Command::CopyIn { .. }
-                | Command::Checksum { .. }
-                | Command::MarkDirtyRegions { .. }
-                | Command::ClearDirtyRegions { .. }
-                | Command::DropBitmap { .. }
-                | Command::ActivityLogAbsorbed => {}
             }
         }
     }
@@ -767,6 +1182,10 @@ impl Sim {
                 // Invariant 5: the response (the state after the op) is the same everywhere.
                 let in_sync = self.in_sync_nodes();
                 for m in in_sync {
+                    // A plex resynced after this op holds its state through the LU-state copy.
+                    if self.nodes[m].lu_copy_seq > seq {
+                        continue;
+                    }
                     let got = self.nodes[m].resv_log.get(&seq).copied();
                     if got.map(|v| v.to_be_bytes().to_vec()) != Some(resp.to_vec()) {
                         let what = format!(
@@ -806,15 +1225,23 @@ impl Sim {
             for (value, seq) in ops {
                 let info = &self.ops[&value];
                 let present = match info.kind {
-                    Kind::Write => {
-                        blocks_of(&info.range).all(|b| node.history[b as usize].contains(&value))
-                    }
-                    Kind::Barrier => node.resv_log.contains_key(&seq),
+                    // A resync copies a block's latest value only: a later write there counts.
+                    Kind::Write => blocks_of(&info.range).all(|b| {
+                        node.history[b as usize].contains(&value) || node.disk[b as usize].seq > seq
+                    }),
+                    Kind::Barrier => node.resv_log.contains_key(&seq) || node.lu_copy_seq > seq,
                 };
                 if !present {
+                    let first = blocks_of(&info.range).find(|&b| {
+                        !node.history[b as usize].contains(&value)
+                            && node.disk[b as usize].seq <= seq
+                    });
                     bad.push(format!(
-                        "{when}: acked op {value} (seq {seq}) missing on in-sync plex {} (epoch {})",
-                        node.id, self.record.epoch
+                        "{when}: acked op {value} (seq {seq}) missing on in-sync plex {} (epoch {}) \
+                         at block {first:?} holding {:?}",
+                        node.id,
+                        self.record.epoch,
+                        first.map(|b| node.disk[b as usize])
                     ));
                 }
             }
@@ -907,35 +1334,96 @@ impl Sim {
         for (i, w) in found {
             self.violate(i, w);
         }
-        // Invariant 4: every block where a Stale plex differs is dirty on the in-sync side
-        // or in the stale plex's own activity log.
+        self.check_coverage(true);
+        // Invariant 6: resync brought every plex back.
+        let mut behind = Vec::new();
+        for nd in &self.nodes {
+            let state = self
+                .record
+                .plexes
+                .iter()
+                .find(|p| p.id == nd.id)
+                .map(|p| p.state);
+            let role = nd.engine.as_ref().map(|e| (e.role(), e.epoch()));
+            if state != Some(PlexState::InSync) || role != Some((RoleKind::Active, epoch)) {
+                behind.push(format!(
+                    "plex {} is {:?} with engine {:?}",
+                    nd.id, state, role
+                ));
+            }
+        }
+        if !behind.is_empty() {
+            let what = format!("record epoch {epoch}: {}", behind.join("; "));
+            self.violate(Invariant::ResyncCompletes, what);
+        }
+        self.check_verify();
+    }
+
+    /// Invariant 4: every block where a non-InSync plex differs from a serving in-sync plex
+    /// lies in a region of a persisted bitmap some serving plex keeps for it, or in the stale
+    /// plex's own persisted activity log. While ops may be in flight (`end` false) the
+    /// serving plexes' activity logs count too: what a learner has not applied yet is
+    /// unsettled there (and a recovery merges that log into its bitmaps).
+    fn check_coverage(&mut self, end: bool) {
+        let epoch = self.record.epoch;
+        let serving: Vec<usize> = self
+            .in_sync_nodes()
+            .into_iter()
+            .filter(|&m| {
+                self.nodes[m]
+                    .engine
+                    .as_ref()
+                    .is_some_and(|e| e.role() == RoleKind::Active && e.epoch() == epoch)
+            })
+            .collect();
+        let Some(&r) = serving.first() else {
+            return;
+        };
         let stale: Vec<usize> = self
             .record
             .plexes
             .iter()
-            .filter(|p| p.state == PlexState::Stale)
+            .filter(|p| matches!(p.state, PlexState::Stale | PlexState::Resyncing))
             .map(|p| (p.id - 1) as usize)
             .collect();
         let mut bad = Vec::new();
         for &s in &stale {
             let sn = &self.nodes[s];
+            if sn.wiped {
+                continue;
+            }
+            self.stats.coverage_checks += 1;
             let rn = &self.nodes[r];
+            let sid = sn.id;
+            let in_al = |n: &Node, g: u64| {
+                n.al_recovered.contains(&g) || n.al_ops.values().any(|x| x.contains(&g))
+            };
             for b in 0..rn.disk.len() {
                 if sn.disk[b].value == rn.disk[b].value {
                     continue;
                 }
-                let lba = b as u64;
-                self.stats.divergent_blocks += 1;
-                let covered = serving
-                    .iter()
-                    .any(|&m| self.nodes[m].dirty.is_block_dirty(lba))
-                    || sn.al.values().any(|r| blocks_of(r).contains(&lba));
+                if end {
+                    self.stats.divergent_blocks += 1;
+                }
+                let g = region_of(b as u64);
+                let covered = serving.iter().any(|&m| {
+                    self.nodes[m]
+                        .bitmaps
+                        .get(&sid)
+                        .is_some_and(|x| x.contains(&g))
+                }) || in_al(sn, g)
+                    || (!end && serving.iter().any(|&m| in_al(&self.nodes[m], g)));
                 if !covered {
                     bad.push(format!(
                         "stale plex {} differs from in-sync plex {} at block {b} ({:?} vs {:?}) \
-                         outside every dirty region and its activity log",
-                        sn.id, rn.id, sn.disk[b], rn.disk[b]
+                         outside every persisted dirty region and its activity log{}",
+                        sn.id,
+                        rn.id,
+                        sn.disk[b],
+                        rn.disk[b],
+                        if end { " (at end)" } else { "" }
                     ));
+                    break;
                 }
             }
         }
@@ -943,14 +1431,64 @@ impl Sim {
             self.violate(Invariant::DirtyMapCoversDivergence, b);
         }
     }
+
+    /// An online verify compares in-sync plexes at one point of the order: any mismatch
+    /// means they differ (invariant 2).
+    fn check_verify(&mut self) {
+        let s = (self.record.sequencer - 1) as usize;
+        let Some(e) = self.nodes[s].engine.as_ref() else {
+            return;
+        };
+        let v = e.verify_status();
+        if !v.mismatched.is_empty() {
+            let what = format!(
+                "online verify on plex {} found mismatched regions {:?}",
+                s + 1,
+                v.mismatched
+            );
+            self.violate(Invariant::InSyncPlexesIdentical, what);
+        }
+    }
 }
 
-fn engine_cfg(id: PlexId) -> Config {
+fn engine_cfg(id: PlexId, blocks: u64) -> Config {
     Config {
         me: id,
         block_size: BLOCK_SIZE,
         region_bytes: REGION_BYTES,
+        volume_blocks: blocks,
     }
+}
+
+/// A region as `CopyOut` returns it: per block its seq and value; all-zero: a hole (empty).
+fn encode_region(blocks: &[Block]) -> Bytes {
+    if blocks.iter().all(|b| *b == Block::default()) {
+        return Bytes::new();
+    }
+    let mut v = Vec::with_capacity(blocks.len() * 16);
+    for b in blocks {
+        v.extend_from_slice(&b.seq.to_be_bytes());
+        v.extend_from_slice(&b.value.to_be_bytes());
+    }
+    Bytes::from(v)
+}
+
+fn decode_region(data: &[u8], blocks: u32) -> Vec<Block> {
+    (0..blocks as usize)
+        .map(|i| {
+            let Some(c) = data.get(i * 16..i * 16 + 16) else {
+                return Block::default();
+            };
+            let mut s = [0u8; 8];
+            let mut v = [0u8; 8];
+            s.copy_from_slice(&c[..8]);
+            v.copy_from_slice(&c[8..]);
+            Block {
+                seq: u64::from_be_bytes(s),
+                value: u64::from_be_bytes(v),
+            }
+        })
+        .collect()
 }
 
 /// Run the seeds the environment asks for (`SVA_SIM_SEED=n`: that one seed;

@@ -259,7 +259,10 @@ fn lost_peer_is_marked_stale_through_the_witness_and_writes_go_dirty() {
     // it completes once plex 1 alone applied it.
     p1.witness_result(t + 5, Ok(proposed));
     let cmds = drain(&mut p1);
-    assert!(cmds.contains(&Command::MarkDirty(LbaRange { lba: 0, blocks: 8 })));
+    assert!(cmds.contains(&Command::MarkDirtyRegions {
+        plex: 2,
+        regions: vec![0]
+    }));
     assert!(cmds.contains(&Command::PathState(PathState::ActiveOptimized)));
     assert_eq!(p1.epoch(), 2);
     p1.applied(t + 6, 1, Bytes::from_static(b"A"));
@@ -273,10 +276,11 @@ fn lost_peer_is_marked_stale_through_the_witness_and_writes_go_dirty() {
     assert_eq!(
         drain(&mut p1),
         vec![
-            Command::MarkDirty(LbaRange {
-                lba: 4096,
-                blocks: 1
-            }),
+            // 1 MiB regions of 512-byte blocks: block 4096 is in region 2.
+            Command::MarkDirtyRegions {
+                plex: 2,
+                regions: vec![2]
+            },
             Command::Apply {
                 epoch: 2,
                 seq: 2,
@@ -285,7 +289,7 @@ fn lost_peer_is_marked_stale_through_the_witness_and_writes_go_dirty() {
             },
         ]
     );
-    assert!(p1.dirty().is_block_dirty(4096));
+    assert!(p1.bitmap(2).is_some_and(|b| b.is_block_dirty(4096)));
 }
 
 #[test]
@@ -527,11 +531,16 @@ fn view_change_reconciles_an_op_only_one_survivor_received() {
         }
     );
     // The coordinator marked it dirty when it entered the epoch (plex 1 never acked it).
-    assert!(p2.dirty().covers(&LbaRange { lba: 0, blocks: 8 }));
+    assert!(p2
+        .bitmap(1)
+        .is_some_and(|b| b.covers(&LbaRange { lba: 0, blocks: 8 })));
     // p3 applies the op it never received before serving epoch 2.
     p3.handle_message(t + 4, 2, sync);
     let cmds = drain(&mut p3);
-    assert!(cmds.contains(&Command::MarkDirty(LbaRange { lba: 0, blocks: 8 })));
+    assert!(cmds.contains(&Command::MarkDirtyRegions {
+        plex: 1,
+        regions: vec![0]
+    }));
     assert!(cmds.contains(&Command::Apply {
         epoch: 2,
         seq: 1,
@@ -539,4 +548,484 @@ fn view_change_reconciles_an_op_only_one_survivor_received() {
         op: write(0, 8)
     }));
     assert_eq!(p3.role(), RoleKind::Active);
+}
+
+// ----- resync -----
+
+use super::resync::{CopyWhat, Recovered, ResyncRole};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// 8-block regions on a 64-block volume: 8 regions.
+fn small_cfg(me: u16) -> Config {
+    Config {
+        me,
+        block_size: 512,
+        region_bytes: 4096,
+        volume_blocks: 64,
+    }
+}
+
+/// Two engines wired by hand: every command is executed at once (applies succeed, copies
+/// read `data_of(region)`, the witness grants every CAS) and every message is delivered, in
+/// order, until both are quiet. Returns each node's commands (sends included).
+struct Pair {
+    e: [Engine; 2],
+    now: Millis,
+    witness: Membership,
+    log: [Vec<Command>; 2],
+}
+
+impl Pair {
+    fn idx(id: u16) -> usize {
+        usize::from(id - 1)
+    }
+
+    fn exec(&mut self, i: usize, cmds: Vec<Command>) {
+        for c in cmds {
+            self.exec_one(i, c);
+        }
+    }
+
+    fn run(&mut self, rounds: usize) {
+        for _ in 0..rounds {
+            for i in 0..2 {
+                while let Some(c) = self.e[i].poll_command() {
+                    self.exec_one(i, c);
+                }
+            }
+            self.now += 1;
+            for i in 0..2 {
+                if self.e[i].next_timeout().is_some_and(|t| t <= self.now) {
+                    self.e[i].handle_timeout(self.now);
+                }
+            }
+        }
+    }
+
+    fn exec_one(&mut self, i: usize, c: Command) {
+        self.log[i].push(c.clone());
+        let now = self.now;
+        match c {
+            Command::Send { to, msg } => {
+                let from = self.e[i].me();
+                self.e[Self::idx(to)].handle_message(now, from, msg);
+            }
+            Command::Apply { seq, .. } => self.e[i].applied(now, seq, Bytes::from_static(b"ok")),
+            Command::CopyOut { seq, what } => {
+                let data = match what {
+                    CopyWhat::Region { index, .. } => Bytes::from(format!("region {index}")),
+                    CopyWhat::LuState => Bytes::from_static(b"pr"),
+                };
+                self.e[i].copied_out(now, seq, data);
+            }
+            Command::CopyIn { seq, .. } => self.e[i].applied(now, seq, Bytes::new()),
+            Command::WitnessCas {
+                expected_epoch,
+                record,
+            } => {
+                let r = if self.witness.epoch == expected_epoch {
+                    self.witness = record.clone();
+                    Ok(record)
+                } else {
+                    Err(WitnessError::Conflict(Box::new(self.witness.clone())))
+                };
+                self.e[i].witness_result(now, r);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn stale_two(epoch: u64) -> Membership {
+    record(epoch, &[(1, PlexState::InSync), (2, PlexState::Stale)], 1)
+}
+
+/// Plex 1 serves alone in epoch 2 after plex 2 fell silent with write 0+8 unacked: its bitmap
+/// for plex 2 holds region 0.
+fn survivor_with_dirty_region_0() -> (Engine, Millis) {
+    let mut p1 = Engine::new(small_cfg(1), two_plexes(), 1_000, Start::Bootstrap);
+    drain(&mut p1);
+    with_lease(&mut p1, 2);
+    p1.submit(1_006, OpId(1), write(0, 8));
+    drain(&mut p1);
+    let t = 1_005 + PEER_TIMEOUT_MS;
+    p1.handle_timeout(t);
+    drain(&mut p1);
+    p1.witness_result(t + 1, Ok(stale_two(2)));
+    let cmds = drain(&mut p1);
+    assert!(cmds.contains(&Command::MarkDirtyRegions {
+        plex: 2,
+        regions: vec![0]
+    }));
+    p1.applied(t + 2, 1, Bytes::from_static(b"ok"));
+    drain(&mut p1);
+    (p1, t + 3)
+}
+
+#[test]
+fn a_restarted_plex_joins_as_learner_gets_its_dirty_regions_copied_and_rejoins_in_sync() {
+    let (mut p1, t) = survivor_with_dirty_region_0();
+    // Plex 2 restarts; its activity log says it may differ in region 3.
+    let recovered = Recovered {
+        activity_log: BTreeSet::from([3]),
+        bitmaps: BTreeMap::new(),
+        data_valid: true,
+    };
+    let mut p2 = Engine::new(small_cfg(2), stale_two(2), t, Start::Restart(recovered));
+    assert_eq!(
+        drain(&mut p2),
+        vec![Command::PathState(PathState::Unavailable)]
+    );
+    assert_eq!(p2.role(), RoleKind::Out);
+    p2.handle_timeout(t);
+    let join = Message::JoinRequest {
+        epoch: 2,
+        activity_log: vec![3],
+        full: false,
+    };
+    assert_eq!(
+        drain(&mut p2),
+        vec![Command::Send {
+            to: 1,
+            msg: join.clone()
+        }]
+    );
+    // The source persists the learner's activity-log region, accepts it from seq 2 on and
+    // orders the LU-state copy first (a barrier), then one copy per dirty region.
+    p1.handle_message(t + 1, 2, join);
+    let cmds = drain(&mut p1);
+    assert_eq!(
+        cmds[0],
+        Command::MarkDirtyRegions {
+            plex: 2,
+            regions: vec![3]
+        }
+    );
+    assert_eq!(
+        cmds[1],
+        Command::Send {
+            to: 2,
+            msg: Message::JoinAccept {
+                membership: stale_two(2),
+                start_seq: 2,
+                dirty_regions: 2
+            }
+        }
+    );
+    assert!(cmds.contains(&Command::CopyOut {
+        seq: 2,
+        what: CopyWhat::LuState
+    }));
+    let region_copies: Vec<u64> = cmds
+        .iter()
+        .filter_map(|c| match c {
+            Command::Send {
+                to: 2,
+                msg: Message::Apply { entry, .. },
+            } if entry.seq > 2 => match entry.meta.range {
+                OpRange::Blocks(r) => Some(r.lba / 8),
+                OpRange::Barrier => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(region_copies, vec![0, 3], "ascending, dirty regions only");
+    let status = p1.resync_status();
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].0, ResyncRole::Source);
+    assert_eq!(status[0].1.total_bytes, 2 * 4096);
+    // Wire them up and let the copies, the rejoin CAS and the view change run.
+    let mut pair = Pair {
+        e: [p1, p2],
+        now: t + 2,
+        witness: stale_two(2),
+        log: [Vec::new(), Vec::new()],
+    };
+    pair.exec(0, cmds);
+    pair.run(400);
+    let [p1, p2] = &pair.e;
+    assert_eq!(p2.role(), RoleKind::Active, "back in sync");
+    assert_eq!(p1.role(), RoleKind::Active);
+    assert_eq!(p1.epoch(), 3);
+    assert_eq!(p2.epoch(), 3);
+    assert_eq!(
+        pair.witness,
+        record(3, &[(1, PlexState::InSync), (2, PlexState::InSync)], 1)
+    );
+    // The learner wrote exactly the LU state and the two dirty regions, as the source read
+    // them, and the source cleared and then dropped its bitmap.
+    let copy_ins: Vec<(CopyWhat, Bytes)> = pair.log[1]
+        .iter()
+        .filter_map(|c| match c {
+            Command::CopyIn { what, data, .. } => Some((*what, data.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(copy_ins.len(), 3);
+    assert_eq!(copy_ins[0], (CopyWhat::LuState, Bytes::from_static(b"pr")));
+    assert_eq!(copy_ins[1].1, Bytes::from_static(b"region 0"));
+    assert_eq!(copy_ins[2].1, Bytes::from_static(b"region 3"));
+    assert!(pair.log[0].contains(&Command::ClearDirtyRegions {
+        plex: 2,
+        regions: vec![0]
+    }));
+    assert!(pair.log[0].contains(&Command::DropBitmap { plex: 2 }));
+    assert!(p1.bitmap(2).is_none());
+    assert!(pair.log[1].contains(&Command::ActivityLogAbsorbed));
+    assert!(pair.log[1].contains(&Command::PathState(PathState::ActiveOptimized)));
+    // A write through the returned plex now needs both plexes again.
+    assert!(p1.resync_status().is_empty());
+}
+
+#[test]
+fn writes_during_the_copy_reach_the_learner_in_order_after_the_copy_of_their_region() {
+    let (p1, t) = survivor_with_dirty_region_0();
+    let mut p2 = Engine::new(
+        small_cfg(2),
+        stale_two(2),
+        t,
+        Start::Restart(Recovered {
+            data_valid: true,
+            ..Recovered::default()
+        }),
+    );
+    drain(&mut p2);
+    let mut pair = Pair {
+        e: [p1, p2],
+        now: t,
+        witness: stale_two(2),
+        log: [Vec::new(), Vec::new()],
+    };
+    pair.e[1].handle_timeout(t);
+    // Deliver the request, then write region 0 on the source before anything else runs.
+    pair.run(1);
+    pair.e[0].submit(pair.now, OpId(2), write(2, 2));
+    pair.run(400);
+    assert_eq!(pair.e[1].role(), RoleKind::Active);
+    let l = &pair.log[1];
+    let copy = l
+        .iter()
+        .position(|c| {
+            matches!(
+                c,
+                Command::CopyIn {
+                    what: CopyWhat::Region { index: 0, .. },
+                    ..
+                }
+            )
+        })
+        .expect("region 0 copied");
+    let write_at = l
+        .iter()
+        .position(|c| matches!(c, Command::Apply { op, .. } if *op == write(2, 2)))
+        .expect("the learner applied the write");
+    assert!(copy < write_at, "the write was ordered after the copy");
+    assert!(pair.log[0].contains(&Command::Complete {
+        op: OpId(2),
+        outcome: Outcome::Done(Bytes::from_static(b"ok"))
+    }));
+}
+
+#[test]
+fn a_silent_learner_is_dropped_and_ops_it_may_have_missed_are_marked_dirty() {
+    let (mut p1, t) = survivor_with_dirty_region_0();
+    p1.handle_message(
+        t,
+        2,
+        Message::JoinRequest {
+            epoch: 2,
+            activity_log: vec![],
+            full: false,
+        },
+    );
+    drain(&mut p1);
+    // A write to region 5 is ordered for the learner, which never answers.
+    p1.submit(t + 1, OpId(3), write(40, 1));
+    let cmds = drain(&mut p1);
+    assert!(
+        !cmds
+            .iter()
+            .any(|c| matches!(c, Command::MarkDirtyRegions { .. })),
+        "a learner gets the write itself: not dirty"
+    );
+    let mut now = t + 1;
+    let mut marked = Vec::new();
+    while now < t + 2 * PEER_TIMEOUT_MS {
+        now += 50;
+        p1.handle_timeout(now);
+        for c in drain(&mut p1) {
+            assert!(
+                !matches!(c, Command::WitnessCas { .. }),
+                "no CAS for a learner"
+            );
+            if let Command::MarkDirtyRegions { plex: 2, regions } = c {
+                marked.extend(regions);
+            }
+        }
+    }
+    assert!(
+        marked.contains(&5),
+        "unsettled op of the dropped learner: {marked:?}"
+    );
+    assert_eq!(p1.role(), RoleKind::Active);
+    assert!(p1.bitmap(2).is_some_and(|b| b.contains(0) && b.contains(5)));
+}
+
+#[test]
+fn the_only_in_sync_plex_restarts_as_source_with_persisted_bitmaps_and_its_activity_log() {
+    let recovered = Recovered {
+        activity_log: BTreeSet::from([1]),
+        bitmaps: BTreeMap::from([(2, BTreeSet::from([4]))]),
+        data_valid: true,
+    };
+    let mut p1 = Engine::new(small_cfg(1), stale_two(2), 0, Start::Restart(recovered));
+    drain(&mut p1);
+    assert_eq!(p1.role(), RoleKind::Recovering);
+    p1.handle_timeout(0);
+    let cmds = drain(&mut p1);
+    let proposed = record(3, &[(1, PlexState::InSync), (2, PlexState::Stale)], 1);
+    assert!(cmds.contains(&Command::WitnessCas {
+        expected_epoch: 2,
+        record: proposed.clone()
+    }));
+    p1.witness_result(5, Ok(proposed));
+    assert_eq!(
+        drain(&mut p1),
+        vec![
+            Command::MarkDirtyRegions {
+                plex: 2,
+                regions: vec![1, 4]
+            },
+            Command::ActivityLogAbsorbed,
+            Command::PathState(PathState::ActiveOptimized),
+        ]
+    );
+    assert_eq!(p1.role(), RoleKind::Active);
+}
+
+#[test]
+fn after_every_node_crashed_a_restarted_plex_waits_while_a_peer_serves_then_recovers() {
+    let recovered = Recovered {
+        activity_log: BTreeSet::from([6]),
+        bitmaps: BTreeMap::new(),
+        data_valid: true,
+    };
+    let mut p2 = Engine::new(small_cfg(2), two_plexes(), 0, Start::Restart(recovered));
+    drain(&mut p2);
+    assert_eq!(p2.role(), RoleKind::Recovering);
+    // A heartbeat from plex 1 (still serving epoch 1) at t=3000 restarts the wait.
+    p2.handle_message(3_000, 1, hb(1, 0, 2_990, NO_ECHO));
+    let mut now = 0;
+    let mut cas_at = None;
+    while now < 3_000 + RECOVER_WAIT_MS + 10 {
+        now = p2
+            .next_timeout()
+            .expect("a recovering node keeps a timer")
+            .max(now + 1);
+        p2.handle_timeout(now);
+        if drain(&mut p2)
+            .iter()
+            .any(|c| matches!(c, Command::WitnessCas { .. }))
+        {
+            cas_at = Some(now);
+            break;
+        }
+    }
+    assert_eq!(cas_at, Some(3_000 + RECOVER_WAIT_MS));
+    // Plex 1 recovered first: the lost CAS makes plex 2 a stale plex asking to be resynced.
+    let theirs = record(2, &[(1, PlexState::InSync), (2, PlexState::Stale)], 1);
+    p2.witness_result(now + 1, Err(WitnessError::Conflict(Box::new(theirs))));
+    assert_eq!(p2.role(), RoleKind::Out);
+    p2.handle_timeout(now + 1);
+    assert_eq!(
+        drain(&mut p2),
+        vec![Command::Send {
+            to: 1,
+            msg: Message::JoinRequest {
+                epoch: 2,
+                activity_log: vec![6],
+                full: false
+            }
+        }]
+    );
+}
+
+#[test]
+fn a_wiped_plex_gets_a_full_resync_and_the_throttle_paces_copies() {
+    let (mut p1, t) = survivor_with_dirty_region_0();
+    p1.set_resync_rate(8192); // two regions per second
+    p1.handle_message(
+        t,
+        2,
+        Message::JoinRequest {
+            epoch: 2,
+            activity_log: vec![],
+            full: true,
+        },
+    );
+    let cmds = drain(&mut p1);
+    assert!(cmds.contains(&Command::MarkDirtyRegions {
+        plex: 2,
+        regions: vec![1, 2, 3, 4, 5, 6, 7]
+    }));
+    let copies = |cmds: &[Command]| {
+        cmds.iter()
+            .filter(|c| matches!(c, Command::Send { to: 2, msg: Message::Apply { entry, .. } } if matches!(entry.meta.range, OpRange::Blocks(_))))
+            .count()
+    };
+    assert_eq!(copies(&cmds), 1, "the bucket holds one region: {cmds:?}");
+    let next = p1.next_timeout().expect("timer");
+    assert!(
+        next > t && next <= t + 501,
+        "the throttle's next token is scheduled: {next}"
+    );
+    p1.handle_timeout(t + 200);
+    assert_eq!(copies(&drain(&mut p1)), 0, "no token yet");
+    p1.handle_timeout(t + 501);
+    assert_eq!(copies(&drain(&mut p1)), 1);
+    let s = p1.resync_status();
+    assert!(s[0].1.full);
+    assert_eq!(s[0].1.total_bytes, 8 * 4096);
+}
+
+#[test]
+fn online_verify_compares_checksums_of_every_region() {
+    let mut p1 = Engine::new(small_cfg(1), two_plexes(), 1_000, Start::Bootstrap);
+    drain(&mut p1);
+    with_lease(&mut p1, 2);
+    assert!(p1.start_verify(1_006, false).is_ok());
+    assert!(p1.start_verify(1_006, false).is_err(), "one at a time");
+    let cmds = drain(&mut p1);
+    let sums: Vec<(Seq, u64)> = cmds
+        .iter()
+        .filter_map(|c| match c {
+            Command::Checksum { seq, region, .. } => Some((*seq, *region)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sums.len(), COPY_WINDOW);
+    for (seq, region) in &sums {
+        p1.checksummed(1_007, *seq, [*region as u8; 32]);
+        // Plex 2 differs in region 3.
+        let theirs = if *region == 3 {
+            [0xff; 32]
+        } else {
+            [*region as u8; 32]
+        };
+        p1.handle_message(
+            1_008,
+            2,
+            Message::ChecksumIs {
+                epoch: 1,
+                seq: *seq,
+                checksum: theirs,
+            },
+        );
+        drain(&mut p1);
+    }
+    let v = p1.verify_status();
+    assert_eq!(v.regions_total, 8);
+    assert_eq!(v.regions_done, 8);
+    assert_eq!(v.mismatched, vec![3]);
+    assert!(!v.running);
 }
