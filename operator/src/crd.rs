@@ -453,7 +453,10 @@ mod tests {
         // Resync progress reads in `kubectl get mv` / `kubectl get plex` (ETA with -o wide).
         for c in [&crd, &plex] {
             assert!(c.contains(r#""jsonPath":".status.resync.percent""#), "{c}");
-            assert!(c.contains(r#""jsonPath":".status.resync.etaSeconds""#), "{c}");
+            assert!(
+                c.contains(r#""jsonPath":".status.resync.etaSeconds""#),
+                "{c}"
+            );
         }
     }
 
