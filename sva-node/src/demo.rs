@@ -210,6 +210,8 @@ fn start_all(
     plan: &[NodePlan],
     procs: &mut Vec<Proc>,
 ) -> anyhow::Result<()> {
+    // The control API's token (POST /v1/verify, /v1/resync-rate), shared by the nodes.
+    let token_file = write_secret(&dir.join("api-token"))?;
     let mirror = if plan.len() > 1 {
         let witness_secret = write_secret(&dir.join("witness-secret"))?;
         let replication_secret = write_secret(&dir.join("replication-secret"))?;
@@ -287,7 +289,7 @@ fn start_all(
             state_dir: dir.join(format!("state-{}", n.id)),
             control: Some(ControlConfig {
                 listen: n.control.to_string(),
-                token_file: None,
+                token_file: Some(token_file.clone()),
             }),
             mirror: mirror.clone().map(|mut m| {
                 m.listen = n.peer.to_string();
@@ -525,6 +527,12 @@ fn print_banner(size: u64, cache_mode: CacheMode, dir: &Path, procs: &[Proc]) {
             }
         }
         println!("  iscsi-test-cu --dataloss -t ALL {url}");
+        if let Some(c) = n.control {
+            println!(
+                "  curl -H \"Authorization: Bearer $(cat {})\" -d '{{\"repair\":false}}' http://{c}/v1/verify    # compare the plexes online",
+                dir.join("api-token").display()
+            );
+        }
     }
     println!(
         "Ctrl-C stops everything; the data stays in {}.",

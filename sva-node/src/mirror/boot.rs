@@ -142,6 +142,8 @@ pub async fn start(
     let mut engine = EngineConfig::new(me);
     engine.block_size = block_size;
     engine.region_bytes = m.region_bytes();
+    // A full resync and a verify cover the whole volume.
+    engine.volume_blocks = lu.block_count();
     Ok(MirrorNode::start(MirrorSetup {
         engine,
         membership,

@@ -37,6 +37,8 @@
 //! - Activity log: before running an `Apply`/`CopyIn` whose regions are not all in the log,
 //!   add them durably; evict a region only when no op above the last `Settled` touches it; the
 //!   regions handed in through `Recovered::activity_log` stay until `ActivityLogAbsorbed`.
+//!   (`node.rs` logs `Apply`s only: a `CopyIn` region stays dirty in the source's bitmap until
+//!   its durable write is acked, so logging it would only make a restart re-copy it.)
 //! - `CopyOut`: read the region (or the LU's reservation state) and call
 //!   [`Engine::copied_out`] (empty data for a hole). `CopyIn`: write it durably (empty: zeros),
 //!   then [`Engine::applied`] with an empty response. `Checksum`: hash the range, then

@@ -12,8 +12,9 @@
 //!
 //! Resync (DESIGN.md §6, `resync.rs`): `MarkDirtyRegions` is made durable synchronously while
 //! the engine lock is held, so it is on disk before any later `Apply`/`CopyIn` is even spawned.
-//! Each `Apply`/`CopyIn` first puts its regions in the activity log (durably, on its blocking
-//! thread), then writes; `Settled` lets them leave the log. `CopyOut`, `CopyIn` and `Checksum`
+//! Each `Apply` first puts its regions in the activity log (durably, on its blocking thread),
+//! then writes; `Settled` lets them leave the log (lazily: at capacity, or after
+//! [`ACTIVITY_LOG_IDLE`] untouched). `CopyIn` needs no log entry (see there). `CopyOut`, `CopyIn` and `Checksum`
 //! run on blocking threads and feed `copied_out`/`applied`/`checksummed`. Bitmap clears are
 //! flushed every [`BITMAP_FLUSH_INTERVAL`] and at shutdown. A monitor samples the engine's
 //! resync and verify progress every [`MONITOR_INTERVAL`] for rates, logs and metrics.
@@ -56,10 +57,13 @@ const TIMER_TICK_MIN: Duration = Duration::from_millis(5);
 const WITNESS_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Lazy bitmap clears reach the disk at least this often.
 pub const BITMAP_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
-/// How often the monitor samples resync/verify progress.
-pub const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the monitor samples resync/verify progress (often enough that a short resync is
+/// seen at all; a sample is one lock of the engine and a few small copies).
+pub const MONITOR_INTERVAL: Duration = Duration::from_millis(200);
 /// A resync progress line is logged this often while a resync runs.
 pub const RESYNC_LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// Activity-log regions whose ops all settled leave the log after this long untouched.
+pub const ACTIVITY_LOG_IDLE: Duration = Duration::from_secs(5);
 /// The resync rate is the progress over this last stretch of time.
 pub const RATE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -80,6 +84,8 @@ struct ResyncTrack {
     last_log: Instant,
     /// `copied_bytes` already added to the metrics counter.
     counted: u64,
+    /// Data moves (rather than the plex being away with regions marked).
+    copying: bool,
     view: ResyncView,
 }
 
@@ -255,7 +261,13 @@ impl MirrorNode {
                         CopyWhat::LuState => Ok(lu.replicated_state()),
                     };
                     match data {
-                        Ok(data) => node.with_engine(|e, now| e.copied_out(now, seq, data)),
+                        Ok(data) => {
+                            let progress = node.with_engine(|e, now| {
+                                e.copied_out(now, seq, data);
+                                e.resync_status()
+                            });
+                            node.note_progress(progress);
+                        }
                         // Sending anything else would corrupt the target; the copy stalls
                         // until the target is dropped and rejoins.
                         Err(err) => tracing::error!("resync copy {seq} ({what:?}): read: {err}"),
@@ -263,14 +275,12 @@ impl MirrorNode {
                 });
             }
             Command::CopyIn { seq, what, data } => {
-                let regions = match what {
-                    CopyWhat::Region { index, .. } => vec![index],
-                    CopyWhat::LuState => Vec::new(),
-                };
-                self.shared.state.op_dispatched(seq, regions);
+                // No activity-log entry: the source clears the region from this plex's
+                // bitmap only after the durable write below is acked, so a crash before that
+                // leaves it dirty there already. Logging it too would only make a restart
+                // mid-resync copy the recently copied regions again.
                 let node = self.clone();
                 tokio::task::spawn_blocking(move || {
-                    node.before_write(seq);
                     let lu = &node.shared.lu;
                     let result = match what {
                         CopyWhat::Region { range, .. } => {
@@ -281,7 +291,13 @@ impl MirrorNode {
                             .map_err(std::io::Error::other),
                     };
                     match result {
-                        Ok(()) => node.with_engine(|e, now| e.applied(now, seq, Bytes::new())),
+                        Ok(()) => {
+                            let progress = node.with_engine(|e, now| {
+                                e.applied(now, seq, Bytes::new());
+                                e.resync_status()
+                            });
+                            node.note_progress(progress);
+                        }
                         // Never claim a copy that is not on disk: the copy stays unapplied and
                         // the source keeps the region dirty.
                         Err(err) => tracing::error!("resync copy {seq} ({what:?}): write: {err}"),
@@ -344,10 +360,14 @@ impl MirrorNode {
         }
     }
 
-    /// Persist lazy bitmap clears (also called at shutdown).
+    /// Persist lazy bitmap clears and let idle settled regions leave the activity log (also
+    /// called at shutdown).
     pub fn flush_state(&self) {
         if let Err(err) = self.shared.state.flush_bitmaps() {
             tracing::warn!("flushing write-intent bitmaps: {err}");
+        }
+        if let Err(err) = self.shared.state.trim_activity_log(ACTIVITY_LOG_IDLE) {
+            tracing::warn!("trimming the activity log: {err}");
         }
     }
 
@@ -389,6 +409,22 @@ impl MirrorNode {
         )
     }
 
+    /// Fresher counts right after a copy moved, between monitor samples: the last copies of a
+    /// resync are counted even when it ends before the next sample.
+    fn note_progress(&self, progress: Vec<(ResyncRole, ResyncInfo)>) {
+        let mut mon = lock(&self.shared.monitor);
+        for (_, info) in progress {
+            if let Some(t) = mon.resyncs.get_mut(&info.plex) {
+                if info.copied_bytes >= t.view.info.copied_bytes {
+                    t.view.info = info;
+                }
+                if let Some(g) = self.shared.metrics.plex(info.plex, PlexState::Resyncing) {
+                    count_copied(t, &g);
+                }
+            }
+        }
+    }
+
     async fn monitor(self) {
         let mut tick = tokio::time::interval(MONITOR_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -416,18 +452,19 @@ impl MirrorNode {
         for (role, info) in resyncs {
             seen.push(info.plex);
             let t = mon.resyncs.entry(info.plex).or_insert_with(|| {
-                tracing::info!(
-                    "resync of plex {} started ({}, {:?} side): {} to copy",
-                    info.plex,
-                    if info.full { "full" } else { "incremental" },
-                    role,
-                    human_bytes(info.total_bytes)
-                );
+                if role == ResyncRole::Source {
+                    tracing::info!(
+                        "plex {} is out of sync: {} marked to resync from here when it returns",
+                        info.plex,
+                        human_bytes(info.total_bytes)
+                    );
+                }
                 ResyncTrack {
                     started: now,
                     samples: VecDeque::new(),
                     last_log: now,
                     counted: 0,
+                    copying: false,
                     view: ResyncView {
                         role,
                         info,
@@ -437,14 +474,27 @@ impl MirrorNode {
                 }
             });
             update_track(t, role, info, now);
+            // Copying (as opposed to waiting for the plex to come back) once anything moved;
+            // a target is copying from the start.
+            let moving = role == ResyncRole::Target || info.done_bytes > 0 || info.copied_bytes > 0;
+            if moving && !t.copying {
+                t.copying = true;
+                t.started = now;
+                t.last_log = now;
+                tracing::info!(
+                    "resync of plex {} started ({}, this node is the {:?}): {} to copy",
+                    info.plex,
+                    if info.full { "full" } else { "incremental" },
+                    role,
+                    human_bytes(info.total_bytes)
+                );
+            }
             if let Some(g) = metrics.plex(info.plex, PlexState::Resyncing) {
                 let v = &t.view;
                 g.set_resync(v.info.done_bytes, v.info.total_bytes, v.bytes_per_sec);
-                let copied = v.info.copied_bytes;
-                g.add_resync_copied(copied.saturating_sub(t.counted));
-                t.counted = t.counted.max(copied);
+                count_copied(t, &g);
             }
-            if now.duration_since(t.last_log) >= RESYNC_LOG_INTERVAL {
+            if t.copying && now.duration_since(t.last_log) >= RESYNC_LOG_INTERVAL {
                 t.last_log = now;
                 tracing::info!("{}", progress_line(&t.view));
             }
@@ -458,12 +508,26 @@ impl MirrorNode {
         for p in ended {
             if let Some(t) = mon.resyncs.remove(&p) {
                 let secs = now.duration_since(t.started).as_secs_f64();
-                tracing::info!(
-                    "resync of plex {p} ended after {secs:.1} s: {} of {} done, {} copied",
-                    human_bytes(t.view.info.done_bytes),
-                    human_bytes(t.view.info.total_bytes),
-                    human_bytes(t.view.info.copied_bytes)
-                );
+                let v = &t.view.info;
+                let in_sync = membership
+                    .plexes
+                    .iter()
+                    .any(|r| r.id == p && r.state == PlexState::InSync);
+                if in_sync {
+                    tracing::info!(
+                        "resync of plex {p} finished after {secs:.1} s: plex {p} is in sync \
+                         again ({} to copy, {} copied)",
+                        human_bytes(v.total_bytes),
+                        human_bytes(v.copied_bytes)
+                    );
+                } else {
+                    tracing::info!(
+                        "resync of plex {p} stopped after {secs:.1} s: {} of {} done, {} copied",
+                        human_bytes(v.done_bytes),
+                        human_bytes(v.total_bytes),
+                        human_bytes(v.copied_bytes)
+                    );
+                }
                 if let Some(g) = metrics.plex(p, PlexState::InSync) {
                     g.set_resync(0, 0, 0);
                 }
@@ -697,6 +761,16 @@ impl ScsiTarget for MirroredTarget {
     }
 }
 
+/// Add the payload bytes `t` copied since last counted to the plex's counter.
+fn count_copied(t: &mut ResyncTrack, g: &crate::control::metrics::PlexGauges) {
+    let copied = t.view.info.copied_bytes;
+    if copied < t.counted {
+        t.counted = 0; // a new resync of this plex
+    }
+    g.add_resync_copied(copied - t.counted);
+    t.counted = copied;
+}
+
 /// Add a sample of `info` to `t` and recompute its rate (progress over the last
 /// [`RATE_WINDOW`]) and ETA.
 fn update_track(t: &mut ResyncTrack, role: ResyncRole, info: ResyncInfo, now: Instant) {
@@ -808,6 +882,7 @@ mod tests {
             samples: VecDeque::new(),
             last_log: t0,
             counted: 0,
+            copying: false,
             view: ResyncView {
                 role: ResyncRole::Source,
                 info: info(0),

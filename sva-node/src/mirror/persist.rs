@@ -498,6 +498,8 @@ pub struct ActivityLog {
     stamp_of: BTreeMap<u64, u64>,
     by_stamp: BTreeMap<u64, u64>,
     next_stamp: u64,
+    /// When each region was last ensured (for [`ActivityLog::trim_idle`]).
+    used_at: BTreeMap<u64, std::time::Instant>,
     /// Regions handed to the engine at restart: kept until it absorbed them.
     recovered: BTreeSet<u64>,
     /// The file stands for every region (found corrupt; cleared once absorbed).
@@ -544,6 +546,7 @@ impl ActivityLog {
             stamp_of: BTreeMap::new(),
             by_stamp: BTreeMap::new(),
             next_stamp: 0,
+            used_at: BTreeMap::new(),
             recovered: BTreeSet::new(),
             full,
         };
@@ -704,6 +707,7 @@ impl ActivityLog {
         }
         self.by_stamp.insert(self.next_stamp, region);
         self.next_stamp += 1;
+        self.used_at.insert(region, std::time::Instant::now());
     }
 
     /// The least recently used region no op in flight touches (and not awaiting absorption).
@@ -739,6 +743,7 @@ impl ActivityLog {
                         if let Some(st) = self.stamp_of.remove(&victim) {
                             self.by_stamp.remove(&st);
                         }
+                        self.used_at.remove(&victim);
                         s
                     }
                     // Nothing evictable: grow rather than lose coverage.
@@ -792,6 +797,55 @@ impl ActivityLog {
             *self.pins.entry(g).or_insert(0) += 1;
         }
         r
+    }
+
+    /// Drop regions whose ops all settled and that no op touched for `idle` (by `now`), with
+    /// one write and `fdatasync`; returns how many left. Keeps the log to the regions being
+    /// written *now*, so a restart resyncs those rather than every region written since the
+    /// log last filled up. Safe at any time: a settled region is identical on every in-sync
+    /// plex, and an op dispatched meanwhile adds its region again before its write.
+    pub fn trim_idle(
+        &mut self,
+        idle: std::time::Duration,
+        now: std::time::Instant,
+    ) -> Result<usize, PersistError> {
+        let victims: Vec<u64> = self
+            .used_at
+            .iter()
+            .filter(|(r, at)| {
+                now.saturating_duration_since(**at) >= idle
+                    && self.pins.get(r).copied().unwrap_or(0) == 0
+                    && !self.recovered.contains(r)
+            })
+            .map(|(r, _)| *r)
+            .collect();
+        let mut pages = BTreeSet::new();
+        for r in &victims {
+            if let Some(slot) = self.index.remove(r) {
+                if let Some(x) = self.slots.get_mut(slot) {
+                    *x = None;
+                }
+                pages.insert(1 + slot / AL_SLOTS_PER_PAGE);
+            }
+            if let Some(st) = self.stamp_of.remove(r) {
+                self.by_stamp.remove(&st);
+            }
+            self.used_at.remove(r);
+        }
+        if pages.is_empty() {
+            return Ok(0);
+        }
+        let payloads: Vec<(u64, Vec<u8>)> = pages
+            .into_iter()
+            .map(|p| (p as u64, self.page_payload(p)))
+            .collect();
+        write_pages(
+            self.file()?,
+            &self.path,
+            payloads.iter().map(|(i, p)| (*i, p.as_slice())),
+        )?;
+        self.sync()?;
+        Ok(victims.len())
     }
 
     /// The ops that touched `regions` settled (applied on every in-sync plex).
@@ -1024,6 +1078,14 @@ impl StateFiles {
         }
     }
 
+    /// Drop activity-log regions idle for `idle` whose ops all settled (see
+    /// [`ActivityLog::trim_idle`]).
+    pub fn trim_activity_log(&self, idle: std::time::Duration) -> Result<usize, PersistError> {
+        lock(&self.al)
+            .log
+            .trim_idle(idle, std::time::Instant::now())
+    }
+
     /// `ActivityLogAbsorbed`.
     pub fn absorbed(&self) -> Result<(), PersistError> {
         lock(&self.al).log.absorbed()
@@ -1189,6 +1251,29 @@ mod tests {
         // A wiped plex: no activity log carried over.
         let (_, rec) = StateFiles::recover(d.path(), 1 << 20, 10 << 20, 4, false).expect("recover");
         assert!(rec.activity_log.is_empty() && !rec.data_valid);
+    }
+
+    #[test]
+    fn idle_settled_regions_leave_the_log() {
+        use std::time::{Duration, Instant};
+        let d = dir();
+        let p = ActivityLog::path(d.path());
+        let mut al = ActivityLog::create(&p, 1 << 20, 100, 16).expect("create");
+        al.ensure(&[1, 2, 3]).expect("ensure");
+        al.release(&[1, 2]);
+        let later = Instant::now() + Duration::from_secs(10);
+        assert_eq!(
+            al.trim_idle(Duration::from_secs(60), later).expect("trim"),
+            0
+        );
+        // 1 and 2 settled and idle; 3 still has an op in flight.
+        assert_eq!(
+            al.trim_idle(Duration::from_secs(5), later).expect("trim"),
+            2
+        );
+        assert_eq!(al.regions(), [3].into());
+        let (_, l) = ActivityLog::load(&p, 1 << 20, 100, 16).expect("load");
+        assert_eq!(l.regions, [3].into(), "trimmed durably");
     }
 
     #[test]
