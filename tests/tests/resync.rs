@@ -969,8 +969,12 @@ fn both_nodes_killed_during_writes() {
     let first = ZONE_START / BLOCK;
     let blocks = ZONE_BYTES / BLOCK;
     let stop = Arc::new(AtomicBool::new(false));
-    let wa = spawn_writer(v.url(1), first, blocks, 0, 2, 0, stop.clone());
-    let wb = spawn_writer(v.url(2), first, blocks, 1, 2, 125, stop.clone());
+    // Stride 2 x 257 blocks (~2 MiB): consecutive writes land in different regions, so the
+    // load touches every region of the zone at once; 257 is odd, so each writer's first
+    // `blocks / 2` writes hit distinct blocks (plex 1 the even ones, plex 2 the odd ones).
+    let stride = 2 * 257;
+    let wa = spawn_writer(v.url(1), first, blocks, 0, stride, 0, stop.clone());
+    let wb = spawn_writer(v.url(2), first, blocks, 1, stride, 125, stop.clone());
     std::thread::sleep(Duration::from_millis(1500));
     let killed = Instant::now();
     v.kill9(1);
