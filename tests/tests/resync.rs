@@ -863,24 +863,48 @@ fn interrupted_resync(victim: u16) {
         .filter(|p| p.total > 0)
         .collect();
     let max_left = after.iter().map(|p| p.total - p.done.min(p.total)).max();
+    let mut distinct: Vec<&Progress> = Vec::new();
+    for p in &after {
+        if distinct.last() != Some(&p) {
+            distinct.push(p);
+        }
+    }
+    eprintln!(
+        "progress reports after the restart (distinct, first 8): {:#?}",
+        &distinct[..distinct.len().min(8)]
+    );
     let copied_after = after.iter().map(|p| p.copied).max().unwrap_or(0);
-    // Attempt 2's copiedBytes may restart at 0 (a new resync, or a restarted source) or
-    // continue the first attempt's count.
-    let reset = victim == 1 || after.first().is_some_and(|p| p.copied < copied1);
-    let copied_status = if reset {
-        copied1 + copied_after
-    } else {
-        copied_after.max(copied1)
-    };
+    // copiedBytes restarts at 0 with each new resync (a re-joined learner, a restarted
+    // source): sum the peaks of the runs between drops over plex 1's whole series.
+    let series: Vec<u64> = samples
+        .iter()
+        .filter(|s| s.node == 1)
+        .filter_map(|s| progress(&s.st, 2))
+        .filter(|p| p.total > 0)
+        .map(|p| p.copied)
+        .collect();
+    let (mut copied_status, mut peak, mut runs) = (0u64, 0u64, 1u32);
+    for &c in &series {
+        if c < peak {
+            copied_status += peak;
+            runs += 1;
+        }
+        peak = c;
+    }
+    copied_status += peak;
     let metric_total = (victim == 2)
         .then(|| copied_metric(&v, 1, 2).map(|m| m - metric_before.min(m)))
         .flatten();
-    let copied_total = metric_total.unwrap_or(copied_status);
+    // The counter may miss re-copied bytes (it only adds what exceeds an earlier peak); take
+    // the larger of the two.
+    let copied_total = copied_status.max(metric_total.unwrap_or(0));
+    let reset = runs > 1;
     eprintln!(
         "resume after killing the {which}: InSync {:?} after the restart; {} progress samples \
          after it, first {:?}, last {:?}; most work left after restart {max_left:?} of first \
-         total {}; copied: attempt 1 {copied1}, after restart {copied_after} (reset: {reset}) \
-         => {copied_status} by status, metric {metric_total:?} (at kill {metric_at_kill:?})",
+         total {}; copied: attempt 1 {copied1}, peak after restart {copied_after}, {runs} \
+         count runs (reset: {reset}) => {copied_status} by status, metric {metric_total:?} (at \
+         kill {metric_at_kill:?})",
         done.at.duration_since(restarted),
         after.len(),
         after.first(),
