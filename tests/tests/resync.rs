@@ -48,6 +48,9 @@ const FILL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Heavy and timing-sensitive: one test of this file at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Upper bound on the LU replicated-state image a resync copies besides regions.
+const LU_STATE_SLACK: u64 = 64 * 1024;
+
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -1093,8 +1096,10 @@ fn both_nodes_killed_during_writes() {
         "a full resync ran after a crash of every node:\n{}",
         short(&samples[samples.len() - 1].st, 2)
     );
+    // copiedBytes also counts the LU's replicated state (reservations; a few hundred bytes),
+    // copied once per resync ahead of the regions.
     assert!(
-        copied <= bound && max_total <= bound,
+        copied <= bound + LU_STATE_SLACK && max_total <= bound,
         "resynced more than the written zone: copied {copied}, totalBytes {max_total}, zone \
          regions {bound} bytes"
     );
