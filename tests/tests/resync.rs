@@ -1100,7 +1100,7 @@ fn both_nodes_killed_during_writes() {
     assert!(
         copied <= bound && max_total <= ZONE_BYTES.div_ceil(REGION) * REGION,
         "resynced more than the written zone: copied {copied}, totalBytes {max_total}, zone \
-         regions {bound} bytes"
+         regions + LU state {bound} bytes"
     );
     let epoch_after = v.status(1).expect("status").epoch;
     assert!(
