@@ -65,7 +65,7 @@ pub const RESYNC_LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// Activity-log regions whose ops all settled leave the log after this long untouched.
 pub const ACTIVITY_LOG_IDLE: Duration = Duration::from_secs(5);
 /// The resync rate is the progress over this last stretch of time.
-pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+pub const RATE_WINDOW: Duration = Duration::from_secs(5);
 
 /// One resync as status shows it: the engine's counts plus the driver's rate and ETA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -481,6 +481,9 @@ impl MirrorNode {
                 t.copying = true;
                 t.started = now;
                 t.last_log = now;
+                // The rate counts from the first copy, not from when the plex went away.
+                t.samples.clear();
+                t.samples.push_back((now, info.done_bytes));
                 tracing::info!(
                     "resync of plex {} started ({}, this node is the {:?}): {} to copy",
                     info.plex,
