@@ -441,11 +441,6 @@ impl MirrorNode {
             (e.resync_status(), e.verify_status(), e.membership().clone())
         };
         let metrics = &self.shared.metrics;
-        for p in &membership.plexes {
-            if let Some(g) = metrics.plex(p.id, p.state) {
-                g.set_state(p.state);
-            }
-        }
         metrics.set_verify(verify.regions_done, verify.mismatched.len() as u64);
         let mut mon = lock(&self.shared.monitor);
         let mut seen = Vec::new();
@@ -534,6 +529,17 @@ impl MirrorNode {
                 if let Some(g) = metrics.plex(p, PlexState::InSync) {
                     g.set_resync(0, 0, 0);
                 }
+            }
+        }
+        for p in &membership.plexes {
+            // As `/v1/status`: a Stale plex being copied to shows as Resyncing.
+            let copying = mon.resyncs.get(&p.id).is_some_and(|t| t.copying);
+            let state = match p.state {
+                PlexState::Stale if copying => PlexState::Resyncing,
+                s => s,
+            };
+            if let Some(g) = metrics.plex(p.id, state) {
+                g.set_state(state);
             }
         }
         mon.verify = verify;
