@@ -337,9 +337,12 @@ impl IscsiTarget for SvaNode {
     }
 }
 
-/// Locates the `sva-node` binary: `$SVA_NODE_BIN`, else next to the running test binary's
-/// profile dir, else `<target>/{release,debug}/sva-node`; builds it (`cargo build -p sva-node`)
-/// once if none exists.
+/// Locates the `sva-node` binary: `$SVA_NODE_BIN` (run-all.sh points it at the release build),
+/// else builds it once per test process (`cargo build -p sva-node`, in the profile of the
+/// running test binary) and uses that. Building every time, rather than taking whatever binary
+/// lies in the target dir, matters: `cargo test -p sva-tests` does not rebuild the node binary,
+/// so a stale one would silently test old code. If cargo cannot run, falls back to an existing
+/// binary with a warning.
 pub fn sva_node_bin() -> Result<PathBuf> {
     static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     BIN.get_or_init(|| locate_or_build().map_err(|e| format!("{e:#}")))
@@ -355,23 +358,50 @@ fn locate_or_build() -> Result<PathBuf> {
         }
         return Ok(p);
     }
-    let candidates = candidate_bins();
-    if let Some(p) = candidates.iter().find(|p| p.is_file()) {
-        return Ok(p.clone());
-    }
+    let release = running_profile_is_release();
     let workspace = workspace_root();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "-p", "sva-node"])
-        .current_dir(&workspace)
-        .status()
-        .context("run cargo build -p sva-node")?;
-    if !status.success() {
-        bail!("cargo build -p sva-node failed: {status}");
+    let mut args = vec!["build", "-q", "-p", "sva-node"];
+    if release {
+        args.push("--release");
     }
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .context("sva-node binary not found after cargo build")
+    let built = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(&args)
+        .current_dir(&workspace)
+        .status();
+    let candidates = candidate_bins();
+    match built {
+        Ok(status) if status.success() => {
+            let profile = if release { "release" } else { "debug" };
+            candidates
+                .into_iter()
+                .find(|p| p.is_file() && p.parent().is_some_and(|d| d.ends_with(profile)))
+                .context("sva-node binary not found after cargo build")
+        }
+        other => {
+            let existing = candidates.into_iter().find(|p| p.is_file());
+            match existing {
+                Some(p) => {
+                    eprintln!(
+                        "warning: cargo build -p sva-node did not succeed ({other:?}); testing \
+                         the existing {} (may be stale)",
+                        p.display()
+                    );
+                    Ok(p)
+                }
+                None => bail!("cargo build -p sva-node failed ({other:?}) and no binary exists"),
+            }
+        }
+    }
+}
+
+/// Whether the running binary is a release build (the benchmark runs as one).
+fn running_profile_is_release() -> bool {
+    std::env::current_exe().ok().is_some_and(|exe| {
+        exe.ancestors()
+            .skip(1)
+            .take(2)
+            .any(|d| d.file_name().is_some_and(|n| n == "release"))
+    })
 }
 
 fn candidate_bins() -> Vec<PathBuf> {

@@ -37,6 +37,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::budget::WriteBudget;
 use super::pdu::{self, Digests, Pdu};
 use super::session::{Connection, Event};
 use super::{IscsiError, TargetConfig};
@@ -101,6 +102,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), IscsiError> {
     let registry = Arc::new(Registry::default());
+    let budget = WriteBudget::new(cfg.limits.write_buffer_bytes_max);
     let mut conns = JoinSet::new();
     tracing::info!(addr = ?listener.local_addr().ok(), iqn = %cfg.iqn, "iSCSI target listening");
     loop {
@@ -123,9 +125,9 @@ pub async fn serve(
                     tracing::warn!(%peer, "connection limit reached; refusing");
                     continue;
                 }
-                let (cfg, target, registry, shutdown) = (cfg.clone(), target.clone(), registry.clone(), shutdown.clone());
+                let (cfg, target, registry, shutdown, budget) = (cfg.clone(), target.clone(), registry.clone(), shutdown.clone(), budget.clone());
                 conns.spawn(async move {
-                    if let Err(e) = run_connection(stream, cfg, target, registry, shutdown).await {
+                    if let Err(e) = run_connection(stream, cfg, target, registry, shutdown, budget).await {
                         tracing::info!(%peer, error = %e, "connection ended");
                     }
                 });
@@ -214,6 +216,29 @@ impl Outbox {
             s.writable().await?;
         }
         Ok(())
+    }
+}
+
+/// Read what the socket has into `buf`. `Ok(Some(0))`: the peer closed; `Ok(None)`: a
+/// spurious wakeup, nothing to read. A read shorter than the free space emptied the socket,
+/// so the socket's readiness is cleared at once (as tokio's own `poll_read` does) instead of
+/// by one more `recvfrom` answering EAGAIN before the next wait — a system call per
+/// command at queue depth 1.
+fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<Option<usize>> {
+    let space = buf.capacity() - buf.len();
+    let mut got = 0;
+    let r = stream.try_io(tokio::io::Interest::READABLE, || {
+        got = stream.try_read_buf(buf)?;
+        if got > 0 && got < space {
+            // Not an error: tells tokio the socket is drained (readiness cleared).
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(got)
+    });
+    match r {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok((got > 0).then_some(got)),
+        Err(e) => Err(e),
     }
 }
 
@@ -313,17 +338,20 @@ async fn run_connection(
     target: Arc<dyn ScsiTarget>,
     registry: Arc<Registry>,
     mut shutdown: watch::Receiver<bool>,
+    budget: Arc<WriteBudget>,
 ) -> Result<(), IscsiError> {
     stream.set_nodelay(true)?;
     let mut challenge = [0u8; super::chap::CHALLENGE_LEN];
     rand::Rng::fill(&mut rand::thread_rng(), &mut challenge[..]);
-    let conn = Connection::new(
+    let mut conn = Connection::new(
         cfg,
         registry.tsih(),
         rand::random(),
         challenge,
         Instant::now().into_std(),
     );
+    conn.set_write_budget(budget.clone());
+    let mut budget_released = budget.subscribe();
     let conn_id = registry.next_conn.fetch_add(1, Ordering::Relaxed);
     let mut t = ConnTask {
         conn,
@@ -378,15 +406,20 @@ async fn run_connection(
                     if buf.capacity() - buf.len() < READ_SPACE_MIN {
                         buf.reserve(READ_BUF_BYTES);
                     }
-                    match stream.try_read_buf(&mut buf) {
+                    match read_some(&stream, &mut buf) {
                         // The initiator closed the connection (after logout or not).
-                        Ok(0) => return Ok(()),
+                        Ok(Some(0)) => return Ok(()),
                         Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(e) => return Err(e.into()),
                     }
                 }
                 r = stream.writable(), if !sent => r?,
+                // Another command gave back write budget: send the R2Ts that waited for it.
+                r = budget_released.changed(), if t.conn.awaiting_write_budget() => {
+                    if r.is_ok() {
+                        t.conn.retry_write_budget();
+                    }
+                }
                 Some(c) = t.inflight.next(), if !t.inflight.is_empty() => {
                     t.complete(c);
                     // Whatever else has finished goes out in the same write.

@@ -17,6 +17,7 @@
 
 use std::time::Duration;
 
+pub mod budget;
 pub mod chap;
 pub mod driver;
 pub mod login;
@@ -60,6 +61,11 @@ pub struct Limits {
     /// Largest write (EDTL) buffered for one command; larger ones fail with
     /// INVALID FIELD IN CDB before any data is accepted.
     pub write_bytes_max: u32,
+    /// Write data solicited with R2T and not yet executed, over all connections of the
+    /// process ([`budget::WriteBudget`]): a command's first R2T waits until its whole
+    /// solicited range fits. Bounds buffered write memory, which would otherwise be up to
+    /// `cmds_max × write_bytes_max` (4 GiB) per connection.
+    pub write_buffer_bytes_max: u64,
 }
 
 impl Default for Limits {
@@ -74,6 +80,8 @@ impl Default for Limits {
             // The LU's largest transfer (Block Limits VPD): a larger write could never
             // succeed, so it is refused before its data is buffered.
             write_bytes_max: crate::scsi::sbc::limits::TRANSFER_BLOCKS_MAX * 512,
+            // Eight of the largest writes at once: enough to keep any disk busy.
+            write_buffer_bytes_max: 256 << 20,
         }
     }
 }

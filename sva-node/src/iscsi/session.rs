@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::budget::{WriteBudget, WriteReservation};
 use super::chap::CHALLENGE_LEN;
 use super::login::{Login, LoginResult, LoginStep, SessionType};
 use super::nego::{encode_text, parse_text};
@@ -101,6 +102,11 @@ struct Task {
     next_r2t_offset: u32,
     r2t_sn: u32,
     r2ts: Vec<R2tState>,
+    /// Room for the solicited data in the process-wide write budget, taken before the
+    /// first R2T and held until the task is gone.
+    reservation: Option<WriteReservation>,
+    /// The first R2T waits for room in the write budget.
+    awaiting_budget: bool,
 }
 
 impl Task {
@@ -181,6 +187,8 @@ pub struct Connection {
     close_after_flush: bool,
     draining: bool,
     login_deadline: Instant,
+    /// Process-wide bound on solicited write data; `None`: unbounded.
+    write_budget: Option<Arc<WriteBudget>>,
 }
 
 impl Connection {
@@ -209,6 +217,39 @@ impl Connection {
             close_after_flush: false,
             draining: false,
             login_deadline: now + cfg_login_timeout,
+            write_budget: None,
+        }
+    }
+
+    /// Share the process-wide write budget (see [`WriteBudget`]); without one, R2Ts are
+    /// sent without waiting.
+    pub fn set_write_budget(&mut self, budget: Arc<WriteBudget>) {
+        self.write_budget = Some(budget);
+    }
+
+    /// Some command's first R2T waits for room in the write budget: call
+    /// [`Connection::retry_write_budget`] after a release.
+    pub fn awaiting_write_budget(&self) -> bool {
+        match &self.phase {
+            Phase::Full(f) => f.tasks.values().any(|t| t.awaiting_budget),
+            _ => false,
+        }
+    }
+
+    /// Try again to send the R2Ts that waited for room in the write budget (in ITT order).
+    pub fn retry_write_budget(&mut self) {
+        let mut waiting: Vec<u32> = match &self.phase {
+            Phase::Full(f) => f
+                .tasks
+                .iter()
+                .filter(|(_, t)| t.awaiting_budget)
+                .map(|(itt, _)| *itt)
+                .collect(),
+            _ => return,
+        };
+        waiting.sort_unstable();
+        for itt in waiting {
+            self.issue_r2ts(itt);
         }
     }
 
@@ -638,6 +679,8 @@ impl Connection {
             next_r2t_offset: unsolicited_end,
             r2t_sn: 0,
             r2ts: Vec::new(),
+            reservation: None,
+            awaiting_budget: false,
         };
         let Some(f) = self.full() else { return };
         f.tasks.insert(h.itt, task);
@@ -667,6 +710,26 @@ impl Connection {
                 || t.received() < t.unsolicited_end
             {
                 return;
+            }
+            if t.reservation.is_none() {
+                if let Some(budget) = &self.write_budget {
+                    let budget = budget.clone();
+                    let Some(t) = self.full().and_then(|f| f.tasks.get_mut(&itt)) else {
+                        return;
+                    };
+                    let bytes = u64::from(t.edtl - t.next_r2t_offset);
+                    match budget.try_reserve(bytes) {
+                        Some(r) => {
+                            t.reservation = Some(r);
+                            t.awaiting_budget = false;
+                        }
+                        None => {
+                            t.awaiting_budget = true;
+                            return;
+                        }
+                    }
+                    continue;
+                }
             }
             let (exp, max) = self.window(f);
             let ttt = self.alloc_ttt();

@@ -1738,7 +1738,7 @@ impl Engine {
             self.bitmaps.remove(&p);
             self.cmds.push_back(Command::DropBitmap { plex: p });
         }
-        let ranges: Vec<OpRange> = self.log.values().map(|le| le.entry.meta.range).collect();
+        let ranges = self.write_ranges();
         for r in ranges {
             self.mark_dirty(None, r);
         }
@@ -1861,7 +1861,7 @@ impl Engine {
                 self.send(origin, Message::Applied { epoch, seq });
             }
         }
-        let ranges: Vec<OpRange> = self.log.values().map(|le| le.entry.meta.range).collect();
+        let ranges = self.write_ranges();
         for r in ranges {
             self.mark_dirty(None, r);
         }
@@ -1880,6 +1880,7 @@ impl Engine {
             self.bitmaps.remove(&p);
             self.cmds.push_back(Command::DropBitmap { plex: p });
         }
+        self.data_valid = true;
         // Back in sync through a resync: what the activity log covered was copied.
         if self.target.take().is_some() || !self.own_dirty.is_empty() {
             self.own_dirty.clear();
@@ -2010,6 +2011,9 @@ impl Engine {
     }
 
     fn timeout_out(&mut self, now: Millis) {
+        if matches!(self.role, Role::Out) {
+            self.drop_recovered_bitmaps();
+        }
         if !self.io_inflight.is_empty() {
             return;
         }
@@ -2156,6 +2160,15 @@ impl Engine {
         self.progress(now);
     }
 
+    /// Bitmaps persisted by an earlier life are only valid if this node recovers as the
+    /// source: a stale node must delete them, or a later recovery would trust them.
+    fn drop_recovered_bitmaps(&mut self) {
+        let old = std::mem::take(&mut self.recovered_bitmaps);
+        for p in old.into_keys() {
+            self.cmds.push_back(Command::DropBitmap { plex: p });
+        }
+    }
+
     fn become_learner(
         &mut self,
         now: Millis,
@@ -2164,6 +2177,7 @@ impl Engine {
         start_seq: Seq,
         dirty_regions: u64,
     ) {
+        self.drop_recovered_bitmaps();
         self.membership = m;
         self.role = Role::Learning { source, start_seq };
         self.log.clear();
@@ -2189,7 +2203,8 @@ impl Engine {
             done_bytes: 0,
             copied_bytes: 0,
         });
-        // The source holds a bitmap for us now: a later request need not be full.
+        // The source holds a (full) bitmap for us now: asking again (after a drop) must not
+        // start over. The driver writes its `mirror-started` marker now too (RESYNC.md).
         self.data_valid = true;
         self.handle_timeout(now);
     }
@@ -2255,7 +2270,7 @@ impl Engine {
     fn accept_learner(&mut self, now: Millis, t: PlexId, full: bool) {
         // Ops ordered before its start may still be applying here: the copies (ordered after
         // them) carry them, and their regions are dirty.
-        let ranges: Vec<OpRange> = self.log.values().map(|le| le.entry.meta.range).collect();
+        let ranges = self.write_ranges();
         for r in ranges {
             self.mark_dirty(None, r);
         }
@@ -2292,7 +2307,7 @@ impl Engine {
         if self.rejoin.is_some_and(|(r, _)| r == t) {
             self.rejoin = None;
         }
-        let ranges: Vec<OpRange> = self.log.values().map(|le| le.entry.meta.range).collect();
+        let ranges = self.write_ranges();
         for r in ranges {
             self.mark_dirty(None, r);
         }
@@ -2651,6 +2666,16 @@ impl Engine {
                 .push_back(Command::MarkDirtyRegions { plex: p, regions });
         }
         self.bitmaps.insert(p, bm);
+    }
+
+    /// Ranges of the logged ops that write data (copies and verifies change nothing on an
+    /// in-sync plex; a copy the learner did not ack is still dirty).
+    fn write_ranges(&self) -> Vec<OpRange> {
+        self.log
+            .values()
+            .filter(|le| le.entry.origin != INTERNAL_ORIGIN)
+            .map(|le| le.entry.meta.range)
+            .collect()
     }
 
     /// Stale (or resyncing) plexes of the current record, ascending.

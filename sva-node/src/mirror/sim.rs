@@ -208,7 +208,9 @@ struct Node {
     /// settled, plus what a previous incarnation left until `ActivityLogAbsorbed`.
     al_ops: BTreeMap<Seq, BTreeSet<u64>>,
     al_recovered: BTreeSet<u64>,
-    /// The disk was wiped at the last restart and not yet accepted for a full resync.
+    /// The disk was wiped and no source accepted the plex yet: it asks every peer for a full
+    /// resync (its divergence is everywhere; invariant 4 skips it, 2 and 6 check the result).
+    /// Like the driver's `mirror-started` marker, cleared once a source accepted it.
     wiped: bool,
     /// Seq of the last LU-state copy applied here (it carries every earlier barrier).
     lu_copy_seq: Seq,
@@ -423,6 +425,16 @@ impl Sim {
                 }
             }
             self.maintenance();
+            for nd in &mut self.nodes {
+                if nd.wiped
+                    && nd
+                        .engine
+                        .as_ref()
+                        .is_some_and(|e| matches!(e.role(), RoleKind::Learning | RoleKind::Active))
+                {
+                    nd.wiped = false;
+                }
+            }
             if self.now.is_multiple_of(COVERAGE_EVERY_MS) {
                 self.check_coverage(false);
             }
@@ -651,7 +663,7 @@ impl Sim {
                     activity_log: nd.al_recovered.clone(),
                     bitmaps: nd.bitmaps.clone(),
                     // The driver's `mirror-started` marker: absent on a wiped plex until a
-                    // source holds a full bitmap for it.
+                    // source accepted it (and holds a full bitmap for it).
                     data_valid: !nd.wiped,
                 };
                 nd.engine = Some(Engine::new(
@@ -996,14 +1008,6 @@ impl Sim {
                         .entry(plex)
                         .or_default()
                         .extend(regions);
-                    // A full resync of a wiped plex is now covered by a bitmap.
-                    let t = (plex - 1) as usize;
-                    if t < self.nodes.len() && self.nodes[t].wiped {
-                        let full = self.nodes[n].bitmaps.get(&plex).map_or(0, |b| b.len());
-                        if full as u64 * BLOCKS_PER_REGION >= self.cfg.blocks {
-                            self.nodes[t].wiped = false;
-                        }
-                    }
                 }
                 Command::ClearDirtyRegions { plex, regions } => {
                     if let Some(b) = self.nodes[n].bitmaps.get_mut(&plex) {
@@ -1492,7 +1496,7 @@ fn decode_region(data: &[u8], blocks: u32) -> Vec<Block> {
 }
 
 /// Run the seeds the environment asks for (`SVA_SIM_SEED=n`: that one seed;
-/// `SVA_SIM_SEEDS=n`: seeds 0..n; else `0..default_seeds`) and panic, naming the seed, at the
+/// `SVA_SIM_SEEDS=n`: seeds 0..n, `SVA_SIM_SEEDS=a..b`: seeds a..b; else `0..default_seeds`) and panic, naming the seed, at the
 /// first violation of `invariant`.
 pub fn check(invariants: &[Invariant], default_seeds: u64) {
     let seeds: Vec<u64> = match (
@@ -1501,10 +1505,13 @@ pub fn check(invariants: &[Invariant], default_seeds: u64) {
             .and_then(|s| s.parse().ok()),
         std::env::var("SVA_SIM_SEEDS")
             .ok()
-            .and_then(|s| s.parse().ok()),
+            .and_then(|s| match s.split_once("..") {
+                Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                None => Some((0, s.parse().ok()?)),
+            }),
     ) {
         (Some(seed), _) => vec![seed],
-        (None, Some(n)) => (0..n).collect(),
+        (None, Some((a, b))) => (a..b).collect(),
         (None, None) => (0..default_seeds).collect(),
     };
     let mut total = Stats::default();

@@ -1029,3 +1029,71 @@ fn online_verify_compares_checksums_of_every_region() {
     assert_eq!(v.mismatched, vec![3]);
     assert!(!v.running);
 }
+
+#[test]
+fn an_interrupted_full_resync_resumes_instead_of_starting_over() {
+    let (mut p1, t) = survivor_with_dirty_region_0();
+    let full = Message::JoinRequest {
+        epoch: 2,
+        activity_log: vec![],
+        full: true,
+    };
+    p1.handle_message(t, 2, full.clone());
+    let cmds = drain(&mut p1);
+    assert_eq!(p1.bitmap(2).map(|b| b.len()), Some(8));
+    // The source reads every copy in the window; the learner applies them all.
+    let mut copied: Vec<Seq> = Vec::new();
+    let mut cmds = cmds;
+    while !cmds.is_empty() {
+        for c in cmds {
+            match c {
+                Command::CopyOut { seq, what } => {
+                    p1.copied_out(t + 1, seq, Bytes::from(format!("{what:?}")))
+                }
+                Command::Send {
+                    to: 2,
+                    msg: Message::CopyData { seq, .. },
+                } => copied.push(seq),
+                _ => {}
+            }
+        }
+        cmds = drain(&mut p1);
+    }
+    for seq in &copied {
+        p1.handle_message(
+            t + 2,
+            2,
+            Message::Applied {
+                epoch: 2,
+                seq: *seq,
+            },
+        );
+    }
+    drain(&mut p1);
+    let left = p1.bitmap(2).map_or(0, |b| b.len());
+    assert!(left < 8, "copies were acked: {left} regions left");
+    // The learner restarts. The driver wrote its marker once it was accepted, so it asks
+    // for a partial resync: the source's bitmap says what is left.
+    p1.handle_message(
+        t + 3,
+        2,
+        Message::JoinRequest {
+            epoch: 2,
+            activity_log: vec![],
+            full: false,
+        },
+    );
+    let cmds = drain(&mut p1);
+    assert!(cmds.iter().any(|c| matches!(
+        c,
+        Command::Send {
+            to: 2,
+            msg: Message::JoinAccept { .. }
+        }
+    )));
+    assert_eq!(
+        p1.bitmap(2).map_or(0, |b| b.len()),
+        left,
+        "resumed with what is left, not refilled"
+    );
+}

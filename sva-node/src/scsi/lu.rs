@@ -17,6 +17,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -40,6 +41,23 @@ pub const COPY_RESULTS_MAX: usize = 64;
 /// Larger reads go to the blocking pool: there the copy runs beside the connection's
 /// socket writes instead of delaying them.
 pub const CACHED_READ_BYTES_MAX: u64 = 128 * 1024;
+/// Largest WRITE that [`LogicalUnit::try_execute_inline_write`] runs on the caller's thread
+/// (write-back only). Copying this much into the page cache takes a few microseconds, far
+/// less than the two cross-thread wakeups of a blocking-pool round trip.
+pub const INLINE_WRITE_BYTES_MAX: u64 = 64 * 1024;
+/// Inline writes must cover whole pages (offset and length multiples of this): a partial
+/// page not in the page cache would make the kernel read it from the device first.
+pub const INLINE_WRITE_ALIGN: u64 = 4096;
+/// An inline write that took longer than this (the kernel throttled dirty pages or waited
+/// for the journal) sends writes back to the blocking pool for a while. A 4 KiB page-cache
+/// write takes microseconds; the margin is for the thread being preempted on a busy host,
+/// which is no reason to back off.
+pub const INLINE_WRITE_SLOW: Duration = Duration::from_millis(2);
+/// Shortest time writes go back to the blocking pool after a slow inline write.
+pub const INLINE_WRITE_BACKOFF: Duration = Duration::from_millis(200);
+/// The back-off is at least this many times the slow write's duration, so that under
+/// sustained throttling the async thread spends at most about 1/this of its time blocked.
+pub const INLINE_WRITE_BACKOFF_FACTOR: u32 = 20;
 
 /// Write cache behaviour (DESIGN.md §5, Durability).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -178,9 +196,19 @@ pub(crate) type CmdResult = Result<Reply, ScsiError>;
 /// Serialises commands that write overlapping LBA ranges.
 #[derive(Debug, Default)]
 pub(crate) struct RangeLock {
-    active: Mutex<Vec<(u64, u64, u64)>>,
+    held: Mutex<HeldRanges>,
     released: Condvar,
     next_id: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct HeldRanges {
+    /// `(start, end, id)` of every held range.
+    active: Vec<(u64, u64, u64)>,
+    /// Threads waiting in [`RangeLock::lock`]. A release wakes the condvar only if there
+    /// are any: `notify_all` is a futex system call even with nobody waiting, once per
+    /// write otherwise.
+    waiters: usize,
 }
 
 pub(crate) struct RangeGuard<'a> {
@@ -193,23 +221,100 @@ impl RangeLock {
     pub fn lock(&self, lba: u64, blocks: u64) -> RangeGuard<'_> {
         let end = lba.saturating_add(blocks.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut active = lock_or_recover(&self.active);
-        while active.iter().any(|&(s, e, _)| s < end && lba < e) {
-            active = match self.released.wait(active) {
+        let mut held = lock_or_recover(&self.held);
+        while held.active.iter().any(|&(s, e, _)| s < end && lba < e) {
+            held.waiters += 1;
+            held = match self.released.wait(held) {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
+            held.waiters -= 1;
         }
-        active.push((lba, end, id));
+        held.active.push((lba, end, id));
         RangeGuard { lock: self, id }
+    }
+
+    /// Hold `[lba, lba+blocks)` if nothing overlapping is held; never waits.
+    pub fn try_lock(&self, lba: u64, blocks: u64) -> Option<RangeGuard<'_>> {
+        let end = lba.saturating_add(blocks.max(1));
+        let mut held = lock_or_recover(&self.held);
+        if held.active.iter().any(|&(s, e, _)| s < end && lba < e) {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        held.active.push((lba, end, id));
+        Some(RangeGuard { lock: self, id })
+    }
+}
+
+/// Work an inline (async-thread) caller did before the command's checks ran.
+pub(crate) enum Prepared<'a> {
+    Nothing,
+    /// A READ's data, read ahead by `try_execute_cached`.
+    ReadData(Vec<u8>),
+    /// A WRITE's LBA range, taken without waiting by `try_execute_inline_write`.
+    WriteRange(RangeGuard<'a>),
+}
+
+/// Whether writes may run inline: off for a while after a slow one ([`INLINE_WRITE_SLOW`],
+/// [`INLINE_WRITE_BACKOFF`], [`INLINE_WRITE_BACKOFF_FACTOR`]).
+#[derive(Debug)]
+pub(crate) struct InlineWriteGate {
+    base: Instant,
+    /// Nanoseconds after `base` before which inline writes are off.
+    off_until_ns: AtomicU64,
+    /// Slow inline writes seen (each started a back-off).
+    slow: AtomicU64,
+}
+
+impl InlineWriteGate {
+    pub(crate) fn new(base: Instant) -> Self {
+        InlineWriteGate {
+            base,
+            off_until_ns: AtomicU64::new(0),
+            slow: AtomicU64::new(0),
+        }
+    }
+
+    fn since_base(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn open(&self, now: Instant) -> bool {
+        self.since_base(now) >= self.off_until_ns.load(Ordering::Relaxed)
+    }
+
+    /// An inline write ran from `start` to `end`.
+    pub(crate) fn record(&self, start: Instant, end: Instant) {
+        let took = end.saturating_duration_since(start);
+        if took > INLINE_WRITE_SLOW {
+            let backoff =
+                INLINE_WRITE_BACKOFF.max(took.saturating_mul(INLINE_WRITE_BACKOFF_FACTOR));
+            let until = self
+                .since_base(end)
+                .saturating_add(u64::try_from(backoff.as_nanos()).unwrap_or(u64::MAX));
+            self.off_until_ns.fetch_max(until, Ordering::Relaxed);
+            self.slow.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                ?took,
+                ?backoff,
+                "slow inline write; writes go to the blocking pool"
+            );
+        }
+    }
+
+    pub(crate) fn slow_writes(&self) -> u64 {
+        self.slow.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut active = lock_or_recover(&self.lock.active);
-        active.retain(|&(_, _, id)| id != self.id);
-        self.lock.released.notify_all();
+        let mut held = lock_or_recover(&self.lock.held);
+        held.active.retain(|&(_, _, id)| id != self.id);
+        if held.waiters > 0 {
+            self.lock.released.notify_all();
+        }
     }
 }
 
@@ -250,6 +355,7 @@ pub struct LogicalUnit {
     pub(crate) backend: Arc<dyn BlockBackend>,
     pub(crate) state: Mutex<LuState>,
     pub(crate) ranges: RangeLock,
+    pub(crate) inline_writes: InlineWriteGate,
     /// NAA-6 designator (16 bytes), from the volume UID.
     pub(crate) naa: [u8; 16],
     /// Unit serial number (VPD 0x80), from the volume UID.
@@ -312,6 +418,7 @@ impl LogicalUnit {
                 copies: VecDeque::new(),
             }),
             ranges: RangeLock::default(),
+            inline_writes: InlineWriteGate::new(Instant::now()),
             block_count,
             cfg,
         }
@@ -332,7 +439,7 @@ impl LogicalUnit {
 
     /// Run one command to completion.
     pub fn execute(&self, nexus: &NexusId, cmd: &ScsiCommand) -> ScsiResponse {
-        self.execute_with(nexus, cmd, None)
+        self.execute_with(nexus, cmd, Prepared::Nothing)
     }
 
     /// Run a READ at once if the backend can read its data without blocking (page cache),
@@ -343,7 +450,65 @@ impl LogicalUnit {
     /// exactly what `execute` would have produced.
     pub fn try_execute_cached(&self, nexus: &NexusId, cmd: &ScsiCommand) -> Option<ScsiResponse> {
         let data = self.read_ahead_cached(cmd)?;
-        Some(self.execute_with(nexus, cmd, Some(data)))
+        Some(self.execute_with(nexus, cmd, Prepared::ReadData(data)))
+    }
+
+    /// How many inline writes were slow enough to send writes back to the blocking pool for
+    /// a while (see [`LogicalUnit::try_execute_inline_write`]).
+    pub fn inline_write_backoffs(&self) -> u64 {
+        self.inline_writes.slow_writes()
+    }
+
+    /// Run a small write-back WRITE at once on the caller's thread, so that an async caller
+    /// need not hand it to a blocking thread. A buffered write of whole pages only copies
+    /// into the page cache, unless the kernel throttles dirty pages or the journal is
+    /// busy; the kernel has no non-blocking buffered write here (`pwritev2(RWF_NOWAIT)` is
+    /// EOPNOTSUPP on ext4), so a write that turns out slow sends the following ones back to
+    /// the blocking pool for a while ([`INLINE_WRITE_SLOW`], [`INLINE_WRITE_BACKOFF`]).
+    /// `None`: not such a WRITE (write-through, FUA, WRITE AND VERIFY, larger than
+    /// [`INLINE_WRITE_BYTES_MAX`], not page-aligned), the backend expects the write to wait
+    /// ([`BlockBackend::write_is_cached`]: a page under writeback), its range is locked by
+    /// another command, or inline writes are backed off — use [`LogicalUnit::execute`].
+    pub fn try_execute_inline_write(
+        &self,
+        nexus: &NexusId,
+        cmd: &ScsiCommand,
+    ) -> Option<ScsiResponse> {
+        if self.cfg.cache_mode != CacheMode::WriteBack {
+            // WCE=0: every write waits for fdatasync (SBC-3 §4.16), never inline.
+            return None;
+        }
+        let op = Self::check_cdb(&cmd.cdb).ok()?;
+        if !matches!(
+            op,
+            Opcode::Write6 | Opcode::Write10 | Opcode::Write12 | Opcode::Write16
+        ) {
+            return None;
+        }
+        let r = cdb::RwCdb::parse(&cmd.cdb).ok()?;
+        let bs = u64::from(self.cfg.block_size);
+        let bytes = u64::from(r.blocks) * bs;
+        let offset = r.lba.checked_mul(bs)?;
+        // WRITE(6) has no FUA bit; the others have it in byte 1 (SBC-3 §5.32).
+        let fua = op != Opcode::Write6 && r.flags & 0x08 != 0;
+        if fua
+            || r.blocks == 0
+            || bytes > INLINE_WRITE_BYTES_MAX
+            || bytes % INLINE_WRITE_ALIGN != 0
+            || offset % INLINE_WRITE_ALIGN != 0
+            || cmd.data_out.len() as u64 != bytes
+            || self.check_lba(r.lba, u64::from(r.blocks)).is_err()
+        {
+            return None;
+        }
+        let start = Instant::now();
+        if !self.inline_writes.open(start) || !self.backend.write_is_cached(offset, bytes) {
+            return None;
+        }
+        let range = self.ranges.try_lock(r.lba, u64::from(r.blocks))?;
+        let response = self.execute_with(nexus, cmd, Prepared::WriteRange(range));
+        self.inline_writes.record(start, Instant::now());
+        Some(response)
     }
 
     /// [`LogicalUnit::execute_admitted`] for a READ whose data is in the page cache, on the
@@ -356,7 +521,11 @@ impl LogicalUnit {
     ) -> Option<ScsiResponse> {
         let data = self.read_ahead_cached(cmd)?;
         let descriptor = self.lock_state().mode.d_sense;
-        Some(self.respond(cmd, self.ordered(nexus, cmd, Some(data)), descriptor))
+        Some(self.respond(
+            cmd,
+            self.ordered(nexus, cmd, Prepared::ReadData(data)),
+            descriptor,
+        ))
     }
 
     /// The medium data of a small READ, if the backend has it without blocking.
@@ -385,16 +554,11 @@ impl LogicalUnit {
         }
     }
 
-    /// `execute`, with the medium data of a READ already read (`cached`).
-    fn execute_with(
-        &self,
-        nexus: &NexusId,
-        cmd: &ScsiCommand,
-        cached: Option<Vec<u8>>,
-    ) -> ScsiResponse {
+    /// `execute`, with the inline caller's preparation (`prep`).
+    fn execute_with(&self, nexus: &NexusId, cmd: &ScsiCommand, prep: Prepared<'_>) -> ScsiResponse {
         match self.admission(nexus, cmd) {
             Err((result, descriptor)) => self.respond(cmd, result, descriptor),
-            Ok(descriptor) => self.respond(cmd, self.ordered(nexus, cmd, cached), descriptor),
+            Ok(descriptor) => self.respond(cmd, self.ordered(nexus, cmd, prep), descriptor),
         }
     }
 
@@ -415,7 +579,7 @@ impl LogicalUnit {
     /// register the nexus.
     pub fn execute_admitted(&self, nexus: &NexusId, cmd: &ScsiCommand) -> ScsiResponse {
         let descriptor = self.lock_state().mode.d_sense;
-        self.respond(cmd, self.ordered(nexus, cmd, None), descriptor)
+        self.respond(cmd, self.ordered(nexus, cmd, Prepared::Nothing), descriptor)
     }
 
     /// Build the wire response: data cut to the allocation length, sense in the format
@@ -503,7 +667,7 @@ impl LogicalUnit {
     }
 
     /// The ordered half: reservation conflict, then the command itself.
-    fn ordered(&self, nexus: &NexusId, cmd: &ScsiCommand, cached: Option<Vec<u8>>) -> CmdResult {
+    fn ordered(&self, nexus: &NexusId, cmd: &ScsiCommand, prep: Prepared<'_>) -> CmdResult {
         let op = Self::check_cdb(&cmd.cdb)?;
         if cmd.lun != 0 {
             return Err(ScsiError::illegal(asc::LUN_NOT_SUPPORTED));
@@ -511,7 +675,7 @@ impl LogicalUnit {
         if self.lock_state().pr.conflicts(nexus, &cmd.cdb) {
             return Err(ScsiError::ReservationConflict);
         }
-        self.dispatch(nexus, cmd, op, cached)
+        self.dispatch(nexus, cmd, op, prep)
     }
 
     /// Commands to a LUN that does not exist (SPC-4 §4.7? / SAM-5 §5.8.4).
@@ -538,13 +702,13 @@ impl LogicalUnit {
         }
     }
 
-    /// `cached`: a READ's data, read ahead by `try_execute_cached`.
+    /// `prep`: what an inline caller did ahead (a READ's data, a WRITE's range lock).
     fn dispatch(
         &self,
         nexus: &NexusId,
         cmd: &ScsiCommand,
         op: Opcode,
-        cached: Option<Vec<u8>>,
+        prep: Prepared<'_>,
     ) -> CmdResult {
         use super::{sbc, spc};
         let cdb: &[u8] = &cmd.cdb;
@@ -584,13 +748,21 @@ impl LogicalUnit {
                 _ => Err(ScsiError::invalid_field_in_cdb().at_cdb(1, Some(4))),
             },
             Opcode::Read6 | Opcode::Read10 | Opcode::Read12 | Opcode::Read16 => {
+                let cached = match prep {
+                    Prepared::ReadData(d) => Some(d),
+                    _ => None,
+                };
                 sbc::read(self, cdb, cached)
             }
             Opcode::Write6 | Opcode::Write10 | Opcode::Write12 | Opcode::Write16 => {
-                sbc::write(self, cdb, data, false)
+                let held = match prep {
+                    Prepared::WriteRange(g) => Some(g),
+                    _ => None,
+                };
+                sbc::write(self, cdb, data, false, held)
             }
             Opcode::WriteAndVerify10 | Opcode::WriteAndVerify12 | Opcode::WriteAndVerify16 => {
-                sbc::write(self, cdb, data, true)
+                sbc::write(self, cdb, data, true, None)
             }
             Opcode::Verify10 | Opcode::Verify12 | Opcode::Verify16 => sbc::verify(self, cdb, data),
             Opcode::WriteSame10 | Opcode::WriteSame16 => sbc::write_same(self, cdb, data),
@@ -751,12 +923,14 @@ impl LogicalUnit {
 }
 
 /// [`ScsiTarget`] over a local [`LogicalUnit`]: commands run on tokio's blocking pool,
-/// except READs whose data is in the page cache, which run at once on the caller's thread
-/// (`try_execute_cached`). A blocking-pool round trip is two cross-thread wakeups, several
-/// times the cost of a cached 4 KiB read; the backend guarantees the inline read does not
-/// wait for the device (`preadv2(RWF_NOWAIT)`). Writes always go to the pool: a buffered
-/// write can block (dirty-page throttling, journal) and the kernel offers no non-blocking
-/// buffered write here.
+/// except READs whose data is in the page cache and small page-aligned write-back WRITEs,
+/// which run at once on the caller's thread (`try_execute_cached`,
+/// `try_execute_inline_write`). A blocking-pool round trip is two cross-thread wakeups,
+/// several times the cost of a cached 4 KiB read or a 4 KiB copy into the page cache. The
+/// backend guarantees the inline read does not wait for the device (`preadv2(RWF_NOWAIT)`);
+/// a buffered write can block (dirty-page throttling, journal) and the kernel offers no
+/// non-blocking buffered write here, so writes go back to the pool for a while after an
+/// inline one was slow.
 #[derive(Debug, Clone)]
 pub struct LocalTarget {
     lu: Arc<LogicalUnit>,
@@ -790,7 +964,10 @@ pub async fn run_off_thread(
     admission: Admission,
 ) -> ScsiResponse {
     let cached = match admission {
-        Admission::Check => lu.try_execute_cached(&nexus, &cmd),
+        Admission::Check => lu
+            .try_execute_cached(&nexus, &cmd)
+            .or_else(|| lu.try_execute_inline_write(&nexus, &cmd)),
+        // The mirror engine replicates writes; only its local reads come here.
         Admission::Done => lu.try_execute_admitted_cached(&nexus, &cmd),
     };
     if let Some(r) = cached {

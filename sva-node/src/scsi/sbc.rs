@@ -9,7 +9,7 @@
 //! before it is acknowledged; in write-back mode only FUA writes and SYNCHRONIZE CACHE are.
 
 use super::cdb::{be, rcr, service_action, RwCdb};
-use super::lu::{CacheMode, CmdResult, CopyResult, LogicalUnit, Reply};
+use super::lu::{CacheMode, CmdResult, CopyResult, LogicalUnit, RangeGuard, Reply};
 use super::sense::{asc, ScsiError, SenseKey};
 use super::NexusId;
 use crate::store::Mapping;
@@ -161,7 +161,16 @@ pub(crate) fn read(lu: &LogicalUnit, cdb: &[u8], cached: Option<Vec<u8>>) -> Cmd
 /// When the transport delivered less data than the CDB asks for (EDTL below the transfer
 /// length), only the whole blocks received are written and the command succeeds; the
 /// transport reports the overflow residual (libiscsi `test_write10_residuals`).
-pub(crate) fn write(lu: &LogicalUnit, cdb: &[u8], data: &[u8], verify: bool) -> CmdResult {
+///
+/// `held`: the command's range, already locked by an inline caller (it covers at least the
+/// blocks written here).
+pub(crate) fn write(
+    lu: &LogicalUnit,
+    cdb: &[u8],
+    data: &[u8],
+    verify: bool,
+    held: Option<RangeGuard<'_>>,
+) -> CmdResult {
     let r = RwCdb::parse(cdb)?;
     check_no_protect(cdb, r.flags)?;
     if verify && (r.flags >> 1) & 0x03 == 0b10 {
@@ -176,7 +185,10 @@ pub(crate) fn write(lu: &LogicalUnit, cdb: &[u8], data: &[u8], verify: bool) -> 
         return Ok(Reply::good());
     }
     let payload = &data[..(blocks * bs) as usize];
-    let _g = lu.ranges.lock(r.lba, blocks);
+    let _g = match held {
+        Some(g) => g,
+        None => lu.ranges.lock(r.lba, blocks),
+    };
     lu.backend
         .write_at(payload, r.lba * bs)
         .map_err(write_error)?;

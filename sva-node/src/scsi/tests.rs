@@ -1355,3 +1355,135 @@ fn replicated_state_round_trips_to_another_node() {
     assert!(other.lu.install_replicated_state(v2.as_bytes()).is_err());
     assert_eq!(other.lu.lock_state().pr.scsi2_holder(), Some(&nexus(1)));
 }
+
+/// A small, page-aligned write-back WRITE runs inline with exactly `execute`'s outcome
+/// (data written, UA first for a new nexus, no sync); anything that may wait or needs more
+/// than a page-cache copy is left to the normal path.
+#[test]
+fn inline_write_matches_execute_and_declines_what_may_wait() {
+    use super::lu::{INLINE_WRITE_BYTES_MAX, INLINE_WRITE_SLOW};
+    let dir = tempfile::tempdir().unwrap();
+    let open = |name: &str| {
+        Arc::new(FileBackend::open(&dir.path().join(name), BLOCKS * 512, true).unwrap())
+    };
+    let wb = open("wb");
+    let mut cfg = LuConfig::new("vol-1");
+    cfg.cache_mode = CacheMode::WriteBack;
+    let t = Lu::with(cfg, wb.clone());
+    let write = |op: u8, lba: u64, blocks: u32, flags: u8, fill: u8| {
+        cmd(
+            0,
+            &RwCdb { lba, blocks, flags }.encode(op),
+            &vec![fill; blocks as usize * 512],
+        )
+    };
+
+    let r =
+        t.lu.try_execute_inline_write(&nexus(1), &write(0x2a, 8, 8, 0, 0x5a));
+    assert_eq!(r.map(|r| r.status), Some(ScsiStatus::Good));
+    assert_eq!(&t.read10(8, 8)[..], &[0x5a; 4096][..]);
+    assert_eq!(wb.sync_count(), 0, "write-back: no sync");
+    // WRITE(16) and WRITE(6) are taken too.
+    let r =
+        t.lu.try_execute_inline_write(&nexus(1), &write(0x8a, 16, 8, 0, 0x16));
+    assert_eq!(r.map(|r| r.status), Some(ScsiStatus::Good));
+    assert_eq!(&t.read10(16, 8)[..], &[0x16; 4096][..]);
+
+    // A nexus the LU has not seen gets its POWER ON UA and the medium is untouched.
+    let r =
+        t.lu.try_execute_inline_write(&nexus(2), &write(0x2a, 8, 8, 0, 0x77))
+            .expect("eligible write");
+    assert_eq!(sense_of(&r), (6, 0x29, 0x00));
+    assert_eq!(&t.read10(8, 8)[..], &[0x5a; 4096][..]);
+
+    // Declined: FUA, not page-aligned, partial page, too large, WRITE AND VERIFY, a READ,
+    // out of range.
+    let big = (INLINE_WRITE_BYTES_MAX / 512) as u32 + 8;
+    for c in [
+        write(0x2a, 8, 8, 0x08, 1),
+        write(0x2a, 9, 8, 0, 1),
+        write(0x2a, 8, 1, 0, 1),
+        write(0x2a, 0, big, 0, 1),
+        write(0x2e, 8, 8, 0, 1),
+        cmd(
+            0,
+            &RwCdb {
+                lba: 8,
+                blocks: 8,
+                flags: 0,
+            }
+            .encode(0x28),
+            &[],
+        ),
+        write(0x2a, BLOCKS, 8, 0, 1),
+    ] {
+        assert!(
+            t.lu.try_execute_inline_write(&nexus(1), &c).is_none(),
+            "cdb {:02x?}",
+            &c.cdb[..]
+        );
+    }
+    assert_eq!(&t.read10(8, 8)[..], &[0x5a; 4096][..], "nothing written");
+
+    // Another command holds an overlapping range: declined, not waited for.
+    {
+        let _held = t.lu.ranges.try_lock(12, 1).expect("free");
+        assert!(t.lu.ranges.try_lock(10, 4).is_none(), "overlaps");
+        assert!(t.lu.ranges.try_lock(13, 4).is_some(), "adjacent");
+        assert!(t
+            .lu
+            .try_execute_inline_write(&nexus(1), &write(0x2a, 8, 8, 0, 1))
+            .is_none());
+    }
+    assert!(t
+        .lu
+        .try_execute_inline_write(&nexus(1), &write(0x2a, 8, 8, 0, 0x33))
+        .is_some());
+
+    // After a slow inline write, writes go to the blocking pool for a while.
+    let now = std::time::Instant::now();
+    t.lu.inline_writes.record(now, now + INLINE_WRITE_SLOW / 2);
+    assert_eq!(t.lu.inline_write_backoffs(), 0, "fast enough");
+    t.lu.inline_writes.record(now, now + INLINE_WRITE_SLOW * 2);
+    assert_eq!(t.lu.inline_write_backoffs(), 1);
+    assert!(t
+        .lu
+        .try_execute_inline_write(&nexus(1), &write(0x2a, 8, 8, 0, 1))
+        .is_none());
+    assert_eq!(&t.read10(8, 8)[..], &[0x33; 4096][..]);
+
+    // Write-through: every write waits for fdatasync, so never inline.
+    let t = Lu::with(LuConfig::new("vol-1"), open("wt"));
+    assert!(t
+        .lu
+        .try_execute_inline_write(&nexus(1), &write(0x2a, 8, 8, 0, 1))
+        .is_none());
+}
+
+/// The back-off after a slow inline write lasts at least INLINE_WRITE_BACKOFF and at least
+/// INLINE_WRITE_BACKOFF_FACTOR times the slow write, so sustained throttling cannot keep
+/// the async thread blocked for more than a small share of the time.
+#[test]
+fn inline_write_gate_backs_off_in_proportion() {
+    use super::lu::{
+        InlineWriteGate, INLINE_WRITE_BACKOFF, INLINE_WRITE_BACKOFF_FACTOR, INLINE_WRITE_SLOW,
+    };
+    use std::time::Duration;
+    let base = std::time::Instant::now();
+    let g = InlineWriteGate::new(base);
+    assert!(g.open(base));
+    let end = base + INLINE_WRITE_SLOW * 2;
+    g.record(base, end);
+    assert!(!g.open(end));
+    assert!(!g.open(end + INLINE_WRITE_BACKOFF - Duration::from_millis(1)));
+    assert!(g.open(end + INLINE_WRITE_BACKOFF));
+
+    let start = end + INLINE_WRITE_BACKOFF;
+    let took = Duration::from_millis(100);
+    g.record(start, start + took);
+    let backoff = took * INLINE_WRITE_BACKOFF_FACTOR;
+    assert!(backoff > INLINE_WRITE_BACKOFF);
+    assert!(!g.open(start + took + backoff - Duration::from_millis(1)));
+    assert!(g.open(start + took + backoff));
+    assert_eq!(g.slow_writes(), 2);
+}

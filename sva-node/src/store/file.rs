@@ -5,6 +5,9 @@
 //! - `mapping` asks the filesystem with `SEEK_DATA` / `SEEK_HOLE`.
 //! - `try_read_at_cached` is `preadv2(RWF_NOWAIT)`: the kernel reads from the page cache
 //!   or answers EAGAIN instead of waiting for the device (Linux ≥ 4.14).
+//! - `write_is_cached` asks `cachestat(2)` (Linux ≥ 6.5) whether a page of the range is
+//!   under writeback, which a buffered write would wait for; without `cachestat` it says yes
+//!   (the caller's own slow-write back-off is then the only guard).
 //! - `flush` is a group commit: concurrent callers share one `fdatasync`. A caller needs a
 //!   sync that *started after* it called (earlier syncs may miss its writes); whoever finds
 //!   no sync running starts one, the others wait on a condvar for it.
@@ -20,6 +23,28 @@ use super::{check_range, BlockBackend, Mapping};
 
 /// Largest zero buffer written at once when punching holes is not supported.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+/// `cachestat(2)`'s number; since Linux 5.x new system calls have one number on every
+/// architecture (the libc crate does not name it for x86_64 glibc yet).
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// `struct cachestat_range` (include/uapi/linux/mman.h).
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+/// `struct cachestat` (include/uapi/linux/mman.h): page counts of the range.
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
 
 #[derive(Debug, Default)]
 struct SyncState {
@@ -42,6 +67,8 @@ pub struct FileBackend {
     syncs: std::sync::atomic::AtomicU64,
     /// `preadv2(RWF_NOWAIT)` was refused once; cached reads are not tried again.
     nowait_unsupported: std::sync::atomic::AtomicBool,
+    /// `cachestat(2)` was refused once; not asked again.
+    cachestat_unsupported: std::sync::atomic::AtomicBool,
 }
 
 impl FileBackend {
@@ -84,6 +111,7 @@ impl FileBackend {
             synced: Condvar::new(),
             syncs: std::sync::atomic::AtomicU64::new(0),
             nowait_unsupported: std::sync::atomic::AtomicBool::new(false),
+            cachestat_unsupported: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -178,6 +206,46 @@ impl BlockBackend for FileBackend {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
         self.file.write_all_at(buf, offset)
+    }
+
+    fn write_is_cached(&self, offset: u64, len: u64) -> bool {
+        if check_range(self.size, offset, len).is_err() || len == 0 {
+            return false;
+        }
+        if self
+            .cachestat_unsupported
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return true;
+        }
+        let range = CachestatRange { off: offset, len };
+        let mut cs = Cachestat::default();
+        // SAFETY: cachestat(fd, range, cstat, flags) reads `range` and writes one `struct
+        // cachestat` into `cs`; both are live, correctly laid out (#[repr(C)]) locals.
+        let r = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                self.file.as_raw_fd(),
+                &range as *const CachestatRange,
+                &mut cs as *mut Cachestat,
+                0u32,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) | Some(libc::EPERM)
+            ) {
+                self.cachestat_unsupported
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                return true;
+            }
+            return false;
+        }
+        // A page under writeback makes a buffered write to it wait for the device
+        // (folio_wait_writeback / stable pages).
+        cs.nr_writeback == 0
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -297,6 +365,21 @@ mod tests {
             b.try_read_at_cached(&mut buf, 1 << 20).is_err(),
             "range checked"
         );
+    }
+
+    #[test]
+    fn write_is_cached_for_page_cache_writes_and_checks_the_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBackend::open(&dir.path().join("v"), 1 << 20, true).unwrap();
+        b.write_at(&[1; 4096], 0).unwrap();
+        // Nothing is being written back (no sync, far from the dirty thresholds).
+        assert!(b.write_is_cached(0, 4096));
+        assert!(
+            b.write_is_cached(8192, 4096),
+            "a hole: still only a page-cache copy"
+        );
+        assert!(!b.write_is_cached(1 << 20, 4096), "out of range");
+        assert!(!b.write_is_cached(0, 0));
     }
 
     #[test]

@@ -28,6 +28,15 @@ pub trait BlockBackend: Send + Sync + 'static {
         Ok(false)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Whether a [`BlockBackend::write_at`] of whole pages in this range is expected to
+    /// finish without waiting for the device: it only copies into a cache, and no page of
+    /// the range is being written back right now (a write to such a page waits for that
+    /// I/O). A hint, not a guarantee; `true` lets an async caller run a small write-back
+    /// write on its own thread. Default `false`: the caller uses a blocking thread.
+    fn write_is_cached(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
     /// Make every completed write durable (fdatasync; concurrent callers share one sync).
     fn flush(&self) -> io::Result<()>;
     /// Deallocate a range; it reads back as zeroes afterwards.

@@ -753,3 +753,59 @@ fn max_cmd_sn_never_moves_back() {
     };
     assert!(!serial_lt(r.max_cmd_sn, before));
 }
+
+/// Two connections share a write budget of 16 KiB: the second one's R2T waits until the
+/// first command completes; immediate data needs no budget; a dropped connection gives
+/// its reservation back.
+#[test]
+fn write_budget_holds_r2ts_until_room() {
+    use crate::iscsi::budget::WriteBudget;
+    let budget = WriteBudget::new(16384);
+    let ops = "InitialR2T=Yes\0ImmediateData=Yes\0MaxBurstLength=16384\0FirstBurstLength=4096\0";
+    let mut a = Ini::normal(ops);
+    let mut b = Ini::normal(ops);
+    a.c.set_write_budget(budget.clone());
+    b.c.set_write_budget(budget.clone());
+    let r2t = |out: &[Pdu]| match out {
+        [Pdu {
+            bhs: Bhs::R2t(r), ..
+        }] => Some(r.clone()),
+        _ => None,
+    };
+
+    // A 4 KiB write with immediate data: no R2T, no budget.
+    a.cmd(1, &write10(0, 8), 4096, true, true, &[7; 4096]);
+    assert_eq!(a.executed().len(), 1);
+    assert_eq!(budget.used(), 0);
+    a.c.command_complete(1, ScsiResponse::good());
+    a.out();
+
+    // 4 KiB immediate + 12 KiB solicited on A: reserves 12 KiB.
+    a.cmd(2, &write10(0, 32), 16384, true, true, &[1; 4096]);
+    let ra = r2t(&a.out()).expect("room: R2T at once");
+    assert_eq!((ra.buffer_offset, ra.desired_len), (4096, 12288));
+    assert_eq!(budget.used(), 12288);
+
+    // 16 KiB solicited on B does not fit beside it: no R2T yet.
+    b.cmd(1, &write10(64, 32), 16384, true, true, &[]);
+    assert!(b.out().is_empty());
+    assert!(b.c.awaiting_write_budget());
+    b.c.retry_write_budget();
+    assert!(b.out().is_empty(), "still no room");
+
+    // A's data comes and its command completes: the budget is released and B's R2T goes.
+    a.data_out(2, ra.ttt, 0, 4096, 12288, true);
+    assert_eq!(a.executed().len(), 1);
+    assert_eq!(budget.used(), 12288, "held while the command runs");
+    a.c.command_complete(2, ScsiResponse::good());
+    assert_eq!(budget.used(), 0);
+    b.c.retry_write_budget();
+    let rb = r2t(&b.out()).expect("room now");
+    assert_eq!((rb.buffer_offset, rb.desired_len), (0, 16384));
+    assert!(!b.c.awaiting_write_budget());
+    assert_eq!(budget.used(), 16384);
+
+    // The connection goes away mid-transfer: its reservation is given back.
+    drop(b);
+    assert_eq!(budget.used(), 0);
+}
