@@ -22,6 +22,7 @@ use super::engine::{Config as EngineConfig, PathState, Start};
 use super::link::LinkConfig;
 use super::node::{MirrorNode, MirrorSetup};
 use super::persist::{PersistError, StateFiles};
+use super::resync::ResyncRole;
 use crate::config::{Config, KubernetesLeaseSection, MirrorSection, WitnessSection};
 use crate::control::{
     ControlError, NodeStatus, PlexStatus, ResyncProgress, StatusSource, VerifyStatus,
@@ -322,12 +323,26 @@ impl StatusSource for MirrorStatus {
             plexes: membership
                 .plexes
                 .iter()
-                .map(|p| PlexStatus {
-                    id: p.id,
-                    node: p.node.clone(),
-                    portal: p.portal.clone(),
-                    state: p.state,
-                    resync: resyncs.get(&p.id).map(resync_progress).unwrap_or_default(),
+                .map(|p| {
+                    let view = resyncs.get(&p.id);
+                    // The record says Stale until the plex is back; while data is being
+                    // copied to it, say so.
+                    let copying = view.is_some_and(|v| {
+                        v.role == ResyncRole::Target
+                            || v.info.done_bytes > 0
+                            || v.info.copied_bytes > 0
+                    });
+                    PlexStatus {
+                        id: p.id,
+                        node: p.node.clone(),
+                        portal: p.portal.clone(),
+                        state: if p.state == PlexState::Stale && copying {
+                            PlexState::Resyncing
+                        } else {
+                            p.state
+                        },
+                        resync: view.map(resync_progress).unwrap_or_default(),
+                    }
                 })
                 .collect(),
             resync_rate_limit_bytes_per_sec: (rate > 0).then_some(rate),

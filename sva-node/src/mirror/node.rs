@@ -65,7 +65,7 @@ pub const RESYNC_LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// Activity-log regions whose ops all settled leave the log after this long untouched.
 pub const ACTIVITY_LOG_IDLE: Duration = Duration::from_secs(5);
 /// The resync rate is the progress over this last stretch of time.
-pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+pub const RATE_WINDOW: Duration = Duration::from_secs(5);
 
 /// One resync as status shows it: the engine's counts plus the driver's rate and ETA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -441,11 +441,6 @@ impl MirrorNode {
             (e.resync_status(), e.verify_status(), e.membership().clone())
         };
         let metrics = &self.shared.metrics;
-        for p in &membership.plexes {
-            if let Some(g) = metrics.plex(p.id, p.state) {
-                g.set_state(p.state);
-            }
-        }
         metrics.set_verify(verify.regions_done, verify.mismatched.len() as u64);
         let mut mon = lock(&self.shared.monitor);
         let mut seen = Vec::new();
@@ -481,6 +476,9 @@ impl MirrorNode {
                 t.copying = true;
                 t.started = now;
                 t.last_log = now;
+                // The rate counts from the first copy, not from when the plex went away.
+                t.samples.clear();
+                t.samples.push_back((now, info.done_bytes));
                 tracing::info!(
                     "resync of plex {} started ({}, this node is the {:?}): {} to copy",
                     info.plex,
@@ -531,6 +529,17 @@ impl MirrorNode {
                 if let Some(g) = metrics.plex(p, PlexState::InSync) {
                     g.set_resync(0, 0, 0);
                 }
+            }
+        }
+        for p in &membership.plexes {
+            // As `/v1/status`: a Stale plex being copied to shows as Resyncing.
+            let copying = mon.resyncs.get(&p.id).is_some_and(|t| t.copying);
+            let state = match p.state {
+                PlexState::Stale if copying => PlexState::Resyncing,
+                s => s,
+            };
+            if let Some(g) = metrics.plex(p.id, state) {
+                g.set_state(state);
             }
         }
         mon.verify = verify;
