@@ -457,6 +457,11 @@ pub struct Engine {
     tokens_at: Millis,
     verify: Option<Verify>,
     verify_info: VerifyInfo,
+    /// Stale plexes whose bitmap here was set to every region since they went stale (or that
+    /// this node recovered a bitmap for): a full request that is not fresh resumes.
+    filled: BTreeSet<PlexId>,
+    /// Accepted by a source in this life (a full request is no longer fresh).
+    accepted: bool,
     /// The `Sync` this coordinator sent for the current epoch (re-sent to a member whose
     /// copy was lost).
     last_sync: Option<Message>,
@@ -503,6 +508,8 @@ impl Engine {
             verify: None,
             verify_info: VerifyInfo::default(),
             last_sync: None,
+            filled: BTreeSet::new(),
+            accepted: false,
             cfg,
         };
         let me = e.cfg.me;
@@ -742,10 +749,13 @@ impl Engine {
             return;
         }
         if let Message::JoinRequest {
-            activity_log, full, ..
+            activity_log,
+            full,
+            fresh,
+            ..
         } = msg
         {
-            self.on_join_request(now, from, activity_log, full);
+            self.on_join_request(now, from, activity_log, full, fresh);
             return;
         }
         if let Some(p) = self.peers.get_mut(&from) {
@@ -1736,6 +1746,7 @@ impl Engine {
             .collect();
         for p in gone {
             self.bitmaps.remove(&p);
+            self.filled.remove(&p);
             self.cmds.push_back(Command::DropBitmap { plex: p });
         }
         let ranges = self.write_ranges();
@@ -1878,6 +1889,7 @@ impl Engine {
             .collect();
         for p in synced {
             self.bitmaps.remove(&p);
+            self.filled.remove(&p);
             self.cmds.push_back(Command::DropBitmap { plex: p });
         }
         self.data_valid = true;
@@ -1922,6 +1934,7 @@ impl Engine {
                 self.cmds.push_back(Command::DropBitmap { plex: p });
             }
             self.bitmaps.clear();
+            self.filled.clear();
             self.next_join = 0;
         }
         self.learners.clear();
@@ -2040,6 +2053,7 @@ impl Engine {
                         epoch: self.epoch(),
                         activity_log: activity_log.clone(),
                         full: !self.data_valid,
+                        fresh: !self.data_valid && !self.accepted,
                     },
                 );
             }
@@ -2137,6 +2151,9 @@ impl Engine {
             self.cmds
                 .push_back(Command::MarkDirtyRegions { plex: p, regions });
             self.bitmaps.insert(p, bm);
+            // Its persisted bitmap was complete (in 2-way this node filled it when it accepted
+            // the plex): a full request resumes from it.
+            self.filled.insert(p);
         }
         for p in recovered.into_keys() {
             if p != me {
@@ -2204,14 +2221,22 @@ impl Engine {
             copied_bytes: 0,
         });
         // The source holds a (full) bitmap for us now: asking again (after a drop) must not
-        // start over. The driver writes its `mirror-started` marker now too (RESYNC.md).
-        self.data_valid = true;
+        // start over, but must still say full (another source may not know). The driver
+        // writes its `mirror-started` marker now (RESYNC.md).
+        self.accepted = true;
         self.handle_timeout(now);
     }
 
     // ----- resync: the source side -----
 
-    fn on_join_request(&mut self, now: Millis, from: PlexId, al: Vec<u64>, full: bool) {
+    fn on_join_request(
+        &mut self,
+        now: Millis,
+        from: PlexId,
+        al: Vec<u64>,
+        full: bool,
+        fresh: bool,
+    ) {
         if !matches!(self.role, Role::Active | Role::Holding { .. }) {
             return;
         }
@@ -2234,7 +2259,9 @@ impl Engine {
         let n = self.region_map().regions_of_volume(self.cfg.volume_blocks);
         if let Some(bm) = self.bitmaps.get_mut(&from) {
             let mut regions: Vec<u64> = al.into_iter().filter(|&r| bm.set(r)).collect();
-            if full {
+            // Fill once per spell (a later full request resumes), again after a re-wipe.
+            if full && (fresh || !self.filled.contains(&from)) {
+                self.filled.insert(from);
                 regions.extend(bm.fill(n));
             }
             if !regions.is_empty() {
@@ -2664,6 +2691,7 @@ impl Engine {
             let regions = bm.fill(bm.regions_of_volume(self.cfg.volume_blocks));
             self.cmds
                 .push_back(Command::MarkDirtyRegions { plex: p, regions });
+            self.filled.insert(p);
         }
         self.bitmaps.insert(p, bm);
     }

@@ -149,6 +149,9 @@ pub enum Message {
         epoch: Epoch,
         activity_log: Vec<u64>,
         full: bool,
+        /// Full, and no source accepted me since my data was lost: start over (a re-wipe).
+        /// A full request that is not fresh resumes where a source that filled me left off.
+        fresh: bool,
     },
     /// Sequencer (the resync source) → joining plex: you are a learner; every op from
     /// `start_seq` on reaches you as `Apply` (drop any earlier one: the copies cover it);
@@ -303,10 +306,11 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
             epoch,
             activity_log,
             full,
+            fresh,
         } => {
             out.put_u8(K_JOIN_REQUEST);
             out.put_u64(*epoch);
-            out.put_u8(u8::from(*full));
+            out.put_u8(u8::from(*full) | (u8::from(*fresh) << 1));
             let n = activity_log.len().min(ACTIVITY_LOG_REGIONS_MAX);
             out.put_u32(n as u32);
             for r in activity_log.iter().take(n) {
@@ -446,11 +450,11 @@ fn parse(b: &mut Bytes) -> Result<Message, CodecError> {
         }
         K_JOIN_REQUEST => {
             let epoch = u64_(b)?;
-            let full = match u8_(b)? {
-                0 => false,
-                1 => true,
-                _ => return Err(CodecError::Invalid("full flag")),
-            };
+            let flags = u8_(b)?;
+            if flags > 3 {
+                return Err(CodecError::Invalid("join flags"));
+            }
+            let (full, fresh) = (flags & 1 != 0, flags & 2 != 0);
             let n = u32_(b)? as usize;
             if n > ACTIVITY_LOG_REGIONS_MAX {
                 return Err(CodecError::Invalid("activity log length"));
@@ -461,6 +465,7 @@ fn parse(b: &mut Bytes) -> Result<Message, CodecError> {
                 epoch,
                 activity_log,
                 full,
+                fresh,
             }
         }
         K_JOIN_ACCEPT => Message::JoinAccept {
@@ -752,12 +757,14 @@ mod tests {
             (
                 any::<u64>(),
                 proptest::collection::vec(any::<u64>(), 0..8),
+                any::<bool>(),
                 any::<bool>()
             )
-                .prop_map(|(epoch, activity_log, full)| Message::JoinRequest {
+                .prop_map(|(epoch, activity_log, full, fresh)| Message::JoinRequest {
                     epoch,
                     activity_log,
-                    full
+                    full,
+                    fresh
                 }),
             (arb_membership(), any::<u64>(), any::<u64>()).prop_map(
                 |(membership, start_seq, dirty_regions)| Message::JoinAccept {

@@ -984,7 +984,8 @@ impl Sim {
                         .or_default()
                         .extend(regions_of(&op.range));
                     let (value, kind) = decode_payload(&op.payload);
-                    let at = self.now + self.rng.gen_range(1..=4);
+                    // Up to 10 ms per write: a crash often finds some in flight (torn).
+                    let at = self.now + self.rng.gen_range(1..=10);
                     let incarnation = self.nodes[n].incarnation;
                     self.schedule(
                         at,
@@ -1529,6 +1530,14 @@ pub fn check(invariants: &[Invariant], default_seeds: u64) {
         total.divergent_blocks += s.divergent_blocks;
         total.messages += s.messages;
         total.syncs_with_ops += s.syncs_with_ops;
+        total.crashes_all += s.crashes_all;
+        total.torn_writes += s.torn_writes;
+        total.copies += s.copies;
+        total.rejoins += s.rejoins;
+        total.recoveries += s.recoveries;
+        total.wipes += s.wipes;
+        total.verified_regions += s.verified_regions;
+        total.coverage_checks += s.coverage_checks;
         if let Some(v) = report
             .violations
             .iter()

@@ -682,6 +682,7 @@ fn a_restarted_plex_joins_as_learner_gets_its_dirty_regions_copied_and_rejoins_i
         epoch: 2,
         activity_log: vec![3],
         full: false,
+        fresh: false,
     };
     assert_eq!(
         drain(&mut p2),
@@ -836,6 +837,7 @@ fn a_silent_learner_is_dropped_and_ops_it_may_have_missed_are_marked_dirty() {
             epoch: 2,
             activity_log: vec![],
             full: false,
+            fresh: false,
         },
     );
     drain(&mut p1);
@@ -944,7 +946,8 @@ fn after_every_node_crashed_a_restarted_plex_waits_while_a_peer_serves_then_reco
             msg: Message::JoinRequest {
                 epoch: 2,
                 activity_log: vec![6],
-                full: false
+                full: false,
+                fresh: false,
             }
         }]
     );
@@ -961,6 +964,7 @@ fn a_wiped_plex_gets_a_full_resync_and_the_throttle_paces_copies() {
             epoch: 2,
             activity_log: vec![],
             full: true,
+            fresh: true,
         },
     );
     let cmds = drain(&mut p1);
@@ -1037,6 +1041,7 @@ fn an_interrupted_full_resync_resumes_instead_of_starting_over() {
         epoch: 2,
         activity_log: vec![],
         full: true,
+        fresh: true,
     };
     p1.handle_message(t, 2, full.clone());
     let cmds = drain(&mut p1);
@@ -1081,6 +1086,7 @@ fn an_interrupted_full_resync_resumes_instead_of_starting_over() {
             epoch: 2,
             activity_log: vec![],
             full: false,
+            fresh: false,
         },
     );
     let cmds = drain(&mut p1);
