@@ -584,6 +584,20 @@ impl Engine {
         matches!(self.role, Role::Active | Role::Holding { .. }) && self.lease_valid(now)
     }
 
+    /// Until when (exclusive) [`Engine::can_serve_reads`] holds if no input reaches the
+    /// engine before: `can_serve_reads(now) == (now < reads_allowed_until())`. Lets the
+    /// driver check the read lease without locking the engine per read.
+    pub fn reads_allowed_until(&self) -> Millis {
+        if !matches!(self.role, Role::Active | Role::Holding { .. }) {
+            return 0;
+        }
+        self.peers
+            .values()
+            .map(|p| p.lease_from.map_or(0, |l| l.saturating_add(READ_LEASE_MS)))
+            .min()
+            .unwrap_or(Millis::MAX)
+    }
+
     /// Next time `handle_timeout` must be called.
     pub fn next_timeout(&self) -> Option<Millis> {
         match self.role {

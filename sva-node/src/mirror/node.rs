@@ -25,6 +25,7 @@
 //! the apply or the CAS, answer a waiting initiator), so the lock is held for microseconds.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -112,6 +113,8 @@ struct Shared {
     block_size: u32,
     metrics: Arc<Metrics>,
     monitor: Mutex<Monitor>,
+    /// `Engine::reads_allowed_until` as of the last engine call (see `publish_lease`).
+    read_lease_until: AtomicU64,
 }
 
 /// A running mirror node; clone-cheap handle.
@@ -164,6 +167,7 @@ impl MirrorNode {
                 block_size,
                 metrics: s.metrics,
                 monitor: Mutex::new(Monitor::default()),
+                read_lease_until: AtomicU64::new(0),
             }),
         };
         // Run what the engine emitted at construction (its first path state).
@@ -180,23 +184,112 @@ impl MirrorNode {
     }
 
     /// Lock the engine, feed it, and run every command it emits.
+    ///
+    /// The `Apply`s it emits run after the lock is dropped (never inside it: an inline
+    /// apply feeds `applied`, which locks the engine again): small write-back WRITEs at once
+    /// on this thread, the rest on blocking threads. The engine only emits `Apply`s that do
+    /// not overlap any op still being applied, so running them in any order is safe.
     fn with_engine<R>(&self, f: impl FnOnce(&mut Engine, Millis) -> R) -> R {
+        let (r, applies) = self.engine_step(f);
+        self.run_applies(applies);
+        r
+    }
+
+    /// Lock the engine, feed it, run every command it emits but `Apply`, which it returns.
+    fn engine_step<R>(&self, f: impl FnOnce(&mut Engine, Millis) -> R) -> (R, Vec<(u64, OpMeta)>) {
         let now = self.now();
+        let mut applies = Vec::new();
         let mut e = lock(&self.shared.engine);
         let r = f(&mut e, now);
         let mut timer_changed = false;
         while let Some(cmd) = e.poll_command() {
             timer_changed = true;
-            self.dispatch(&e, cmd);
+            self.dispatch(&e, cmd, &mut applies);
         }
+        self.publish_lease(&e, now);
         drop(e);
         if timer_changed {
             self.shared.timer.notify_one();
         }
-        r
+        (r, applies)
     }
 
-    fn dispatch(&self, e: &Engine, cmd: Command) {
+    /// Run `Apply`s the engine emitted: inline when they qualify (see [`Self::apply_inline`]),
+    /// else on a blocking thread. Inline ones are reported to the engine together, and what
+    /// it emits then is run the same way.
+    fn run_applies(&self, mut applies: Vec<(u64, OpMeta)>) {
+        while !applies.is_empty() {
+            let mut done = Vec::new();
+            for (seq, meta) in applies.drain(..) {
+                let op = ReplicatedOp::decode(meta.payload);
+                match self.apply_inline(seq, &op) {
+                    Some(response) => done.push((seq, response)),
+                    None => {
+                        let node = self.clone();
+                        tokio::task::spawn_blocking(move || {
+                            node.before_write(seq);
+                            let response = node.apply(op);
+                            node.with_engine(|e, now| e.applied(now, seq, response));
+                        });
+                    }
+                }
+            }
+            if done.is_empty() {
+                break;
+            }
+            applies = self
+                .engine_step(|e, now| {
+                    for (seq, response) in done {
+                        e.applied(now, seq, response);
+                    }
+                })
+                .1;
+        }
+    }
+
+    /// Apply op `seq` on this thread if it is a small write-back WRITE that will not wait:
+    /// its activity-log regions are in the log already (no sync needed) and the LU takes
+    /// it inline (`LogicalUnit::try_execute_admitted_inline_write`). `None`: run it on a
+    /// blocking thread.
+    fn apply_inline(
+        &self,
+        seq: u64,
+        op: &Result<ReplicatedOp, op::OpDecodeError>,
+    ) -> Option<Bytes> {
+        let Ok(ReplicatedOp::Command { nexus, cmd }) = op else {
+            return None;
+        };
+        // WRITE(6/10/12/16) (SBC-3 §5.32..5.35); the LU checks the rest.
+        if !matches!(cmd.cdb.first(), Some(0x0a | 0x2a | 0xaa | 0x8a)) {
+            return None;
+        }
+        // The activity log first (DESIGN.md §6): an op may only write once its regions are
+        // durably logged.
+        if !self.shared.state.op_before_write_without_io(seq) {
+            return None;
+        }
+        let response = self
+            .shared
+            .lu
+            .try_execute_admitted_inline_write(nexus, cmd)?;
+        Some(op::encode_response(&response))
+    }
+
+    /// Publish the engine's read lease after an engine call, still under its lock: the
+    /// lease only changes when the engine is fed, and it expires by time, which each read
+    /// checks itself (`reads_allowed`).
+    fn publish_lease(&self, e: &Engine, _now: Millis) {
+        self.shared
+            .read_lease_until
+            .store(e.reads_allowed_until(), Ordering::Release);
+    }
+
+    /// `Engine::can_serve_reads` without locking the engine.
+    fn reads_allowed(&self) -> bool {
+        self.now() < self.shared.read_lease_until.load(Ordering::Acquire)
+    }
+
+    fn dispatch(&self, e: &Engine, cmd: Command, applies: &mut Vec<(u64, OpMeta)>) {
         match cmd {
             Command::Send { to, msg } => self.shared.links.send(to, msg),
             Command::Apply { seq, op, .. } => {
@@ -209,12 +302,7 @@ impl MirrorNode {
                     OpRange::Barrier => Vec::new(),
                 };
                 self.shared.state.op_dispatched(seq, regions);
-                let node = self.clone();
-                tokio::task::spawn_blocking(move || {
-                    node.before_write(seq);
-                    let response = node.apply(op);
-                    node.with_engine(|e, now| e.applied(now, seq, response));
-                });
+                applies.push((seq, op));
             }
             Command::Complete { op, outcome } => {
                 if let Some(tx) = lock(&self.shared.waiting).remove(&op) {
@@ -568,9 +656,9 @@ impl MirrorNode {
     }
 
     /// Apply one ordered op on the local LU (runs on a blocking thread).
-    fn apply(&self, meta: OpMeta) -> Bytes {
+    fn apply(&self, op: Result<ReplicatedOp, op::OpDecodeError>) -> Bytes {
         let lu = &self.shared.lu;
-        let response = match ReplicatedOp::decode(meta.payload) {
+        let response = match op {
             Ok(ReplicatedOp::Command { nexus, cmd }) => lu.execute_admitted(&nexus, &cmd),
             Ok(ReplicatedOp::Reset { nexus, lun, tmf }) => {
                 let r = lu.task_management(&nexus, lun, &tmf);
@@ -707,8 +795,7 @@ impl ScsiTarget for MirroredTarget {
             let replicated =
                 cdb::is_state_changing(&cmd.cdb) || cdb::needs_flush_on_all_plexes(&cmd.cdb);
             if !replicated {
-                let now = node.now();
-                if !lock(&node.shared.engine).can_serve_reads(now) {
+                if !node.reads_allowed() {
                     return node.retry_response();
                 }
                 return run_off_thread(lu, nexus, cmd, Admission::Done).await;

@@ -788,6 +788,11 @@ impl ActivityLog {
         self.sync()
     }
 
+    /// Whether every one of `regions` is in the log already (so `ensure` does no I/O).
+    pub fn covers(&self, regions: &[u64]) -> bool {
+        regions.iter().all(|r| self.index.contains_key(r))
+    }
+
     /// Before an op touching `regions` is applied: add the missing ones durably (evicting
     /// only regions no op in flight touches; growing when none can go) and count the op as
     /// in flight on each until [`release`](Self::release).
@@ -1061,8 +1066,35 @@ impl StateFiles {
         let Some((regions, ensured)) = st.in_flight.get_mut(&seq) else {
             return Ok(());
         };
+        if *ensured {
+            // Already done by `op_before_write_without_io` (the op then fell back to a
+            // blocking thread): pinning twice would keep its regions in the log forever.
+            return Ok(());
+        }
         *ensured = true;
         st.log.ensure(regions)
+    }
+
+    /// `op_before_write` for an async thread: `true` if op `seq`'s regions are in the log
+    /// now, done without any I/O (they already were in it, or it touches none) and without
+    /// waiting for the log's lock; `false`: call `op_before_write` on a blocking thread.
+    pub fn op_before_write_without_io(&self, seq: u64) -> bool {
+        let Ok(mut st) = self.al.try_lock() else {
+            return false;
+        };
+        let st = &mut *st;
+        let Some((regions, ensured)) = st.in_flight.get_mut(&seq) else {
+            return true;
+        };
+        if *ensured {
+            return true;
+        }
+        if !st.log.covers(regions) {
+            return false;
+        }
+        *ensured = true;
+        // Every region is in the log, so `ensure` only pins and touches: no write, no sync.
+        st.log.ensure(regions).is_ok()
     }
 
     /// `Settled{up_to}`: ops up to `up_to` are applied everywhere; their regions may leave

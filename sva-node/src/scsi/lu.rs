@@ -474,6 +474,35 @@ impl LogicalUnit {
         nexus: &NexusId,
         cmd: &ScsiCommand,
     ) -> Option<ScsiResponse> {
+        let (start, range) = self.inline_write_range(cmd)?;
+        let response = self.execute_with(nexus, cmd, Prepared::WriteRange(range));
+        self.inline_writes.record(start, Instant::now());
+        Some(response)
+    }
+
+    /// [`LogicalUnit::execute_admitted`] for a small write-back WRITE, on the caller's
+    /// thread; `None` as for [`LogicalUnit::try_execute_inline_write`]. For the mirror
+    /// engine's ordered applies, so that neither plex hands a 4 KiB write to the blocking
+    /// pool.
+    pub fn try_execute_admitted_inline_write(
+        &self,
+        nexus: &NexusId,
+        cmd: &ScsiCommand,
+    ) -> Option<ScsiResponse> {
+        let (start, range) = self.inline_write_range(cmd)?;
+        let descriptor = self.lock_state().mode.d_sense;
+        let response = self.respond(
+            cmd,
+            self.ordered(nexus, cmd, Prepared::WriteRange(range)),
+            descriptor,
+        );
+        self.inline_writes.record(start, Instant::now());
+        Some(response)
+    }
+
+    /// Whether `cmd` is a WRITE that may run inline (see `try_execute_inline_write`), and
+    /// if so its start time and its LBA range, locked without waiting.
+    fn inline_write_range(&self, cmd: &ScsiCommand) -> Option<(Instant, RangeGuard<'_>)> {
         if self.cfg.cache_mode != CacheMode::WriteBack {
             // WCE=0: every write waits for fdatasync (SBC-3 §4.16), never inline.
             return None;
@@ -506,9 +535,7 @@ impl LogicalUnit {
             return None;
         }
         let range = self.ranges.try_lock(r.lba, u64::from(r.blocks))?;
-        let response = self.execute_with(nexus, cmd, Prepared::WriteRange(range));
-        self.inline_writes.record(start, Instant::now());
-        Some(response)
+        Some((start, range))
     }
 
     /// [`LogicalUnit::execute_admitted`] for a READ whose data is in the page cache, on the
