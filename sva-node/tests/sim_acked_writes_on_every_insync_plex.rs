@@ -11,6 +11,6 @@ fn sim_acked_writes_on_every_insync_plex() {
             Invariant::AckedWritesOnEveryInSyncPlex,
             Invariant::ReadsLinearizable,
         ],
-        32,
+        20,
     );
 }

@@ -6,5 +6,5 @@ use sva_node::mirror::sim::{check, Invariant};
 
 #[test]
 fn sim_dirty_map_covers_divergence() {
-    check(&[Invariant::DirtyMapCoversDivergence], 32);
+    check(&[Invariant::DirtyMapCoversDivergence], 20);
 }

@@ -6,5 +6,5 @@ use sva_node::mirror::sim::{check, Invariant};
 
 #[test]
 fn sim_insync_plexes_identical() {
-    check(&[Invariant::InSyncPlexesIdentical, Invariant::Liveness], 32);
+    check(&[Invariant::InSyncPlexesIdentical, Invariant::Liveness], 20);
 }

@@ -6,5 +6,5 @@ use sva_node::mirror::sim::{check, Invariant};
 
 #[test]
 fn sim_reservation_state_identical() {
-    check(&[Invariant::ReservationStateIdentical], 32);
+    check(&[Invariant::ReservationStateIdentical], 20);
 }

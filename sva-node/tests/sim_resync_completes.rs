@@ -8,5 +8,5 @@ use sva_node::mirror::sim::{check, Invariant};
 
 #[test]
 fn sim_resync_completes() {
-    check(&[Invariant::ResyncCompletes], 32);
+    check(&[Invariant::ResyncCompletes], 20);
 }

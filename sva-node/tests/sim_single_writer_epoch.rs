@@ -6,5 +6,5 @@ use sva_node::mirror::sim::{check, Invariant};
 
 #[test]
 fn sim_single_writer_epoch() {
-    check(&[Invariant::SingleWriterEpoch], 32);
+    check(&[Invariant::SingleWriterEpoch], 20);
 }
