@@ -193,37 +193,68 @@ fn kill_during_writes(victim: u16) {
     assert_eq!(st.plex_state(survivor), Some("InSync"), "{:?}", st.raw);
     assert_eq!(st.alua_state, "ActiveOptimized", "{:?}", st.raw);
 
-    // The killed node, restarted with its config, must not serve: it lost its state and may
-    // hold stale data.
+    // The killed node, restarted with its config, must never serve stale data: until the
+    // resync (issue 4) brings it back InSync it refuses I/O with an ALUA NOT READY; once back,
+    // every acknowledged write reads back through its path too.
     v.restart(victim).expect("restart the killed node");
-    let refuses = |what: &str| {
-        let st = v.status(victim).expect("status of the restarted node");
-        assert_eq!(
-            st.alua_state, "Unavailable",
-            "{what}: restarted node's path: {:?}",
-            st.raw
-        );
-        let out = tools::qemu_io(&v.url(victim), &["read -v 0 4k"]).expect("qemu-io");
-        assert!(
-            !out.success() && !out.stdout.contains("read 4096/4096"),
-            "{what}: the restarted (stale) node served a read: {}",
-            out.describe()
-        );
-        assert!(
-            out.stderr.contains("NOT READY") || out.stdout.contains("NOT READY"),
-            "{what}: expected a NOT READY (ALUA) refusal: {}",
-            out.describe()
-        );
-    };
-    refuses("right after restart");
-    // ... and still not once it has talked to its peer for a while.
-    std::thread::sleep(Duration::from_millis(1500));
-    refuses("1.5 s after restart");
+    let mut refusals = 0;
+    let back = wait_until(
+        || {
+            let Ok(st) = v.status(victim) else {
+                return false;
+            };
+            if st.alua_state == "ActiveOptimized"
+                && st.plex_state(victim) == Some("InSync")
+                && st.plex_state(survivor) == Some("InSync")
+            {
+                return true;
+            }
+            // Not back yet: a read through its path must be refused, never served.
+            let out = tools::qemu_io(&v.url(victim), &["read -v 0 4k"]).expect("qemu-io");
+            let still_out = v
+                .status(victim)
+                .is_ok_and(|st| st.alua_state != "ActiveOptimized");
+            if still_out {
+                assert!(
+                    !out.success() && !out.stdout.contains("read 4096/4096"),
+                    "the restarted node served a read before it was resynced: {} ({:?})",
+                    out.describe(),
+                    st.raw
+                );
+                refusals += 1;
+            }
+            false
+        },
+        Duration::from_secs(60),
+    );
+    assert!(
+        back.is_some(),
+        "the restarted node did not come back InSync within 60 s: {:?}\n{}",
+        v.status(victim).map(|s| s.raw),
+        v.logs(40)
+    );
+    eprintln!(
+        "restarted plex {victim} back InSync after {back:?} ({refusals} reads refused before)"
+    );
     assert!(v.is_running(victim), "the restarted node exited");
+    let mut s = QemuIoSession::open(&v.url(victim), COMMAND_TIMEOUT).expect("qemu-io");
+    for r in log.iter().filter(|r| r.ok) {
+        let cmd = format!(
+            "read -P {:#x} {} {BLOCK}",
+            pattern(r.index),
+            r.index * BLOCK
+        );
+        let reply = s.run(&cmd, COMMAND_TIMEOUT).expect("read");
+        assert!(
+            reply.ok(),
+            "acknowledged write {} does not read back through the resynced plex {victim}: {}",
+            r.index,
+            reply.output
+        );
+    }
+    drop(s);
 
-    // The survivor is unaffected by the stale node's return.
-    let st = v.status(survivor).expect("status");
-    assert_eq!(st.plex_state(victim), Some("Stale"), "{:?}", st.raw);
+    // The survivor is unaffected by the node's return.
     let out = tools::qemu_io(
         &v.url(survivor),
         &["write -P 0xee 40M 64k", "read -P 0xee 40M 64k"],
@@ -231,7 +262,7 @@ fn kill_during_writes(victim: u16) {
     .expect("qemu-io");
     assert!(
         out.success() && !out.stdout.contains("failed"),
-        "survivor after the stale node returned: {}",
+        "survivor after the node returned: {}",
         out.describe()
     );
     assert!(wait_until(|| v.is_running(survivor), Duration::ZERO).is_some());

@@ -130,10 +130,17 @@ pub async fn start(
         );
         Start::Restart(recovered)
     } else {
-        // The (empty) activity log exists now: only then may the marker say "served".
-        write_marker(&marker)?;
+        // The (empty) activity log exists now: only then may the marker say "served". A new
+        // volume's plex (InSync in the record) holds valid data at once. A new or wiped plex
+        // joining an existing volume holds nothing yet: its marker waits until a source has
+        // accepted it (see `mark_valid_once_accepted`), or a crash before that would come back
+        // claiming valid data and get a partial resync instead of a full one.
+        if in_sync_in(&membership, me) {
+            write_marker(&marker)?;
+        }
         Start::Bootstrap
     };
+    let defer_marker = !marker.exists();
     let listener = tokio::net::TcpListener::bind(&m.listen)
         .await
         .map_err(|source| BootError::Listen {
@@ -145,7 +152,7 @@ pub async fn start(
     engine.region_bytes = m.region_bytes();
     // A full resync and a verify cover the whole volume.
     engine.volume_blocks = lu.block_count();
-    Ok(MirrorNode::start(MirrorSetup {
+    let node = MirrorNode::start(MirrorSetup {
         engine,
         membership,
         start,
@@ -168,7 +175,40 @@ pub async fn start(
         state: Arc::new(state),
         resync_bytes_per_sec: m.resync_bytes_per_sec(),
         metrics,
-    }))
+    });
+    if defer_marker {
+        tokio::spawn(mark_valid_once_accepted(node.clone(), marker));
+    }
+    Ok(node)
+}
+
+/// Whether plex `me` is InSync in `m`.
+fn in_sync_in(m: &Membership, me: u16) -> bool {
+    m.plexes
+        .iter()
+        .any(|p| p.id == me && p.state == PlexState::InSync)
+}
+
+/// How often a joining plex checks whether a source accepted it.
+const ACCEPT_POLL: Duration = Duration::from_millis(200);
+
+/// Write the `mirror-started` marker of a new or wiped plex once a source accepted it as a
+/// resync target (the source's bitmap then covers every region) or it is serving.
+async fn mark_valid_once_accepted(node: MirrorNode, marker: PathBuf) {
+    loop {
+        tokio::time::sleep(ACCEPT_POLL).await;
+        let target = node
+            .resync_views()
+            .values()
+            .any(|v| v.role == crate::mirror::resync::ResyncRole::Target);
+        if target || node.status().1 == PathState::ActiveOptimized {
+            match write_marker(&marker) {
+                Ok(()) => tracing::info!("accepted for resync: {} written", marker.display()),
+                Err(e) => tracing::error!("{e}"),
+            }
+            return;
+        }
+    }
 }
 
 /// The in-cluster witness of `mirror.witness.kubernetesLease`.
