@@ -237,7 +237,17 @@ fn kill_during_writes(victim: u16) {
         "restarted plex {victim} back InSync after {back:?} ({refusals} reads refused before)"
     );
     assert!(v.is_running(victim), "the restarted node exited");
-    let mut s = QemuIoSession::open(&v.url(victim), COMMAND_TIMEOUT).expect("qemu-io");
+    // Its path may still be settling (the read lease takes a heartbeat round trip after the
+    // rejoin's view change): an initiator retries a NOT READY, so this test does too.
+    let mut session = None;
+    wait_until(
+        || {
+            session = QemuIoSession::open(&v.url(victim), COMMAND_TIMEOUT).ok();
+            session.is_some()
+        },
+        Duration::from_secs(20),
+    );
+    let mut s = session.expect("a session through the resynced node within 20 s");
     for r in log.iter().filter(|r| r.ok) {
         let cmd = format!(
             "read -P {:#x} {} {BLOCK}",
