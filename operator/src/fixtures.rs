@@ -16,6 +16,33 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tower_test::mock;
 
+use crate::node_api::{NodeStatusReport, PlexReport, ResyncReport};
+use sva_node::scsi::alua::AluaState;
+use sva_node::witness::PlexState;
+
+/// A node's `/v1/status` for volume `vol`: Active/Optimized at `epoch`, plex `id` on host
+/// `w<id>` with portal `10.0.0.<id>:32600` in the given state, no resync running.
+pub fn node_report(node: &str, epoch: u64, states: &[(u16, PlexState)]) -> NodeStatusReport {
+    NodeStatusReport {
+        node: node.into(),
+        volume: "vol".into(),
+        epoch,
+        alua_state: AluaState::ActiveOptimized,
+        plexes: states
+            .iter()
+            .map(|&(id, state)| PlexReport {
+                id,
+                node: format!("w{id}"),
+                portal: format!("10.0.0.{id}:32600"),
+                state,
+                resync: ResyncReport::default(),
+            })
+            .collect(),
+        resync_rate_limit_bytes_per_sec: None,
+        verify: None,
+    }
+}
+
 /// Shared state of the fake API server.
 #[derive(Default)]
 pub struct FakeState {

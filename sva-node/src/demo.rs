@@ -216,30 +216,7 @@ fn start_all(
         let witness_secret = write_secret(&dir.join("witness-secret"))?;
         let replication_secret = write_secret(&dir.join("replication-secret"))?;
         let witness_addr = free_port()?;
-        let log = dir.join("witness.log");
-        let child = Command::new(exe)
-            .arg("witness")
-            .arg("--listen")
-            .arg(witness_addr.to_string())
-            .arg("--data")
-            .arg(dir.join("witness"))
-            .arg("--secret-file")
-            .arg(&witness_secret)
-            .stdin(Stdio::null())
-            .stdout(log_file(&log)?)
-            .stderr(log_file(&log)?)
-            .spawn()
-            .context("starting the witness")?;
-        procs.push(Proc {
-            id: 0,
-            label: "witness".into(),
-            child,
-            ready_addr: witness_addr,
-            portal: witness_addr,
-            control: None,
-            config: None,
-            log,
-        });
+        procs.push(spawn_witness(exe, dir, witness_addr, &witness_secret)?);
         Some(MirrorSection {
             listen: String::new(),
             secret_file: replication_secret,
@@ -301,26 +278,14 @@ fn start_all(
         Config::parse(&text).context("rendered node config is invalid")?;
         let config = dir.join(format!("node-{}.yaml", n.id));
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
-        let log = dir.join(format!("node-{}.log", n.id));
-        let child = Command::new(exe)
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log_file(&log)?)
-            .stderr(log_file(&log)?)
-            .spawn()
-            .with_context(|| format!("starting node {}", n.id))?;
-        procs.push(Proc {
-            id: n.id,
-            label: format!("node {}", n.id),
-            child,
-            ready_addr: n.portal,
-            portal: n.portal,
-            control: Some(n.control),
-            config: Some(config),
-            log,
-        });
+        procs.push(spawn_node(
+            exe,
+            dir,
+            n.id,
+            config,
+            n.portal,
+            Some(n.control),
+        )?);
     }
     for p in procs.iter_mut() {
         wait_until_ready(p, NODE_START_TIMEOUT)?;
@@ -373,30 +338,7 @@ fn restart(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("witness address {address} in the node configs"))?;
     let mut procs = Vec::new();
     let started = (|| -> anyhow::Result<()> {
-        let log = dir.join("witness.log");
-        let child = Command::new(&exe)
-            .arg("witness")
-            .arg("--listen")
-            .arg(&address)
-            .arg("--data")
-            .arg(dir.join("witness"))
-            .arg("--secret-file")
-            .arg(&secret_file)
-            .stdin(Stdio::null())
-            .stdout(log_file(&log)?)
-            .stderr(log_file(&log)?)
-            .spawn()
-            .context("starting the witness")?;
-        procs.push(Proc {
-            id: 0,
-            label: "witness".into(),
-            child,
-            ready_addr: witness_addr,
-            portal: witness_addr,
-            control: None,
-            config: None,
-            log,
-        });
+        procs.push(spawn_witness(&exe, dir, witness_addr, &secret_file)?);
         for (cfg, path) in &configs {
             let id = cfg.target.relative_target_port_id;
             let portal = cfg.portal_addr()?;
@@ -406,26 +348,7 @@ fn restart(dir: &Path) -> anyhow::Result<()> {
                 .map(|c| c.listen.parse::<SocketAddr>())
                 .transpose()
                 .with_context(|| format!("control.listen in {}", path.display()))?;
-            let log = dir.join(format!("node-{id}.log"));
-            let child = Command::new(&exe)
-                .arg("serve")
-                .arg("--config")
-                .arg(path)
-                .stdin(Stdio::null())
-                .stdout(log_file(&log)?)
-                .stderr(log_file(&log)?)
-                .spawn()
-                .with_context(|| format!("starting node {id}"))?;
-            procs.push(Proc {
-                id,
-                label: format!("node {id}"),
-                child,
-                ready_addr: portal,
-                portal,
-                control,
-                config: Some(path.clone()),
-                log,
-            });
+            procs.push(spawn_node(&exe, dir, id, path.clone(), portal, control)?);
         }
         for p in procs.iter_mut() {
             if p.id > 0 {
@@ -445,6 +368,66 @@ fn restart(dir: &Path) -> anyhow::Result<()> {
     }
     print_banner(size, cache_mode, dir, &procs);
     run_until_stopped(dir, procs)
+}
+
+/// Start `sva-node witness` on `addr`, its records under `dir/witness`, logging to
+/// `dir/witness.log`.
+fn spawn_witness(exe: &Path, dir: &Path, addr: SocketAddr, secret: &Path) -> anyhow::Result<Proc> {
+    let log = dir.join("witness.log");
+    let child = Command::new(exe)
+        .arg("witness")
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data")
+        .arg(dir.join("witness"))
+        .arg("--secret-file")
+        .arg(secret)
+        .stdin(Stdio::null())
+        .stdout(log_file(&log)?)
+        .stderr(log_file(&log)?)
+        .spawn()
+        .context("starting the witness")?;
+    Ok(Proc {
+        id: 0,
+        label: "witness".into(),
+        child,
+        ready_addr: addr,
+        portal: addr,
+        control: None,
+        config: None,
+        log,
+    })
+}
+
+/// Start `sva-node serve --config config` as node `id`, logging to `dir/node-<id>.log`.
+fn spawn_node(
+    exe: &Path,
+    dir: &Path,
+    id: u16,
+    config: PathBuf,
+    portal: SocketAddr,
+    control: Option<SocketAddr>,
+) -> anyhow::Result<Proc> {
+    let log = dir.join(format!("node-{id}.log"));
+    let child = Command::new(exe)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(log_file(&log)?)
+        .stderr(log_file(&log)?)
+        .spawn()
+        .with_context(|| format!("starting node {id}"))?;
+    Ok(Proc {
+        id,
+        label: format!("node {id}"),
+        child,
+        ready_addr: portal,
+        portal,
+        control,
+        config: Some(config),
+        log,
+    })
 }
 
 fn log_file(path: &Path) -> anyhow::Result<std::fs::File> {

@@ -146,7 +146,6 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
                     node.clone(),
                     node_name,
                     cfg.volume.name.clone(),
-                    metrics.clone(),
                     m.resync_bytes_per_sec(),
                 ));
                 (Arc::new(MirroredTarget::new(node)), status)

@@ -45,6 +45,23 @@ fn pattern(index: u64) -> u8 {
     (index % 250) as u8 + 1
 }
 
+/// Every acknowledged write of `log` reads back through session `s`; `what` names a failure.
+fn assert_acked_read_back(
+    s: &mut QemuIoSession,
+    log: &[WriteRecord],
+    what: impl Fn(&WriteRecord) -> String,
+) {
+    for r in log.iter().filter(|r| r.ok) {
+        let cmd = format!(
+            "read -P {:#x} {} {BLOCK}",
+            pattern(r.index),
+            r.index * BLOCK
+        );
+        let reply = s.run(&cmd, COMMAND_TIMEOUT).expect("read");
+        assert!(reply.ok(), "{}: {}", what(r), reply.output);
+    }
+}
+
 fn kill_during_writes(victim: u16) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let survivor = if victim == 1 { 2 } else { 1 };
@@ -165,21 +182,13 @@ fn kill_during_writes(victim: u16) {
 
     // Every acknowledged write reads back through the survivor, in a new session.
     let mut s = QemuIoSession::open(&v.url(survivor), COMMAND_TIMEOUT).expect("qemu-io");
-    for r in log.iter().filter(|r| r.ok) {
-        let cmd = format!(
-            "read -P {:#x} {} {BLOCK}",
-            pattern(r.index),
-            r.index * BLOCK
-        );
-        let reply = s.run(&cmd, COMMAND_TIMEOUT).expect("read");
-        assert!(
-            reply.ok(),
-            "acknowledged write {} (acked {:?} after the kill) does not read back: {}",
+    assert_acked_read_back(&mut s, &log, |r| {
+        format!(
+            "acknowledged write {} (acked {:?} after the kill) does not read back",
             r.index,
-            r.ended.checked_duration_since(k),
-            reply.output
-        );
-    }
+            r.ended.checked_duration_since(k)
+        )
+    });
     drop(s);
 
     // The survivor moved to a new epoch with the dead plex Stale.
@@ -248,20 +257,12 @@ fn kill_during_writes(victim: u16) {
         Duration::from_secs(20),
     );
     let mut s = session.expect("a session through the resynced node within 20 s");
-    for r in log.iter().filter(|r| r.ok) {
-        let cmd = format!(
-            "read -P {:#x} {} {BLOCK}",
-            pattern(r.index),
-            r.index * BLOCK
-        );
-        let reply = s.run(&cmd, COMMAND_TIMEOUT).expect("read");
-        assert!(
-            reply.ok(),
-            "acknowledged write {} does not read back through the resynced plex {victim}: {}",
-            r.index,
-            reply.output
-        );
-    }
+    assert_acked_read_back(&mut s, &log, |r| {
+        format!(
+            "acknowledged write {} does not read back through the resynced plex {victim}",
+            r.index
+        )
+    });
     drop(s);
 
     // The survivor is unaffected by the node's return.

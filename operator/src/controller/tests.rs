@@ -3,10 +3,8 @@
 
 use super::*;
 use crate::crd::{MirroredVolumeSpec, PlexPhase, VolumePhase};
-use crate::fixtures::FakeApi;
-use crate::node_api::{PlexReport, ResyncReport};
+use crate::fixtures::{node_report as report, FakeApi};
 use serde_json::Value;
-use sva_node::scsi::alua::AluaState as NodeAlua;
 use sva_node::witness::PlexState;
 
 const MV: &str = "/apis/sva.io/v1alpha1/namespaces/ns/mirroredvolumes/vol";
@@ -216,27 +214,6 @@ async fn new_volume_gets_config_lease_rbac_plexes_pvcs_and_pinned_host_network_p
         obj(&api, SECRET)["stringData"]["replication-secret"],
         replication
     );
-}
-
-fn report(node: &str, epoch: u64, members: &[(u16, PlexState)]) -> NodeStatusReport {
-    NodeStatusReport {
-        node: node.into(),
-        volume: "vol".into(),
-        epoch,
-        alua_state: NodeAlua::ActiveOptimized,
-        plexes: members
-            .iter()
-            .map(|&(id, state)| PlexReport {
-                id,
-                node: format!("w{id}"),
-                portal: format!("10.0.0.{id}:32600"),
-                state,
-                resync: ResyncReport::default(),
-            })
-            .collect(),
-        resync_rate_limit_bytes_per_sec: None,
-        verify: None,
-    }
 }
 
 async fn built_volume(api: &FakeApi) -> MirroredVolume {

@@ -3,7 +3,8 @@
 
 use super::*;
 use crate::crd::{CacheMode, MirroredVolumeSpec};
-use crate::node_api::{PlexReport, ResyncReport};
+use crate::fixtures::node_report as report;
+use crate::node_api::ResyncReport;
 use sva_node::scsi::alua::AluaState as NodeAlua;
 
 const NOW: i64 = 1_700_000_000;
@@ -71,27 +72,6 @@ fn plex(id: u16, node: &str, host: &str, state: PlexPhase) -> PlexView {
         },
         pod_ready: Some(true),
         pvc_exists: true,
-    }
-}
-
-fn report(node: &str, epoch: u64, states: &[(u16, PlexState)]) -> NodeStatusReport {
-    NodeStatusReport {
-        node: node.into(),
-        volume: "vol".into(),
-        epoch,
-        alua_state: NodeAlua::ActiveOptimized,
-        plexes: states
-            .iter()
-            .map(|&(id, state)| PlexReport {
-                id,
-                node: format!("w{id}"),
-                portal: format!("10.0.0.{id}:32600"),
-                state,
-                resync: ResyncReport::default(),
-            })
-            .collect(),
-        resync_rate_limit_bytes_per_sec: None,
-        verify: None,
     }
 }
 

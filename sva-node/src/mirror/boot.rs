@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use super::engine::{Config as EngineConfig, PathState, Start};
 use super::link::LinkConfig;
-use super::node::{MirrorNode, MirrorSetup};
+use super::node::{shown_state, MirrorNode, MirrorSetup, ResyncView};
 use super::persist::{PersistError, StateFiles};
 use super::resync::ResyncRole;
 use crate::config::{Config, KubernetesLeaseSection, MirrorSection, WitnessSection};
@@ -200,7 +200,7 @@ async fn mark_valid_once_accepted(node: MirrorNode, marker: PathBuf) {
         let target = node
             .resync_views()
             .values()
-            .any(|v| v.role == crate::mirror::resync::ResyncRole::Target);
+            .any(|v| v.role == ResyncRole::Target);
         if target || node.status().1 == PathState::ActiveOptimized {
             match write_marker(&marker) {
                 Ok(()) => tracing::info!("accepted for resync: {} written", marker.display()),
@@ -310,7 +310,6 @@ pub struct MirrorStatus {
     pub node: MirrorNode,
     pub name: String,
     pub volume: String,
-    pub metrics: Arc<crate::control::Metrics>,
     /// Current resync throttle (0: unlimited): the config's at start, then the API's.
     pub resync_rate: std::sync::atomic::AtomicU64,
 }
@@ -320,21 +319,19 @@ impl MirrorStatus {
         node: MirrorNode,
         name: String,
         volume: String,
-        metrics: Arc<crate::control::Metrics>,
         resync_bytes_per_sec: u64,
     ) -> MirrorStatus {
         MirrorStatus {
             node,
             name,
             volume,
-            metrics,
             resync_rate: std::sync::atomic::AtomicU64::new(resync_bytes_per_sec),
         }
     }
 }
 
 /// A resync as `/v1/status` shows it.
-pub fn resync_progress(v: &super::node::ResyncView) -> ResyncProgress {
+pub fn resync_progress(v: &ResyncView) -> ResyncProgress {
     ResyncProgress {
         done_bytes: v.info.done_bytes,
         total_bytes: v.info.total_bytes,
@@ -350,8 +347,6 @@ impl StatusSource for MirrorStatus {
     fn status(&self) -> NodeStatus {
         let (epoch, path, membership) = self.node.status();
         let alua_state = AluaState::from(path);
-        self.metrics.set_epoch(epoch);
-        self.metrics.set_alua_state(alua_state);
         let rate = self.resync_rate.load(std::sync::atomic::Ordering::Relaxed);
         let resyncs = self.node.resync_views();
         let (verify, region_bytes) = self.node.verify_view();
@@ -365,22 +360,11 @@ impl StatusSource for MirrorStatus {
                 .iter()
                 .map(|p| {
                     let view = resyncs.get(&p.id);
-                    // The record says Stale until the plex is back; while data is being
-                    // copied to it, say so.
-                    let copying = view.is_some_and(|v| {
-                        v.role == ResyncRole::Target
-                            || v.info.done_bytes > 0
-                            || v.info.copied_bytes > 0
-                    });
                     PlexStatus {
                         id: p.id,
                         node: p.node.clone(),
                         portal: p.portal.clone(),
-                        state: if p.state == PlexState::Stale && copying {
-                            PlexState::Resyncing
-                        } else {
-                            p.state
-                        },
+                        state: shown_state(p.state, view.is_some_and(ResyncView::moving)),
                         resync: view.map(resync_progress).unwrap_or_default(),
                     }
                 })

@@ -42,6 +42,7 @@ use super::persist::StateFiles;
 use super::resync::{CopyWhat, ResyncInfo, ResyncRole, VerifyInfo};
 use crate::control::Metrics;
 use crate::scsi::alua::{AluaState, PortGroup, PortGroups};
+use crate::scsi::cdb::Opcode;
 use crate::scsi::lu::{run_off_thread, Admission, LogicalUnit};
 use crate::scsi::sense::asc;
 use crate::scsi::{
@@ -75,6 +76,23 @@ pub struct ResyncView {
     pub info: ResyncInfo,
     pub bytes_per_sec: u64,
     pub eta_seconds: Option<u64>,
+}
+
+impl ResyncView {
+    /// Data is moving (as opposed to the source waiting for the plex to come back): a target
+    /// is copied to from the start, a source once anything was copied.
+    pub fn moving(&self) -> bool {
+        self.role == ResyncRole::Target || self.info.done_bytes > 0 || self.info.copied_bytes > 0
+    }
+}
+
+/// The state `/v1/status` and `/metrics` show for a plex: the record's, except that a Stale
+/// plex being copied to shows as Resyncing.
+pub fn shown_state(recorded: PlexState, copying: bool) -> PlexState {
+    match recorded {
+        PlexState::Stale if copying => PlexState::Resyncing,
+        s => s,
+    }
 }
 
 /// Rate and log bookkeeping of one running resync.
@@ -206,7 +224,7 @@ impl MirrorNode {
             timer_changed = true;
             self.dispatch(&e, cmd, &mut applies);
         }
-        self.publish_lease(&e, now);
+        self.publish_lease(&e);
         drop(e);
         if timer_changed {
             self.shared.timer.notify_one();
@@ -259,8 +277,13 @@ impl MirrorNode {
         let Ok(ReplicatedOp::Command { nexus, cmd }) = op else {
             return None;
         };
-        // WRITE(6/10/12/16) (SBC-3 §5.32..5.35); the LU checks the rest.
-        if !matches!(cmd.cdb.first(), Some(0x0a | 0x2a | 0xaa | 0x8a)) {
+        // Only a WRITE can run inline (the LU checks the rest); spare the others the
+        // activity-log lookup.
+        let opcode = cmd.cdb.first().map(|&op| Opcode::from_u8(op));
+        if !matches!(
+            opcode,
+            Some(Opcode::Write6 | Opcode::Write10 | Opcode::Write12 | Opcode::Write16)
+        ) {
             return None;
         }
         // The activity log first (DESIGN.md §6): an op may only write once its regions are
@@ -278,7 +301,7 @@ impl MirrorNode {
     /// Publish the engine's read lease after an engine call, still under its lock: the
     /// lease only changes when the engine is fed, and it expires by time, which each read
     /// checks itself (`reads_allowed`).
-    fn publish_lease(&self, e: &Engine, _now: Millis) {
+    fn publish_lease(&self, e: &Engine) {
         self.shared
             .read_lease_until
             .store(e.reads_allowed_until(), Ordering::Release);
@@ -349,13 +372,7 @@ impl MirrorNode {
                         CopyWhat::LuState => Ok(lu.replicated_state()),
                     };
                     match data {
-                        Ok(data) => {
-                            let progress = node.with_engine(|e, now| {
-                                e.copied_out(now, seq, data);
-                                e.resync_status()
-                            });
-                            node.note_progress(progress);
-                        }
+                        Ok(data) => node.feed_copy(|e, now| e.copied_out(now, seq, data)),
                         // Sending anything else would corrupt the target; the copy stalls
                         // until the target is dropped and rejoins.
                         Err(err) => tracing::error!("resync copy {seq} ({what:?}): read: {err}"),
@@ -379,13 +396,7 @@ impl MirrorNode {
                             .map_err(std::io::Error::other),
                     };
                     match result {
-                        Ok(()) => {
-                            let progress = node.with_engine(|e, now| {
-                                e.applied(now, seq, Bytes::new());
-                                e.resync_status()
-                            });
-                            node.note_progress(progress);
-                        }
+                        Ok(()) => node.feed_copy(|e, now| e.applied(now, seq, Bytes::new())),
                         // Never claim a copy that is not on disk: the copy stays unapplied and
                         // the source keeps the region dirty.
                         Err(err) => tracing::error!("resync copy {seq} ({what:?}): write: {err}"),
@@ -497,6 +508,15 @@ impl MirrorNode {
         )
     }
 
+    /// Feed a finished copy (`f`) to the engine and refresh the resync counts at once.
+    fn feed_copy(&self, f: impl FnOnce(&mut Engine, Millis)) {
+        let progress = self.with_engine(|e, now| {
+            f(e, now);
+            e.resync_status()
+        });
+        self.note_progress(progress);
+    }
+
     /// Fresher counts right after a copy moved, between monitor samples: the last copies of a
     /// resync are counted even when it ends before the next sample.
     fn note_progress(&self, progress: Vec<(ResyncRole, ResyncInfo)>) {
@@ -524,11 +544,18 @@ impl MirrorNode {
 
     /// Sample the engine's progress: rates, ETAs, log lines and metrics.
     fn sample(&self, now: Instant) {
-        let (resyncs, verify, membership) = {
+        let (resyncs, verify, membership, epoch) = {
             let e = lock(&self.shared.engine);
-            (e.resync_status(), e.verify_status(), e.membership().clone())
+            (
+                e.resync_status(),
+                e.verify_status(),
+                e.membership().clone(),
+                e.epoch(),
+            )
         };
         let metrics = &self.shared.metrics;
+        metrics.set_epoch(epoch);
+        metrics.set_alua_state(AluaState::from(*lock(&self.shared.path)));
         metrics.set_verify(verify.regions_done, verify.mismatched.len() as u64);
         let mut mon = lock(&self.shared.monitor);
         let mut seen = Vec::new();
@@ -559,8 +586,7 @@ impl MirrorNode {
             update_track(t, role, info, now);
             // Copying (as opposed to waiting for the plex to come back) once anything moved;
             // a target is copying from the start.
-            let moving = role == ResyncRole::Target || info.done_bytes > 0 || info.copied_bytes > 0;
-            if moving && !t.copying {
+            if t.view.moving() && !t.copying {
                 t.copying = true;
                 t.started = now;
                 t.last_log = now;
@@ -620,12 +646,8 @@ impl MirrorNode {
             }
         }
         for p in &membership.plexes {
-            // As `/v1/status`: a Stale plex being copied to shows as Resyncing.
             let copying = mon.resyncs.get(&p.id).is_some_and(|t| t.copying);
-            let state = match p.state {
-                PlexState::Stale if copying => PlexState::Resyncing,
-                s => s,
-            };
+            let state = shown_state(p.state, copying);
             if let Some(g) = metrics.plex(p.id, state) {
                 g.set_state(state);
             }

@@ -667,6 +667,20 @@ impl ActivityLog {
         self.file()?.sync_data().map_err(io_err(&self.path))
     }
 
+    /// Rewrite the slot pages `pages` from memory and make them durable.
+    fn write_slot_pages(&self, pages: impl IntoIterator<Item = usize>) -> Result<(), PersistError> {
+        let payloads: Vec<(u64, Vec<u8>)> = pages
+            .into_iter()
+            .map(|p| (p as u64, self.page_payload(p)))
+            .collect();
+        write_pages(
+            self.file()?,
+            &self.path,
+            payloads.iter().map(|(i, p)| (*i, p.as_slice())),
+        )?;
+        self.sync()
+    }
+
     fn page_payload(&self, page: usize) -> Vec<u8> {
         let mut p = Vec::with_capacity(PAGE_PAYLOAD_BYTES);
         let start = (page - 1) * AL_SLOTS_PER_PAGE;
@@ -776,16 +790,7 @@ impl ActivityLog {
                 self.slots.len()
             );
         }
-        let payloads: Vec<(u64, Vec<u8>)> = changed_pages
-            .into_iter()
-            .map(|p| (p as u64, self.page_payload(p)))
-            .collect();
-        write_pages(
-            self.file()?,
-            &self.path,
-            payloads.iter().map(|(i, p)| (*i, p.as_slice())),
-        )?;
-        self.sync()
+        self.write_slot_pages(changed_pages)
     }
 
     /// Whether every one of `regions` is in the log already (so `ensure` does no I/O).
@@ -840,16 +845,7 @@ impl ActivityLog {
         if pages.is_empty() {
             return Ok(0);
         }
-        let payloads: Vec<(u64, Vec<u8>)> = pages
-            .into_iter()
-            .map(|p| (p as u64, self.page_payload(p)))
-            .collect();
-        write_pages(
-            self.file()?,
-            &self.path,
-            payloads.iter().map(|(i, p)| (*i, p.as_slice())),
-        )?;
-        self.sync()?;
+        self.write_slot_pages(pages)?;
         Ok(victims.len())
     }
 

@@ -1218,6 +1218,20 @@ impl Sim {
             .collect()
     }
 
+    /// In-sync nodes serving the record's epoch (Active in it).
+    fn serving_nodes(&self) -> Vec<usize> {
+        let epoch = self.record.epoch;
+        self.in_sync_nodes()
+            .into_iter()
+            .filter(|&m| {
+                self.nodes[m]
+                    .engine
+                    .as_ref()
+                    .is_some_and(|e| e.role() == RoleKind::Active && e.epoch() == epoch)
+            })
+            .collect()
+    }
+
     /// Invariant 1: every acked op is on every plex InSync in the witness's record.
     fn check_acked_on_in_sync(&mut self, when: &str, only: Option<u64>) {
         let mut bad = Vec::new();
@@ -1274,16 +1288,7 @@ impl Sim {
         }
         let in_sync = self.in_sync_nodes();
         let epoch = self.record.epoch;
-        let serving: Vec<usize> = in_sync
-            .iter()
-            .copied()
-            .filter(|&m| {
-                self.nodes[m]
-                    .engine
-                    .as_ref()
-                    .is_some_and(|e| e.role() == RoleKind::Active && e.epoch() == epoch)
-            })
-            .collect();
+        let serving = self.serving_nodes();
         self.stats.served_at_end = !serving.is_empty();
         if serving.is_empty() {
             return;
@@ -1370,17 +1375,7 @@ impl Sim {
     /// serving plexes' activity logs count too: what a learner has not applied yet is
     /// unsettled there (and a recovery merges that log into its bitmaps).
     fn check_coverage(&mut self, end: bool) {
-        let epoch = self.record.epoch;
-        let serving: Vec<usize> = self
-            .in_sync_nodes()
-            .into_iter()
-            .filter(|&m| {
-                self.nodes[m]
-                    .engine
-                    .as_ref()
-                    .is_some_and(|e| e.role() == RoleKind::Active && e.epoch() == epoch)
-            })
-            .collect();
+        let serving = self.serving_nodes();
         let Some(&r) = serving.first() else {
             return;
         };

@@ -474,10 +474,7 @@ impl LogicalUnit {
         nexus: &NexusId,
         cmd: &ScsiCommand,
     ) -> Option<ScsiResponse> {
-        let (start, range) = self.inline_write_range(cmd)?;
-        let response = self.execute_with(nexus, cmd, Prepared::WriteRange(range));
-        self.inline_writes.record(start, Instant::now());
-        Some(response)
+        self.inline_write(cmd, |prep| self.execute_with(nexus, cmd, prep))
     }
 
     /// [`LogicalUnit::execute_admitted`] for a small write-back WRITE, on the caller's
@@ -489,13 +486,18 @@ impl LogicalUnit {
         nexus: &NexusId,
         cmd: &ScsiCommand,
     ) -> Option<ScsiResponse> {
+        self.inline_write(cmd, |prep| self.execute_admitted_with(nexus, cmd, prep))
+    }
+
+    /// Run `execute` on `cmd`'s range if it may be written inline, timing it for the
+    /// back-off (see [`LogicalUnit::try_execute_inline_write`]).
+    fn inline_write(
+        &self,
+        cmd: &ScsiCommand,
+        execute: impl FnOnce(Prepared<'_>) -> ScsiResponse,
+    ) -> Option<ScsiResponse> {
         let (start, range) = self.inline_write_range(cmd)?;
-        let descriptor = self.lock_state().mode.d_sense;
-        let response = self.respond(
-            cmd,
-            self.ordered(nexus, cmd, Prepared::WriteRange(range)),
-            descriptor,
-        );
+        let response = execute(Prepared::WriteRange(range));
         self.inline_writes.record(start, Instant::now());
         Some(response)
     }
@@ -547,12 +549,7 @@ impl LogicalUnit {
         cmd: &ScsiCommand,
     ) -> Option<ScsiResponse> {
         let data = self.read_ahead_cached(cmd)?;
-        let descriptor = self.lock_state().mode.d_sense;
-        Some(self.respond(
-            cmd,
-            self.ordered(nexus, cmd, Prepared::ReadData(data)),
-            descriptor,
-        ))
+        Some(self.execute_admitted_with(nexus, cmd, Prepared::ReadData(data)))
     }
 
     /// The medium data of a small READ, if the backend has it without blocking.
@@ -605,8 +602,18 @@ impl LogicalUnit {
     /// decides them on the same reservation state. Reports no unit attention and does not
     /// register the nexus.
     pub fn execute_admitted(&self, nexus: &NexusId, cmd: &ScsiCommand) -> ScsiResponse {
+        self.execute_admitted_with(nexus, cmd, Prepared::Nothing)
+    }
+
+    /// `execute_admitted`, with the inline caller's preparation (`prep`).
+    fn execute_admitted_with(
+        &self,
+        nexus: &NexusId,
+        cmd: &ScsiCommand,
+        prep: Prepared<'_>,
+    ) -> ScsiResponse {
         let descriptor = self.lock_state().mode.d_sense;
-        self.respond(cmd, self.ordered(nexus, cmd, Prepared::Nothing), descriptor)
+        self.respond(cmd, self.ordered(nexus, cmd, prep), descriptor)
     }
 
     /// Build the wire response: data cut to the allocation length, sense in the format

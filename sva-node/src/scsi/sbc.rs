@@ -176,14 +176,11 @@ pub(crate) fn write(
     if verify && (r.flags >> 1) & 0x03 == 0b10 {
         return Err(ScsiError::invalid_field_in_cdb().at_cdb(1, Some(2)));
     }
-    lu.check_lba(r.lba, u64::from(r.blocks))?;
-    check_transfer(r.blocks)?;
-    lu.check_writable()?;
-    let bs = lu.bs();
-    let blocks = u64::from(r.blocks).min(data.len() as u64 / bs);
+    let blocks = writable_blocks(lu, &r, data)?;
     if blocks == 0 {
         return Ok(Reply::good());
     }
+    let bs = lu.bs();
     let payload = &data[..(blocks * bs) as usize];
     let _g = match held {
         Some(g) => g,
@@ -425,18 +422,25 @@ pub(crate) fn compare_and_write(lu: &LogicalUnit, cdb: &[u8], data: &[u8]) -> Cm
     Ok(Reply::good())
 }
 
+/// The checks every data-out write makes on its range (LBA, transfer length, write
+/// protection), and the number of whole blocks of `data` to write: fewer than the CDB asks
+/// for when the transport delivered less (see [`write`]).
+fn writable_blocks(lu: &LogicalUnit, r: &RwCdb, data: &[u8]) -> Result<u64, ScsiError> {
+    lu.check_lba(r.lba, u64::from(r.blocks))?;
+    check_transfer(r.blocks)?;
+    lu.check_writable()?;
+    Ok(u64::from(r.blocks).min(data.len() as u64 / lu.bs()))
+}
+
 /// ORWRITE(16) (SBC-3 §5.7): medium = medium OR data, atomically.
 pub(crate) fn orwrite(lu: &LogicalUnit, cdb: &[u8], data: &[u8]) -> CmdResult {
     let r = RwCdb::parse(cdb)?;
     check_no_protect(cdb, r.flags)?;
-    lu.check_lba(r.lba, u64::from(r.blocks))?;
-    check_transfer(r.blocks)?;
-    lu.check_writable()?;
-    let bs = lu.bs();
-    let blocks = u64::from(r.blocks).min(data.len() as u64 / bs);
+    let blocks = writable_blocks(lu, &r, data)?;
     if blocks == 0 {
         return Ok(Reply::good());
     }
+    let bs = lu.bs();
     let _g = lu.ranges.lock(r.lba, blocks);
     let mut medium = lu.read_blocks(r.lba, blocks)?;
     for (m, d) in medium.iter_mut().zip(data) {
