@@ -54,6 +54,12 @@ pub const LOG_ENTRIES_MAX: usize = 1024;
 /// Ops held (waiting for a lease, a new epoch or log room); beyond, `Retry` at once.
 pub const HELD_OPS_MAX: usize = 1024;
 
+/// A node tells a peer its applied prefix (`Progress`) once it moved this far past what the
+/// peer last heard (in an `Applied`, a heartbeat or a `Progress`): a peer that gets no
+/// `Applied` from this node (it did not originate the ops) would otherwise settle its log
+/// only at heartbeats, and a log full of `LOG_ENTRIES_MAX` unsettled ops stalls new ones.
+pub const PROGRESS_STEP: Seq = 64;
+
 /// Copy (and verify) ops a source keeps outstanding per learner.
 pub const COPY_WINDOW: usize = 8;
 /// A restarted node that the record lists InSync waits this long without hearing a serving
@@ -350,6 +356,8 @@ struct Learner {
     /// Heard from since it was accepted (a later `JoinRequest` then means it restarted).
     heard: bool,
     applied_prefix: Seq,
+    /// The settled prefix last sent to it (see [`PROGRESS_STEP`]).
+    told: Seq,
     lu: LuCopy,
     cursor: u64,
     copies: BTreeMap<Seq, CopyOut>,
@@ -387,6 +395,8 @@ struct Peer {
     /// The peer's latest timestamp, to echo.
     their_ts: Option<Millis>,
     applied_prefix: Seq,
+    /// My applied prefix as last sent to this peer (see [`PROGRESS_STEP`]).
+    told: Seq,
 }
 
 #[derive(Debug)]
@@ -578,6 +588,11 @@ impl Engine {
         self.pending.len() + self.held.len()
     }
 
+    /// Ordered ops not yet settled (applied on every in-sync plex) that this node keeps.
+    pub fn unsettled_ops(&self) -> usize {
+        self.log.len()
+    }
+
     /// May this node serve a read from its local plex now? Only while in sync and holding a
     /// lease from every in-sync peer, so no other epoch can have acked a write it lacks.
     pub fn can_serve_reads(&self, now: Millis) -> bool {
@@ -692,7 +707,16 @@ impl Engine {
                     }
                 }
                 let epoch = self.epoch();
-                self.send(source, Message::Applied { epoch, seq });
+                self.advance_applied_prefix();
+                let applied_prefix = self.applied_prefix;
+                self.send(
+                    source,
+                    Message::Applied {
+                        epoch,
+                        seq,
+                        applied_prefix,
+                    },
+                );
             }
         } else if origin == self.cfg.me {
             if let Some(p) = self.pending.get_mut(&fwd) {
@@ -704,11 +728,13 @@ impl Engine {
         } else if self.is_in_sync(origin)
             && matches!(self.role, Role::Active | Role::Holding { .. })
         {
+            self.advance_applied_prefix();
             self.send(
                 origin,
                 Message::Applied {
                     epoch: self.epoch(),
                     seq,
+                    applied_prefix: self.applied_prefix,
                 },
             );
         }
@@ -818,8 +844,18 @@ impl Engine {
             } => self.on_forward(now, from, fwd, floor, meta),
             Message::Apply { entry, .. } => self.on_apply(now, entry),
             Message::Ordered { seq, fwd, .. } => self.on_ordered(now, seq, fwd),
-            Message::Applied { seq, .. } => {
-                self.ack_from(from, |s| s == seq);
+            Message::Applied {
+                seq,
+                applied_prefix,
+                ..
+            } => {
+                self.peer_prefix(from, applied_prefix);
+                self.ack_from(from, |s| s == seq || s <= applied_prefix);
+                self.progress(now);
+            }
+            Message::Progress { applied_prefix, .. } => {
+                self.peer_prefix(from, applied_prefix);
+                self.ack_from(from, |s| s <= applied_prefix);
                 self.progress(now);
             }
             Message::Resend { from: start, .. } => self.on_resend(from, start),
@@ -1131,6 +1167,62 @@ impl Engine {
             self.try_apply();
         }
         self.maybe_rejoin(now);
+        self.report_progress();
+    }
+
+    /// Send `Progress` to every peer (and learner) that is [`PROGRESS_STEP`] behind on my
+    /// applied (to a learner: settled) prefix.
+    fn report_progress(&mut self) {
+        if !matches!(
+            self.role,
+            Role::Active | Role::Holding { .. } | Role::Learning { .. }
+        ) {
+            return;
+        }
+        let epoch = self.epoch();
+        let mine = self.applied_prefix;
+        let behind: Vec<PlexId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| mine >= p.told + PROGRESS_STEP)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in behind {
+            self.send(
+                id,
+                Message::Progress {
+                    epoch,
+                    applied_prefix: mine,
+                },
+            );
+        }
+        // A learner settles at the source's settled prefix (see the heartbeat to it).
+        let settled = self.settled;
+        let behind: Vec<PlexId> = self
+            .learners
+            .iter_mut()
+            .filter(|(_, l)| settled >= l.told + PROGRESS_STEP)
+            .map(|(id, l)| {
+                l.told = settled;
+                *id
+            })
+            .collect();
+        for id in behind {
+            self.send(
+                id,
+                Message::Progress {
+                    epoch,
+                    applied_prefix: settled,
+                },
+            );
+        }
+    }
+
+    /// A peer reported its applied prefix.
+    fn peer_prefix(&mut self, from: PlexId, prefix: Seq) {
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.applied_prefix = p.applied_prefix.max(prefix);
+        }
     }
 
     fn suspects(&self, now: Millis) -> BTreeSet<PlexId> {
@@ -1210,8 +1302,8 @@ impl Engine {
                 let echo = echo.min(now);
                 p.lease_from = Some(p.lease_from.map_or(echo, |l| l.max(echo)));
             }
-            p.applied_prefix = p.applied_prefix.max(prefix);
         }
+        self.peer_prefix(from, prefix);
         self.ack_from(from, |s| s <= prefix);
         if from == self.membership.sequencer && matches!(self.role, Role::Joining { .. }) {
             // Still waiting for the coordinator's `Sync` while it serves: it was lost.
@@ -1881,9 +1973,17 @@ impl Engine {
             .filter(|le| le.state == EntryState::Applied && le.entry.origin != me)
             .map(|le| (le.entry.origin, le.entry.seq))
             .collect();
+        let applied_prefix = self.applied_prefix;
         for (origin, seq) in applied {
             if self.peers.contains_key(&origin) {
-                self.send(origin, Message::Applied { epoch, seq });
+                self.send(
+                    origin,
+                    Message::Applied {
+                        epoch,
+                        seq,
+                        applied_prefix,
+                    },
+                );
             }
         }
         let ranges = self.write_ranges();
@@ -2323,6 +2423,7 @@ impl Engine {
                 last_heard: now,
                 heard: false,
                 applied_prefix: start_seq - 1,
+                told: self.settled,
                 lu: LuCopy::Todo,
                 cursor: 0,
                 copies: BTreeMap::new(),
@@ -2372,13 +2473,23 @@ impl Engine {
             l.heard = true;
         }
         match msg {
-            Message::Heartbeat { applied_prefix, .. } => {
+            Message::Heartbeat { applied_prefix, .. }
+            | Message::Progress { applied_prefix, .. } => {
                 if let Some(l) = self.learners.get_mut(&t) {
                     l.applied_prefix = l.applied_prefix.max(applied_prefix);
                 }
                 self.learner_acked(t, |s| s <= applied_prefix);
             }
-            Message::Applied { seq, .. } => self.learner_acked(t, |s| s == seq),
+            Message::Applied {
+                seq,
+                applied_prefix,
+                ..
+            } => {
+                if let Some(l) = self.learners.get_mut(&t) {
+                    l.applied_prefix = l.applied_prefix.max(applied_prefix);
+                }
+                self.learner_acked(t, |s| s == seq || s <= applied_prefix);
+            }
             Message::Resend { from, .. } => self.on_resend(t, from),
             _ => {}
         }
@@ -2782,6 +2893,15 @@ impl Engine {
     }
 
     fn send(&mut self, to: PlexId, msg: Message) {
+        // Whatever carries my applied prefix to a peer resets its `Progress` countdown.
+        if let Message::Applied { applied_prefix, .. }
+        | Message::Progress { applied_prefix, .. }
+        | Message::Heartbeat { applied_prefix, .. } = &msg
+        {
+            if let Some(p) = self.peers.get_mut(&to) {
+                p.told = p.told.max(*applied_prefix);
+            }
+        }
         self.cmds.push_back(Command::Send { to, msg });
     }
 

@@ -47,7 +47,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 const WRITE_BATCH_BYTES: usize = 1 << 20;
 
 const MAGIC: &[u8; 4] = b"SVAP";
-const VERSION: u8 = 1;
+/// Wire version of the handshake and the frames after it (2: `Applied` carries the applied
+/// prefix, `Progress`).
+const VERSION: u8 = 2;
 const NONCE_LEN: usize = 32;
 const MAC_LEN: usize = 32;
 const DIALER_LABEL: &[u8] = b"sva-peer dialer";

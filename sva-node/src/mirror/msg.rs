@@ -117,8 +117,16 @@ pub enum Message {
     Apply { epoch: Epoch, entry: Entry },
     /// Sequencer → origin: your op `fwd` got `seq` (the origin holds the payload).
     Ordered { epoch: Epoch, seq: Seq, fwd: u64 },
-    /// Plex → origin: I applied `seq`.
-    Applied { epoch: Epoch, seq: Seq },
+    /// Plex → origin: I applied `seq`; every op `<= applied_prefix` is applied here too
+    /// (the origin's log GC needs that promptly, not at the next heartbeat).
+    Applied {
+        epoch: Epoch,
+        seq: Seq,
+        applied_prefix: Seq,
+    },
+    /// Plex → in-sync peer or source: my applied prefix moved (sent every
+    /// `PROGRESS_STEP` ops to peers that get no `Applied` from me, so their logs settle).
+    Progress { epoch: Epoch, applied_prefix: Seq },
     /// Liveness, cumulative progress and read lease (`ts` is echoed back as `echo`).
     Heartbeat {
         epoch: Epoch,
@@ -178,6 +186,7 @@ impl Message {
             | Message::Apply { epoch, .. }
             | Message::Ordered { epoch, .. }
             | Message::Applied { epoch, .. }
+            | Message::Progress { epoch, .. }
             | Message::Heartbeat { epoch, .. }
             | Message::Resend { epoch, .. }
             | Message::State { epoch, .. }
@@ -220,6 +229,7 @@ const K_JOIN_REQUEST: u8 = 10;
 const K_JOIN_ACCEPT: u8 = 11;
 const K_COPY_DATA: u8 = 12;
 const K_CHECKSUM_IS: u8 = 13;
+const K_PROGRESS: u8 = 14;
 
 /// Append one frame for `msg` to `out`.
 pub fn encode(msg: &Message, out: &mut BytesMut) {
@@ -249,10 +259,23 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
             out.put_u64(*seq);
             out.put_u64(*fwd);
         }
-        Message::Applied { epoch, seq } => {
+        Message::Applied {
+            epoch,
+            seq,
+            applied_prefix,
+        } => {
             out.put_u8(K_APPLIED);
             out.put_u64(*epoch);
             out.put_u64(*seq);
+            out.put_u64(*applied_prefix);
+        }
+        Message::Progress {
+            epoch,
+            applied_prefix,
+        } => {
+            out.put_u8(K_PROGRESS);
+            out.put_u64(*epoch);
+            out.put_u64(*applied_prefix);
         }
         Message::Heartbeat {
             epoch,
@@ -391,6 +414,11 @@ fn parse(b: &mut Bytes) -> Result<Message, CodecError> {
         K_APPLIED => Message::Applied {
             epoch: u64_(b)?,
             seq: u64_(b)?,
+            applied_prefix: u64_(b)?,
+        },
+        K_PROGRESS => Message::Progress {
+            epoch: u64_(b)?,
+            applied_prefix: u64_(b)?,
         },
         K_HEARTBEAT => Message::Heartbeat {
             epoch: u64_(b)?,
@@ -721,7 +749,15 @@ mod tests {
             (any::<u64>(), arb_entry()).prop_map(|(epoch, entry)| Message::Apply { epoch, entry }),
             (any::<u64>(), any::<u64>(), any::<u64>())
                 .prop_map(|(epoch, seq, fwd)| Message::Ordered { epoch, seq, fwd }),
-            (any::<u64>(), any::<u64>()).prop_map(|(epoch, seq)| Message::Applied { epoch, seq }),
+            any::<[u64; 3]>().prop_map(|v| Message::Applied {
+                epoch: v[0],
+                seq: v[1],
+                applied_prefix: v[2]
+            }),
+            (any::<u64>(), any::<u64>()).prop_map(|(epoch, applied_prefix)| Message::Progress {
+                epoch,
+                applied_prefix
+            }),
             any::<[u64; 5]>().prop_map(|v| Message::Heartbeat {
                 epoch: v[0],
                 applied_prefix: v[1],

@@ -84,7 +84,15 @@ fn sequencer_orders_applies_and_acks_once_every_plex_applied() {
     p1.applied(1_010, 1, Bytes::from_static(b"GOOD"));
     assert_eq!(drain(&mut p1), vec![]);
     // Plex 2 applied it: ack with plex 1's own response.
-    p1.handle_message(1_012, 2, Message::Applied { epoch: 1, seq: 1 });
+    p1.handle_message(
+        1_012,
+        2,
+        Message::Applied {
+            epoch: 1,
+            seq: 1,
+            applied_prefix: 0,
+        },
+    );
     assert_eq!(
         drain(&mut p1),
         vec![Command::Complete {
@@ -168,7 +176,15 @@ fn origin_forwards_once_and_acks_after_the_sequencer_applied() {
             op: write(16, 4)
         }]
     );
-    p2.handle_message(1_009, 1, Message::Applied { epoch: 1, seq: 1 });
+    p2.handle_message(
+        1_009,
+        1,
+        Message::Applied {
+            epoch: 1,
+            seq: 1,
+            applied_prefix: 0,
+        },
+    );
     assert_eq!(drain(&mut p2), vec![]);
     p2.applied(1_010, 1, Bytes::from_static(b"OK"));
     assert_eq!(
@@ -395,7 +411,15 @@ fn a_node_that_cannot_reach_the_witness_fences() {
     );
     assert_eq!(p1.role(), RoleKind::Fenced);
     // A fenced node ignores its peers entirely.
-    p1.handle_message(t + 2, 2, Message::Applied { epoch: 1, seq: 1 });
+    p1.handle_message(
+        t + 2,
+        2,
+        Message::Applied {
+            epoch: 1,
+            seq: 1,
+            applied_prefix: 0,
+        },
+    );
     assert_eq!(drain(&mut p1), vec![]);
     assert_eq!(p1.next_timeout(), None);
 }
@@ -404,7 +428,15 @@ fn a_node_that_cannot_reach_the_witness_fences() {
 fn a_message_from_an_older_epoch_is_refused_and_answered_with_the_new_record() {
     let m = record(3, &[(1, PlexState::InSync), (2, PlexState::InSync)], 1);
     let mut p1 = engine(1, m.clone());
-    p1.handle_message(1_001, 2, Message::Applied { epoch: 2, seq: 9 });
+    p1.handle_message(
+        1_001,
+        2,
+        Message::Applied {
+            epoch: 2,
+            seq: 9,
+            applied_prefix: 0,
+        },
+    );
     assert_eq!(
         drain(&mut p1),
         vec![Command::Send {
@@ -1071,6 +1103,7 @@ fn an_interrupted_full_resync_resumes_instead_of_starting_over() {
             Message::Applied {
                 epoch: 2,
                 seq: *seq,
+                applied_prefix: 0,
             },
         );
     }
@@ -1102,4 +1135,67 @@ fn an_interrupted_full_resync_resumes_instead_of_starting_over() {
         left,
         "resumed with what is left, not refilled"
     );
+}
+
+/// Deliver every command of both engines (messages to the other, applies at once) until
+/// neither emits anything; no timer runs. Returns the completed op ids.
+fn pump_pair(p1: &mut Engine, p2: &mut Engine, now: Millis) -> Vec<OpId> {
+    let mut done = Vec::new();
+    loop {
+        let mut quiet = true;
+        for (me, other_id) in [(1u16, 2u16), (2, 1)] {
+            let (e, other) = if me == 1 {
+                (&mut *p1, &mut *p2)
+            } else {
+                (&mut *p2, &mut *p1)
+            };
+            for c in drain(e) {
+                quiet = false;
+                match c {
+                    Command::Send { to, msg } => {
+                        assert_eq!(to, other_id);
+                        other.handle_message(now, me, msg);
+                    }
+                    Command::Apply { seq, .. } => e.applied(now, seq, Bytes::new()),
+                    Command::Complete { op, outcome } => {
+                        assert_eq!(outcome, Outcome::Done(Bytes::new()));
+                        done.push(op);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if quiet {
+            return done;
+        }
+    }
+}
+
+/// Ops from the plex that is not the sequencer: the sequencer gets no `Applied` for them, and
+/// before `Progress` it learned the origin applied them only from heartbeats, so its log filled
+/// up (`LOG_ENTRIES_MAX`) and writes stalled until the next one (about 10k ops/s at most).
+#[test]
+fn logs_settle_between_heartbeats_whichever_plex_originates() {
+    let mut p1 = engine(1, two_plexes());
+    let mut p2 = engine(2, two_plexes());
+    for (e, peer) in [(&mut p1, 2), (&mut p2, 1)] {
+        with_lease(e, peer);
+    }
+    let ops = 3 * LOG_ENTRIES_MAX as u64;
+    // QD1 through plex 2 only, then through plex 1 only, all within one lease (no timer runs).
+    for i in 0..2 * ops {
+        let through_p2 = i < ops;
+        let origin = if through_p2 { &mut p2 } else { &mut p1 };
+        origin.submit(1_010, OpId(i), write(i % 64, 1));
+        let done = pump_pair(&mut p1, &mut p2, 1_010);
+        assert_eq!(done, vec![OpId(i)], "op {i} did not complete");
+    }
+    for e in [&p1, &p2] {
+        assert!(
+            e.unsettled_ops() <= 2 * PROGRESS_STEP as usize,
+            "plex {}: {} ops unsettled after {ops} ops",
+            e.me(),
+            e.unsettled_ops()
+        );
+    }
 }
