@@ -3,15 +3,26 @@
 //!
 //! ```text
 //!  node A                                   node B
-//!   outbound task ──connect, handshake──> accept loop ──frames──> engine inbox (from = A)
-//!   engine inbox  <──frames── accept loop <──connect, handshake── outbound task
+//!   send (inline) / writer task ──connect, handshake──> reader task ──frames──> Inbound (from = A)
+//!   Inbound <──frames── reader task <──connect, handshake── send (inline) / writer task
 //! ```
 //!
 //! Each direction has its own connection: a node sends on the connection it dialled and
 //! receives on the ones it accepted, so no connection is ever shared between a reader and a
-//! writer. Sends never block the engine: each peer has a bounded queue, and a message that
-//! does not fit (or is queued while the peer is unreachable) is dropped — the engine
-//! retransmits what matters and treats silence as peer loss.
+//! writer.
+//!
+//! Latency (issue 3: a mirrored write's ack waits for one round trip to the peer) decides the
+//! shape of both ends; a hop through another task costs a thread wake-up, which on a small VM
+//! is worth several loopback round trips:
+//! - **Send**: the caller (the engine's thread, holding the engine lock) appends the encoded
+//!   frame to the peer's byte buffer and, if nothing was waiting in it, writes it to the socket
+//!   at once (`try_write`, never blocking). Only what the socket does not take is left to the
+//!   peer's writer task, woken for that. Sends never block the engine: a frame that does not
+//!   fit in [`SEND_BUFFER_MAX`], or is sent while the peer is unreachable, is dropped; the
+//!   engine retransmits what matters and treats silence as peer loss.
+//! - **Receive**: the reader task of an accepted connection decodes every whole frame it has
+//!   and hands them, in order, to the [`Inbound`] sink on its own thread (the node feeds its
+//!   engine there), instead of queueing them for another task.
 //!
 //! Handshake (DESIGN.md §9: an unauthenticated replication port would let anyone write the
 //! volume). Both sides prove knowledge of the volume's replication secret over fresh nonces:
@@ -28,23 +39,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use super::msg::{self, Message, PlexId};
 
-/// Messages queued per peer before new ones are dropped.
-pub const SEND_QUEUE_MAX: usize = 8192;
+/// Encoded bytes buffered per peer (not yet taken by its socket) before new frames are
+/// dropped: a few resync windows of 1 MiB copies.
+pub const SEND_BUFFER_MAX: usize = 32 << 20;
 /// Delay between connection attempts to an unreachable peer.
 pub const RECONNECT_DELAY: Duration = Duration::from_millis(100);
 /// A handshake must finish within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Bytes gathered into one write when several messages are queued.
-const WRITE_BATCH_BYTES: usize = 1 << 20;
 
 const MAGIC: &[u8; 4] = b"SVAP";
 /// Wire version of the handshake and the frames after it (2: `Applied` carries the applied
@@ -55,24 +65,98 @@ const MAC_LEN: usize = 32;
 const DIALER_LABEL: &[u8] = b"sva-peer dialer";
 const ACCEPTOR_LABEL: &[u8] = b"sva-peer acceptor";
 
-/// A message received from a peer.
-pub type Inbound = (PlexId, Message);
+/// Where received messages go: called on the connection's reader task with every frame
+/// decoded from one read, in the order the peer sent them.
+pub trait Inbound: Send + Sync + 'static {
+    fn deliver(&self, from: PlexId, msgs: Vec<Message>);
+    /// The receiver is gone (the node shut down): stop reading.
+    fn closed(&self) -> bool {
+        false
+    }
+}
+
+/// The sending side of one peer's link.
+#[derive(Default)]
+struct PeerTx {
+    state: std::sync::Mutex<TxState>,
+    /// Wakes the writer task: bytes were left in `buf`.
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct TxState {
+    /// The connected, authenticated stream (None while the peer is unreachable).
+    stream: Option<Arc<TcpStream>>,
+    /// Encoded frames the socket has not taken yet, in order.
+    buf: BytesMut,
+}
+
+impl TxState {
+    /// Write as much of `buf` as the socket takes now. `Ok(true)`: all of it.
+    fn flush(&mut self) -> std::io::Result<bool> {
+        let Some(stream) = &self.stream else {
+            self.buf.clear();
+            return Ok(true);
+        };
+        while !self.buf.is_empty() {
+            match stream.try_write(&self.buf) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.buf.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
 
 /// The sending side of every link of this node.
 #[derive(Clone)]
 pub struct Links {
-    queues: Arc<HashMap<PlexId, mpsc::Sender<Message>>>,
+    peers: Arc<HashMap<PlexId, Arc<PeerTx>>>,
 }
 
 impl Links {
-    /// Queue `msg` for `to`; dropped if the queue is full or the peer unknown (see module doc).
-    pub fn send(&self, to: PlexId, msg: Message) {
-        if let Some(q) = self.queues.get(&to) {
-            if q.try_send(msg).is_err() {
-                tracing::trace!(to, "replication queue full; message dropped");
-            }
+    /// The sending side for `cfg`'s peers; nothing is sent until [`start`] connects them.
+    pub fn new(cfg: &LinkConfig) -> Links {
+        Links {
+            peers: Arc::new(
+                cfg.peers
+                    .iter()
+                    .map(|(id, _)| (*id, Arc::new(PeerTx::default())))
+                    .collect(),
+            ),
         }
     }
+
+    /// Send `msg` to `to` now if its socket takes it, else leave it to the writer task;
+    /// dropped if the peer is unreachable or too far behind (see module doc).
+    pub fn send(&self, to: PlexId, msg: Message) {
+        let Some(tx) = self.peers.get(&to) else {
+            return;
+        };
+        let mut st = lock(&tx.state);
+        if st.stream.is_none() || st.buf.len() >= SEND_BUFFER_MAX {
+            tracing::trace!(to, "replication link down or full; message dropped");
+            return;
+        }
+        let was_idle = st.buf.is_empty();
+        msg::encode(&msg, &mut st.buf);
+        if !was_idle {
+            return; // the writer task is on it, and order must be kept
+        }
+        match st.flush() {
+            Ok(true) => {}
+            // Leftovers, or an error the writer task handles (it reconnects).
+            Ok(false) | Err(_) => tx.wake.notify_one(),
+        }
+    }
+}
+
+fn lock(m: &std::sync::Mutex<TxState>) -> std::sync::MutexGuard<'_, TxState> {
+    // A panic while holding it leaves bytes of a half-encoded frame at worst; the writer
+    // task's next write error resets the connection.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Who we are and whom we talk to.
@@ -84,53 +168,50 @@ pub struct LinkConfig {
     pub peers: Vec<(PlexId, String)>,
 }
 
-/// Start the accept loop on `listener` and one dialer per peer. Received messages go to
-/// `inbound`. The tasks end when `inbound`'s receiver is dropped or the runtime stops.
-pub fn start(cfg: LinkConfig, listener: TcpListener, inbound: mpsc::Sender<Inbound>) -> Links {
-    let mut queues = HashMap::new();
+/// Start the accept loop on `listener` (received messages go to `inbound`) and one writer per
+/// peer of `links`. The tasks end when `inbound` reports closed or the runtime stops.
+pub fn start(cfg: LinkConfig, links: &Links, listener: TcpListener, inbound: Arc<dyn Inbound>) {
     for (id, addr) in &cfg.peers {
-        let (tx, rx) = mpsc::channel(SEND_QUEUE_MAX);
-        queues.insert(*id, tx);
-        tokio::spawn(dial_loop(cfg.clone(), *id, addr.clone(), rx));
+        if let Some(tx) = links.peers.get(id) {
+            tokio::spawn(writer(cfg.clone(), *id, addr.clone(), tx.clone()));
+        }
     }
     tokio::spawn(accept_loop(cfg, listener, inbound));
-    Links {
-        queues: Arc::new(queues),
-    }
 }
 
-async fn dial_loop(cfg: LinkConfig, peer: PlexId, addr: String, mut rx: mpsc::Receiver<Message>) {
-    let mut buf = BytesMut::new();
+/// Keep the link to `peer` connected and write what [`Links::send`] could not.
+async fn writer(cfg: LinkConfig, peer: PlexId, addr: String, tx: Arc<PeerTx>) {
     loop {
-        let mut stream = match dial(&cfg, &addr).await {
-            Ok(s) => s,
+        let stream = match dial(&cfg, &addr).await {
+            Ok(s) => Arc::new(s),
             Err(e) => {
                 tracing::debug!(peer, %addr, "replication link: {e}");
-                // Drop what queued up while the peer was unreachable: it is stale, and the
-                // engine resends what still matters.
-                while rx.try_recv().is_ok() {}
                 tokio::time::sleep(RECONNECT_DELAY).await;
                 continue;
             }
         };
         tracing::info!(peer, %addr, "replication link up");
-        loop {
-            let Some(first) = rx.recv().await else {
-                return; // the node is shutting down
-            };
-            buf.clear();
-            msg::encode(&first, &mut buf);
-            while buf.len() < WRITE_BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(m) => msg::encode(&m, &mut buf),
-                    Err(_) => break,
-                }
-            }
-            if let Err(e) = stream.write_all(&buf).await {
-                tracing::warn!(peer, %addr, "replication link down: {e}");
-                break;
-            }
+        {
+            let mut st = lock(&tx.state);
+            st.buf.clear();
+            st.stream = Some(stream.clone());
         }
+        let err = loop {
+            let flushed = lock(&tx.state).flush();
+            match flushed {
+                Ok(true) => tx.wake.notified().await,
+                Ok(false) => {
+                    if let Err(e) = stream.writable().await {
+                        break e;
+                    }
+                }
+                Err(e) => break e,
+            }
+        };
+        tracing::warn!(peer, %addr, "replication link down: {err}");
+        let mut st = lock(&tx.state);
+        st.stream = None;
+        st.buf.clear();
     }
 }
 
@@ -168,7 +249,7 @@ async fn dialer_handshake(cfg: &LinkConfig, s: &mut TcpStream) -> std::io::Resul
     Ok(())
 }
 
-async fn accept_loop(cfg: LinkConfig, listener: TcpListener, inbound: mpsc::Sender<Inbound>) {
+async fn accept_loop(cfg: LinkConfig, listener: TcpListener, inbound: Arc<dyn Inbound>) {
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(x) => x,
@@ -178,7 +259,7 @@ async fn accept_loop(cfg: LinkConfig, listener: TcpListener, inbound: mpsc::Send
                 continue;
             }
         };
-        if inbound.is_closed() {
+        if inbound.closed() {
             return;
         }
         let cfg = cfg.clone();
@@ -194,7 +275,7 @@ async fn accept_loop(cfg: LinkConfig, listener: TcpListener, inbound: mpsc::Send
 async fn serve_peer(
     cfg: &LinkConfig,
     mut s: TcpStream,
-    inbound: &mpsc::Sender<Inbound>,
+    inbound: &Arc<dyn Inbound>,
 ) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor_handshake(cfg, &mut s))
@@ -202,16 +283,19 @@ async fn serve_peer(
         .map_err(|_| bad("handshake timed out"))??;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
+        let mut msgs = Vec::new();
         loop {
             match msg::decode(&mut buf) {
-                Ok(Some(m)) => {
-                    if inbound.send((peer, m)).await.is_err() {
-                        return Ok(());
-                    }
-                }
+                Ok(Some(m)) => msgs.push(m),
                 Ok(None) => break,
                 Err(e) => return Err(bad(&format!("peer {peer} sent a bad frame: {e}"))),
             }
+        }
+        if !msgs.is_empty() {
+            if inbound.closed() {
+                return Ok(());
+            }
+            inbound.deliver(peer, msgs);
         }
         if s.read_buf(&mut buf).await? == 0 {
             return Err(bad("peer closed the connection"));
@@ -291,39 +375,99 @@ mod tests {
         }
     }
 
-    async fn pair(secret_b: &[u8]) -> (Links, mpsc::Receiver<Inbound>, mpsc::Receiver<Inbound>) {
+    type Received = tokio::sync::mpsc::UnboundedReceiver<(PlexId, Message)>;
+
+    struct Sink(tokio::sync::mpsc::UnboundedSender<(PlexId, Message)>);
+
+    impl Inbound for Sink {
+        fn deliver(&self, from: PlexId, msgs: Vec<Message>) {
+            for m in msgs {
+                let _ = self.0.send((from, m));
+            }
+        }
+    }
+
+    fn sink() -> (Arc<dyn Inbound>, Received) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Arc::new(Sink(tx)), rx)
+    }
+
+    async fn pair(secret_b: &[u8]) -> (Links, Received, Received) {
         let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (aa, ab) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
-        let (ta, ra) = mpsc::channel(16);
-        let (tb, rb) = mpsc::channel(16);
-        let a = start(
-            cfg(1, vec![(2, ab.to_string())], b"secret-0123456789"),
-            la,
-            ta,
-        );
-        let _b = start(cfg(2, vec![(1, aa.to_string())], secret_b), lb, tb);
+        let (ta, ra) = sink();
+        let (tb, rb) = sink();
+        let ca = cfg(1, vec![(2, ab.to_string())], b"secret-0123456789");
+        let a = Links::new(&ca);
+        start(ca, &a, la, ta);
+        let cb = cfg(2, vec![(1, aa.to_string())], secret_b);
+        let b = Links::new(&cb);
+        start(cb, &b, lb, tb);
         (a, ra, rb)
+    }
+
+    /// Resend `m` until it arrives (the link comes up asynchronously, as the engine copes).
+    async fn first_through(a: &Links, rb: &mut Received, m: Message) -> (PlexId, Message) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                a.send(2, m.clone());
+                if let Ok(Some(got)) =
+                    tokio::time::timeout(Duration::from_millis(100), rb.recv()).await
+                {
+                    return got;
+                }
+            }
+        })
+        .await
+        .unwrap()
     }
 
     #[tokio::test]
     async fn messages_flow_between_authenticated_peers() {
         let (a, _ra, mut rb) = pair(b"secret-0123456789").await;
         let hb = Message::Resend { epoch: 3, from: 9 };
-        // The link comes up asynchronously; resend until the peer has it, as the engine does.
-        let got = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                a.send(2, hb.clone());
-                if let Ok(Some(m)) =
-                    tokio::time::timeout(Duration::from_millis(100), rb.recv()).await
-                {
-                    return m;
+        assert_eq!(first_through(&a, &mut rb, hb.clone()).await, (1, hb));
+    }
+
+    /// Small frames written inline and big ones the socket only takes in part (the writer
+    /// task finishes those) arrive whole and in the order sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_small_and_large_frames_arrives_in_order() {
+        let (a, _ra, mut rb) = pair(b"secret-0123456789").await;
+        first_through(&a, &mut rb, Message::Resend { epoch: 0, from: 0 }).await;
+        while tokio::time::timeout(Duration::from_millis(200), rb.recv())
+            .await
+            .is_ok()
+        {}
+        let n = 200u64;
+        for i in 0..n {
+            let m = if i % 10 == 0 {
+                Message::CopyData {
+                    epoch: 1,
+                    seq: i,
+                    data: bytes::Bytes::from(vec![i as u8; 1 << 20]),
                 }
+            } else {
+                Message::Resend { epoch: 1, from: i }
+            };
+            a.send(2, m);
+        }
+        for i in 0..n {
+            let (from, m) = tokio::time::timeout(Duration::from_secs(10), rb.recv())
+                .await
+                .expect("the burst stalled")
+                .expect("sink open");
+            assert_eq!(from, 1);
+            match m {
+                Message::CopyData { seq, data, .. } => {
+                    assert_eq!(seq, i);
+                    assert!(data.len() == 1 << 20 && data.iter().all(|&b| b == i as u8));
+                }
+                Message::Resend { from, .. } => assert_eq!(from, i),
+                other => panic!("unexpected {other:?}"),
             }
-        })
-        .await
-        .unwrap();
-        assert_eq!(got, (1, hb));
+        }
     }
 
     #[tokio::test]

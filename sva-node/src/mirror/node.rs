@@ -19,10 +19,12 @@
 //! flushed every [`BITMAP_FLUSH_INTERVAL`] and at shutdown. A monitor samples the engine's
 //! resync and verify progress every [`MONITOR_INTERVAL`] for rates, logs and metrics.
 //!
-//! The engine lives behind one mutex. Every input (a submitted op, a peer message, an applied
-//! op, a witness answer, a timer tick) locks it, feeds it, and runs the commands it emits in
-//! order while still holding the lock; each of those is non-blocking (queue a message, spawn
-//! the apply or the CAS, answer a waiting initiator), so the lock is held for microseconds.
+//! The engine lives behind one mutex. Every input (a submitted op, peer messages on the link's
+//! reader task, an applied op, a witness answer, a timer tick) locks it, feeds it, and runs the
+//! commands it emits in order while still holding the lock; each of those is non-blocking
+//! (write or buffer a message, spawn the apply or the CAS, answer a waiting initiator), so the
+//! lock is held for microseconds. No input hops through another task on its way in or out:
+//! each hop is a thread wake-up on the write's critical path.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,11 +34,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 
 use super::engine::{Command, Config as EngineConfig, Engine, Millis, OpId, Outcome, PathState};
 use super::link::{self, Inbound, LinkConfig, Links};
-use super::msg::{OpMeta, OpRange, PlexId, PAYLOAD_BYTES_MAX};
+use super::msg::{Message, OpMeta, OpRange, PlexId, PAYLOAD_BYTES_MAX};
 use super::op::{self, ReplicatedOp};
 use super::persist::StateFiles;
 use super::resync::{CopyWhat, ResyncInfo, ResyncRole, VerifyInfo};
@@ -51,8 +53,6 @@ use crate::scsi::{
 };
 use crate::witness::{Membership, PlexState, Witness};
 
-/// Peer messages waiting for the engine before the links stop reading.
-const INBOUND_QUEUE_MAX: usize = 16 * 1024;
 /// Shortest pause between two timer runs of the engine.
 const TIMER_TICK_MIN: Duration = Duration::from_millis(5);
 /// Longest a witness call may take before the engine is told the witness is unreachable.
@@ -160,10 +160,10 @@ pub struct MirrorSetup {
 }
 
 impl MirrorNode {
-    /// Start the links, the engine's timer and its inbox. Must run inside a tokio runtime.
+    /// Start the links (their readers feed the engine), the engine's timer and the background
+    /// tasks. Must run inside a tokio runtime.
     pub fn start(s: MirrorSetup) -> MirrorNode {
-        let (in_tx, in_rx) = mpsc::channel::<Inbound>(INBOUND_QUEUE_MAX);
-        let links = link::start(s.links, s.listener, in_tx);
+        let links = Links::new(&s.links);
         let started = Instant::now();
         let block_size = s.engine.block_size;
         let mut engine = Engine::new(s.engine, s.membership, 0, s.start);
@@ -190,7 +190,8 @@ impl MirrorNode {
         };
         // Run what the engine emitted at construction (its first path state).
         node.with_engine(|_, _| {});
-        tokio::spawn(node.clone().inbox(in_rx));
+        let inbound = Arc::new(EngineInbound(Arc::downgrade(&node.shared)));
+        link::start(s.links, &node.shared.links, s.listener, inbound);
         tokio::spawn(node.clone().timer());
         tokio::spawn(node.clone().flusher());
         tokio::spawn(node.clone().monitor());
@@ -754,12 +755,6 @@ impl MirrorNode {
         (e.epoch(), path, e.membership().clone())
     }
 
-    async fn inbox(self, mut rx: mpsc::Receiver<Inbound>) {
-        while let Some((from, msg)) = rx.recv().await {
-            self.with_engine(|e, now| e.handle_message(now, from, msg));
-        }
-    }
-
     async fn timer(self) {
         loop {
             let next = lock(&self.shared.engine).next_timeout();
@@ -782,6 +777,26 @@ impl MirrorNode {
                 None => self.shared.timer.notified().await,
             }
         }
+    }
+}
+
+/// Feeds peer messages to the engine on the link's reader task (see `link`'s module doc);
+/// weak, so the links do not keep a stopped node alive.
+struct EngineInbound(std::sync::Weak<Shared>);
+
+impl Inbound for EngineInbound {
+    fn deliver(&self, from: PlexId, msgs: Vec<Message>) {
+        if let Some(shared) = self.0.upgrade() {
+            MirrorNode { shared }.with_engine(|e, now| {
+                for m in msgs {
+                    e.handle_message(now, from, m);
+                }
+            });
+        }
+    }
+
+    fn closed(&self) -> bool {
+        self.0.strong_count() == 0
     }
 }
 
