@@ -502,6 +502,11 @@ pub struct ActivityLog {
     used_at: BTreeMap<u64, std::time::Instant>,
     /// Regions handed to the engine at restart: kept until it absorbed them.
     recovered: BTreeSet<u64>,
+    /// Regions logged only for resync copies written here since they entered the log: they
+    /// leave at the next trim once their copies settled, however recently written (a copy
+    /// writes a region once; keeping it for the idle time would only make a restarted
+    /// learner have it copied again).
+    copied_only: BTreeSet<u64>,
     /// The file stands for every region (found corrupt; cleared once absorbed).
     full: bool,
 }
@@ -548,6 +553,7 @@ impl ActivityLog {
             next_stamp: 0,
             used_at: BTreeMap::new(),
             recovered: BTreeSet::new(),
+            copied_only: BTreeSet::new(),
             full,
         };
         for (slot, &r) in regions.iter().enumerate() {
@@ -758,6 +764,7 @@ impl ActivityLog {
                             self.by_stamp.remove(&st);
                         }
                         self.used_at.remove(&victim);
+                        self.copied_only.remove(&victim);
                         s
                     }
                     // Nothing evictable: grow rather than lose coverage.
@@ -802,6 +809,25 @@ impl ActivityLog {
     /// only regions no op in flight touches; growing when none can go) and count the op as
     /// in flight on each until [`release`](Self::release).
     pub fn ensure(&mut self, regions: &[u64]) -> Result<(), PersistError> {
+        for g in regions {
+            self.copied_only.remove(g);
+        }
+        self.pin(regions)
+    }
+
+    /// [`ensure`](Self::ensure) for a resync copy written here (DESIGN.md §6): the copy may
+    /// carry ops only its source applied, so its regions are logged like an op's until it
+    /// settles; then, unless an op touched them meanwhile, the next trim drops them at once.
+    pub fn ensure_copy(&mut self, regions: &[u64]) -> Result<(), PersistError> {
+        for &g in regions {
+            if !self.index.contains_key(&g) || self.copied_only.contains(&g) {
+                self.copied_only.insert(g);
+            }
+        }
+        self.pin(regions)
+    }
+
+    fn pin(&mut self, regions: &[u64]) -> Result<(), PersistError> {
         let r = self.add_durable(regions);
         for &g in regions {
             *self.pins.entry(g).or_insert(0) += 1;
@@ -823,7 +849,7 @@ impl ActivityLog {
             .used_at
             .iter()
             .filter(|(r, at)| {
-                now.saturating_duration_since(**at) >= idle
+                (now.saturating_duration_since(**at) >= idle || self.copied_only.contains(r))
                     && self.pins.get(r).copied().unwrap_or(0) == 0
                     && !self.recovered.contains(r)
             })
@@ -841,6 +867,7 @@ impl ActivityLog {
                 self.by_stamp.remove(&st);
             }
             self.used_at.remove(r);
+            self.copied_only.remove(r);
         }
         if pages.is_empty() {
             return Ok(0);
@@ -889,8 +916,17 @@ pub struct StateFiles {
 #[derive(Debug)]
 struct AlState {
     log: ActivityLog,
-    /// Regions of each op handed to the LU (by seq), and whether `ensure` ran for it yet.
-    in_flight: BTreeMap<u64, (Vec<u64>, bool)>,
+    /// Regions of each op (or resync copy) handed to the LU by seq, and whether `ensure`
+    /// ran for it yet.
+    in_flight: BTreeMap<u64, InFlight>,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    regions: Vec<u64>,
+    ensured: bool,
+    /// A resync copy written here (`ActivityLog::ensure_copy`), not an op.
+    copy: bool,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1048,10 +1084,28 @@ impl StateFiles {
 
     /// An op (`seq`) touching `regions` is about to be handed to a blocking thread.
     pub fn op_dispatched(&self, seq: u64, regions: Vec<u64>) {
+        self.dispatched(seq, regions, false);
+    }
+
+    /// A resync copy (`CopyIn` of seq `seq`) writing `regions` is about to be handed to a
+    /// blocking thread: logged like an op (it may carry ops only its source applied), but
+    /// dropped from the log at the first trim after it settled.
+    pub fn copy_dispatched(&self, seq: u64, regions: Vec<u64>) {
+        self.dispatched(seq, regions, true);
+    }
+
+    fn dispatched(&self, seq: u64, regions: Vec<u64>, copy: bool) {
         if regions.is_empty() {
             return;
         }
-        lock(&self.al).in_flight.insert(seq, (regions, false));
+        lock(&self.al).in_flight.insert(
+            seq,
+            InFlight {
+                regions,
+                ensured: false,
+                copy,
+            },
+        );
     }
 
     /// On the blocking thread, before the data write of op `seq`: its regions are in the
@@ -1059,16 +1113,20 @@ impl StateFiles {
     pub fn op_before_write(&self, seq: u64) -> Result<(), PersistError> {
         let mut st = lock(&self.al);
         let st = &mut *st;
-        let Some((regions, ensured)) = st.in_flight.get_mut(&seq) else {
+        let Some(op) = st.in_flight.get_mut(&seq) else {
             return Ok(());
         };
-        if *ensured {
+        if op.ensured {
             // Already done by `op_before_write_without_io` (the op then fell back to a
             // blocking thread): pinning twice would keep its regions in the log forever.
             return Ok(());
         }
-        *ensured = true;
-        st.log.ensure(regions)
+        op.ensured = true;
+        if op.copy {
+            st.log.ensure_copy(&op.regions)
+        } else {
+            st.log.ensure(&op.regions)
+        }
     }
 
     /// `op_before_write` for an async thread: `true` if op `seq`'s regions are in the log
@@ -1079,18 +1137,18 @@ impl StateFiles {
             return false;
         };
         let st = &mut *st;
-        let Some((regions, ensured)) = st.in_flight.get_mut(&seq) else {
+        let Some(op) = st.in_flight.get_mut(&seq) else {
             return true;
         };
-        if *ensured {
+        if op.ensured {
             return true;
         }
-        if !st.log.covers(regions) {
+        if op.copy || !st.log.covers(&op.regions) {
             return false;
         }
-        *ensured = true;
+        op.ensured = true;
         // Every region is in the log, so `ensure` only pins and touches: no write, no sync.
-        st.log.ensure(regions).is_ok()
+        st.log.ensure(&op.regions).is_ok()
     }
 
     /// `Settled{up_to}`: ops up to `up_to` are applied everywhere; their regions may leave
@@ -1099,9 +1157,9 @@ impl StateFiles {
         let mut st = lock(&self.al);
         let keep = st.in_flight.split_off(&(up_to.saturating_add(1)));
         let done = std::mem::replace(&mut st.in_flight, keep);
-        for (regions, ensured) in done.into_values() {
-            if ensured {
-                st.log.release(&regions);
+        for op in done.into_values() {
+            if op.ensured {
+                st.log.release(&op.regions);
             }
         }
     }
@@ -1302,6 +1360,51 @@ mod tests {
         assert_eq!(al.regions(), [3].into());
         let (_, l) = ActivityLog::load(&p, 1 << 20, 100, 16).expect("load");
         assert_eq!(l.regions, [3].into(), "trimmed durably");
+    }
+
+    #[test]
+    fn copied_regions_stay_until_settled_then_leave_at_the_next_trim() {
+        use std::time::Duration;
+        let d = dir();
+        let (sf, _) = StateFiles::recover(d.path(), 1 << 20, 16 << 20, 64, false).expect("recover");
+        // A learner writes copies of regions 1 and 2 (seqs 10, 11) and applies an op on 3
+        // (seq 12), then a copy of 3 (seq 13).
+        sf.copy_dispatched(10, vec![1]);
+        sf.copy_dispatched(11, vec![2]);
+        sf.op_dispatched(12, vec![3]);
+        sf.copy_dispatched(13, vec![3]);
+        assert!(
+            !sf.op_before_write_without_io(10),
+            "a copy is logged on its blocking thread"
+        );
+        for seq in 10..=13 {
+            sf.op_before_write(seq).expect("ensure");
+        }
+        // On disk before the copy writes: a crash now reports them.
+        assert_eq!(sf.activity_log(), [1, 2, 3].into());
+        // Unsettled copies stay whatever the idle time.
+        assert_eq!(sf.trim_activity_log(Duration::ZERO).expect("trim"), 0);
+        sf.settled(11);
+        // Settled copies leave at once, well before the idle time; region 3 has an op.
+        assert_eq!(
+            sf.trim_activity_log(Duration::from_secs(3600))
+                .expect("trim"),
+            2
+        );
+        sf.settled(13);
+        assert_eq!(
+            sf.trim_activity_log(Duration::from_secs(3600))
+                .expect("trim"),
+            0
+        );
+        assert_eq!(
+            sf.activity_log(),
+            [3].into(),
+            "an op's region keeps the idle time"
+        );
+        drop(sf);
+        let (_, rec) = StateFiles::recover(d.path(), 1 << 20, 16 << 20, 64, true).expect("recover");
+        assert_eq!(rec.activity_log, [3].into(), "trimmed durably");
     }
 
     #[test]
