@@ -862,18 +862,15 @@ impl Engine {
                 start_seq,
                 dirty_regions,
             } => {
-                // The source restarted our session (it took a duplicate request for a
-                // restart): follow it, or ask again once our writes drained.
+                // The source restarted our session (it took a duplicate or late request
+                // for a restart): follow it. An accept older than ours is stale.
                 if let Role::Learning {
                     source,
                     start_seq: mine,
                 } = self.role
                 {
-                    if from == source && start_seq != mine && membership.epoch == self.epoch() {
-                        self.go_out(Role::Out);
-                        if self.io_inflight.is_empty() {
-                            self.become_learner(now, from, membership, start_seq, dirty_regions);
-                        }
+                    if from == source && start_seq > mine && membership.epoch == self.epoch() {
+                        self.rebase_learner(now, source, start_seq, dirty_regions);
                     }
                 }
             }
@@ -2239,6 +2236,39 @@ impl Engine {
         // writes its `mirror-started` marker now (RESYNC.md).
         self.accepted = true;
         self.handle_timeout(now);
+    }
+
+    /// The source restarted this learner's session at `start_seq` (same source, same epoch:
+    /// the same ordered ops). Keep what is at or after it — applied copies among them were
+    /// acked into the new session already and the source will not send their data again
+    /// (sim seed 3807: a learner that cleared its log waited forever for such a copy) — and
+    /// drop the rest (the source marked it dirty when it dropped the old session).
+    fn rebase_learner(&mut self, now: Millis, source: PlexId, start_seq: Seq, dirty_regions: u64) {
+        let older_in_flight = self
+            .log
+            .range(..start_seq)
+            .any(|(_, le)| le.state == EntryState::Issued);
+        if older_in_flight {
+            // A write of the old session is still landing and a copy of the new one may
+            // overlap it: go out and ask again once it landed.
+            self.go_out(Role::Out);
+            return;
+        }
+        self.log = self.log.split_off(&start_seq);
+        self.copy_data = self.copy_data.split_off(&start_seq);
+        self.settled = self.settled.max(start_seq.saturating_sub(1));
+        self.applied_prefix = self.applied_prefix.max(self.settled);
+        self.seq_high = self.seq_high.max(self.settled);
+        self.role = Role::Learning { source, start_seq };
+        self.target = Some(ResyncInfo {
+            plex: self.cfg.me,
+            full: !self.data_valid,
+            total_bytes: dirty_regions.saturating_mul(self.cfg.region_bytes),
+            done_bytes: 0,
+            copied_bytes: 0,
+        });
+        self.advance_applied_prefix();
+        self.progress(now);
     }
 
     // ----- resync: the source side -----

@@ -1283,6 +1283,11 @@ impl Sim {
     }
 
     fn final_checks(&mut self) {
+        if std::env::var("SVA_SIM_DUMP").is_ok() {
+            for nd in &self.nodes {
+                eprintln!("DUMP plex {}: {:#?}", nd.id, nd.engine);
+            }
+        }
         // Liveness: every op completed (crashes complete theirs with Retry).
         let open: Vec<u64> = self
             .ops
