@@ -15,7 +15,13 @@ fn sim_resync_completes() {
 /// session while the learner, still in the old one, applied (and acked) the new session's
 /// first copies; on the late `JoinAccept` the learner cleared its log and waited forever for
 /// copy data the source had already retired (`Engine::rebase_learner` keeps them).
+/// 421: a verify read issued while the sequencer held for a CAS finished during the view
+/// change and was dropped (`checksummed` only took Active/Holding); the entry stayed Issued
+/// and the sequencer's applied prefix, hence every learner, stalled for good.
 #[test]
 fn sim_resync_completes_pinned() {
-    check_seeds(&[Invariant::ResyncCompletes], &[3807]);
+    check_seeds(
+        &[Invariant::ResyncCompletes, Invariant::Liveness],
+        &[3807, 421],
+    );
 }

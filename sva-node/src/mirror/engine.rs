@@ -968,7 +968,13 @@ impl Engine {
 
     /// Source side of copy `seq`: the data `CopyOut` read (empty: zeros).
     pub fn copied_out(&mut self, now: Millis, seq: Seq, data: Bytes) {
-        if !matches!(self.role, Role::Active | Role::Holding { .. }) {
+        // Like `applied`: a read that finishes during a view change (Collecting, Joining)
+        // still completes its log entry, which the view change keeps Issued; dropping it
+        // would stall this plex's applied prefix forever (sim seed 421, a verify's read).
+        if matches!(
+            self.role,
+            Role::Fenced | Role::Out | Role::Recovering { .. }
+        ) {
             return;
         }
         let Some(le) = self.log.get_mut(&seq) else {
@@ -1005,7 +1011,11 @@ impl Engine {
 
     /// Verify: the local checksum of verify op `seq`'s region.
     pub fn checksummed(&mut self, now: Millis, seq: Seq, checksum: [u8; 32]) {
-        if !matches!(self.role, Role::Active | Role::Holding { .. }) {
+        // See `copied_out`: complete the entry in any role that keeps a log.
+        if matches!(
+            self.role,
+            Role::Fenced | Role::Out | Role::Recovering { .. }
+        ) {
             return;
         }
         let Some(le) = self.log.get_mut(&seq) else {
@@ -1018,7 +1028,9 @@ impl Engine {
         }
         le.state = EntryState::Applied;
         let me = self.cfg.me;
-        if self.i_am_sequencer() {
+        if !matches!(self.role, Role::Active | Role::Holding { .. }) {
+            // Mid view change: the verify was dropped with the old epoch; nothing to report.
+        } else if self.i_am_sequencer() {
             self.on_checksum(now, me, seq, checksum);
         } else {
             let epoch = self.epoch();
