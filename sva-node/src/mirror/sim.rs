@@ -1191,8 +1191,9 @@ impl Sim {
                 // Invariant 5: the response (the state after the op) is the same everywhere.
                 let in_sync = self.in_sync_nodes();
                 for m in in_sync {
-                    // A plex resynced after this op holds its state through the LU-state copy.
-                    if self.nodes[m].lu_copy_seq > seq {
+                    // A plex resynced after this op holds its state through the LU-state copy;
+                    // a wiped disk holds nothing (see `check_acked_on_in_sync`; seed 5592).
+                    if self.nodes[m].lu_copy_seq > seq || self.nodes[m].wiped {
                         continue;
                     }
                     let got = self.nodes[m].resv_log.get(&seq).copied();
