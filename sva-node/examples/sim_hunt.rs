@@ -1,7 +1,7 @@
 //! Seed hunt over every simulation invariant at once: `cargo run --release -p sva-node
 //! --example sim_hunt -- A B` runs seeds A..B and prints each seed that violates anything
 //! (first violation per invariant), then a summary. Replay one with the matching
-//! `tests/sim_*.rs` and `SVA_SIM_SEED=n`.
+//! `tests/sim_*.rs` and `SVA_SIM_SEED=n`. `SVA_SIM_WIPE_HEAVY=1`: [`SimConfig::wipe_heavy`].
 
 use std::collections::BTreeMap;
 
@@ -17,9 +17,14 @@ fn main() {
         [b] => (0, *b),
         _ => (0, 100),
     };
+    let wipe_heavy = std::env::var("SVA_SIM_WIPE_HEAVY").is_ok();
     let mut bad: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for seed in a..b {
-        let cfg = SimConfig::from_seed(seed);
+        let cfg = if wipe_heavy {
+            SimConfig::wipe_heavy(seed)
+        } else {
+            SimConfig::from_seed(seed)
+        };
         let nodes = cfg.nodes;
         let report = Sim::new(cfg).run();
         let mut seen = Vec::new();

@@ -531,10 +531,14 @@ impl Engine {
                     activity_log,
                     bitmaps,
                     data_valid,
+                    full_pending,
                 } = rec;
                 e.own_dirty = activity_log;
                 e.recovered_bitmaps = bitmaps;
-                e.data_valid = data_valid;
+                e.data_valid = data_valid && !full_pending;
+                // Mid full resync: ask full but not fresh, so a source that filled its
+                // bitmap for us resumes and one that did not (the first source died) fills.
+                e.accepted = data_valid && full_pending;
                 // It lost its memory: it never claims to have served an epoch.
                 e.active_epoch = 0;
                 if data_valid && e.is_in_sync(me) {

@@ -1000,6 +1000,8 @@ impl StateFiles {
             activity_log: al_loaded.regions,
             bitmaps: recovered_bitmaps,
             data_valid,
+            // The driver's `full-resync-pending` marker (boot.rs) sets it.
+            full_pending: false,
         };
         Ok((files, recovered))
     }

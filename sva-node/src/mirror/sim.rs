@@ -124,6 +124,21 @@ impl SimConfig {
     }
 }
 
+impl SimConfig {
+    /// A 3-way swarm tilted towards wiped plexes whose resync source changes: frequent
+    /// crashes (a wiped disk in one restart of two), lossy links and partitions, so a
+    /// wiped learner's `JoinRequest` often reaches only some in-sync peers.
+    pub fn wipe_heavy(seed: u64) -> SimConfig {
+        let mut c = SimConfig::from_seed(seed);
+        c.nodes = 3;
+        c.wipe = 0.5;
+        c.crash = c.crash.max(0.0005);
+        c.loss = c.loss.max(0.05);
+        c.partition = c.partition.max(0.001);
+        c
+    }
+}
+
 /// What a run saw.
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
@@ -212,6 +227,9 @@ struct Node {
     /// resync (its divergence is everywhere; invariant 4 skips it, 2 and 6 check the result).
     /// Like the driver's `mirror-started` marker, cleared once a source accepted it.
     wiped: bool,
+    /// Like the driver's `full-resync-pending` marker: set with a wipe, cleared once the
+    /// plex serves again (its full resync finished).
+    full_pending: bool,
     /// Seq of the last LU-state copy applied here (it carries every earlier barrier).
     lu_copy_seq: Seq,
     /// Op value -> the seq it was applied under here.
@@ -363,6 +381,7 @@ impl Sim {
                 al_ops: BTreeMap::new(),
                 al_recovered: BTreeSet::new(),
                 wiped: false,
+                full_pending: false,
                 lu_copy_seq: 0,
                 applied_seqs: BTreeMap::new(),
                 unavailable: false,
@@ -658,6 +677,7 @@ impl Sim {
                     nd.bitmaps.clear();
                     nd.al_recovered.clear();
                     nd.wiped = true;
+                    nd.full_pending = true;
                 }
                 let recovered = Recovered {
                     activity_log: nd.al_recovered.clone(),
@@ -665,6 +685,7 @@ impl Sim {
                     // The driver's `mirror-started` marker: absent on a wiped plex until a
                     // source accepted it (and holds a full bitmap for it).
                     data_valid: !nd.wiped,
+                    full_pending: nd.full_pending,
                 };
                 nd.engine = Some(Engine::new(
                     engine_cfg(id, self.cfg.blocks),
@@ -1093,6 +1114,7 @@ impl Sim {
                     if s == PathState::ActiveOptimized {
                         self.nodes[n].unavailable = false;
                         self.nodes[n].wiped = false;
+                        self.nodes[n].full_pending = false;
                     }
                 }
                 Command::WitnessCas {
@@ -1528,15 +1550,26 @@ pub fn check(invariants: &[Invariant], default_seeds: u64) {
         (None, Some((a, b))) => (a..b).collect(),
         (None, None) => (0..default_seeds).collect(),
     };
-    check_seeds(invariants, &seeds);
+    // `SVA_SIM_WIPE_HEAVY=1`: the seeds' `SimConfig::wipe_heavy` runs (to replay those).
+    if std::env::var("SVA_SIM_WIPE_HEAVY").is_ok() {
+        check_configs(invariants, seeds.iter().map(|&s| SimConfig::wipe_heavy(s)));
+    } else {
+        check_seeds(invariants, &seeds);
+    }
 }
 
 /// Run exactly `seeds` (pinned regressions: each once found a violation) and panic, naming the
 /// seed, at the first violation of `invariant`.
 pub fn check_seeds(invariants: &[Invariant], seeds: &[u64]) {
+    check_configs(invariants, seeds.iter().map(|&s| SimConfig::from_seed(s)));
+}
+
+/// Run these configurations and panic, naming the seed, at the first violation of `invariant`.
+pub fn check_configs(invariants: &[Invariant], configs: impl IntoIterator<Item = SimConfig>) {
     let mut total = Stats::default();
-    for &seed in seeds {
-        let report = Sim::new(SimConfig::from_seed(seed)).run();
+    for cfg in configs {
+        let seed = cfg.seed;
+        let report = Sim::new(cfg).run();
         let s = &report.stats;
         total.submitted += s.submitted;
         total.acked += s.acked;
