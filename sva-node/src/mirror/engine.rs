@@ -443,6 +443,8 @@ pub struct Engine {
     own_dirty: BTreeSet<u64>,
     data_valid: bool,
     recovered_bitmaps: BTreeMap<PlexId, BTreeSet<u64>>,
+    /// Of those, the ones filled at once since created (`Recovered::filled`).
+    recovered_filled: BTreeSet<PlexId>,
     next_join: Millis,
     /// The record of an outstanding recovery CAS.
     proposed: Option<Membership>,
@@ -496,6 +498,7 @@ impl Engine {
             own_dirty: BTreeSet::new(),
             data_valid: true,
             recovered_bitmaps: BTreeMap::new(),
+            recovered_filled: BTreeSet::new(),
             next_join: now,
             proposed: None,
             copy_data: BTreeMap::new(),
@@ -532,9 +535,11 @@ impl Engine {
                     bitmaps,
                     data_valid,
                     full_pending,
+                    filled,
                 } = rec;
                 e.own_dirty = activity_log;
                 e.recovered_bitmaps = bitmaps;
+                e.recovered_filled = filled;
                 e.data_valid = data_valid && !full_pending;
                 // Mid full resync: ask full but not fresh, so a source that filled its
                 // bitmap for us resumes and one that did not (the first source died) fills.
@@ -2155,8 +2160,11 @@ impl Engine {
         let old = std::mem::replace(&mut self.membership, m);
         let me = self.cfg.me;
         let mut recovered = std::mem::take(&mut self.recovered_bitmaps);
+        let recovered_filled = std::mem::take(&mut self.recovered_filled);
         for p in self.stale_ids() {
             let mut bm = self.region_map();
+            // Whether a full request from `p` may resume from this bitmap (see below).
+            let mut complete = recovered_filled.contains(&p);
             match recovered.remove(&p) {
                 Some(regions) => regions.into_iter().for_each(|r| {
                     bm.set(r);
@@ -2168,6 +2176,7 @@ impl Engine {
                         .any(|r| r.id == p && r.state == PlexState::InSync);
                     if !was_in_sync {
                         bm.fill(bm.regions_of_volume(self.cfg.volume_blocks));
+                        complete = true;
                     }
                 }
             }
@@ -2178,9 +2187,13 @@ impl Engine {
             self.cmds
                 .push_back(Command::MarkDirtyRegions { plex: p, regions });
             self.bitmaps.insert(p, bm);
-            // Its persisted bitmap was complete (in 2-way this node filled it when it accepted
-            // the plex): a full request resumes from it.
-            self.filled.insert(p);
+            // A full request resumes only from a bitmap this node filled (then the regions
+            // clear in it were copied by this node). One it kept without filling may lack
+            // regions a wiped plex never got from the source that died (3-way): the plex's
+            // next full request refills it (sim wipe-heavy seed 775).
+            if complete {
+                self.filled.insert(p);
+            }
         }
         for p in recovered.into_keys() {
             if p != me {

@@ -43,6 +43,10 @@ const VERSION: u32 = 1;
 /// Activity-log header flag: the log stands for every region (it was found corrupt and not
 /// yet absorbed).
 const AL_FLAG_FULL: u32 = 1;
+/// Bitmap header flag: every region was set at once since the file was created (a full
+/// resync's fill): regions clear now were copied by this node as the source, so after a
+/// restart it may resume that full resync instead of starting it over.
+const BITMAP_FLAG_FILLED: u32 = 1;
 /// File name of the activity log in `stateDir`.
 pub const AL_FILE: &str = "activity-log";
 /// File name prefix of a plex's bitmap in `stateDir` (`bitmap-<plex id>`).
@@ -217,6 +221,10 @@ pub struct RegionBitmap {
     bits: Vec<u8>,
     /// Body pages changed in memory and not yet written (clears are lazy).
     unflushed: BTreeSet<u64>,
+    /// Regions set now.
+    set_count: u64,
+    /// [`BITMAP_FLAG_FILLED`] (durable once true).
+    filled: bool,
 }
 
 impl RegionBitmap {
@@ -240,10 +248,17 @@ impl RegionBitmap {
             return Err(PersistError::TooLarge(region_count));
         }
         let mut bits = vec![0u8; Self::pages_for(region_count) as usize * PAGE_PAYLOAD_BYTES];
+        let mut set_count = 0;
         for &r in initial {
-            set_bit(&mut bits, region_count, r, true)?;
+            if set_bit(&mut bits, region_count, r, true)? {
+                set_count += 1;
+            }
         }
-        let file = create_atomic(path, &bitmap_pages(region_bytes, region_count, &bits))?;
+        let filled = set_count == region_count;
+        let file = create_atomic(
+            path,
+            &bitmap_pages(region_bytes, region_count, &bits, filled),
+        )?;
         Ok(RegionBitmap {
             path: path.to_path_buf(),
             file,
@@ -251,6 +266,8 @@ impl RegionBitmap {
             region_count,
             bits,
             unflushed: BTreeSet::new(),
+            set_count,
+            filled,
         })
     }
 
@@ -266,7 +283,7 @@ impl RegionBitmap {
             return Ok(None);
         };
         match Self::parse(&raw, region_bytes, region_count) {
-            Ok(bits) => {
+            Ok((bits, filled)) => {
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -279,8 +296,14 @@ impl RegionBitmap {
                     region_count,
                     bits,
                     unflushed: BTreeSet::new(),
+                    set_count: 0,
+                    filled,
                 };
                 let regions = bm.regions();
+                let bm = RegionBitmap {
+                    set_count: regions.len() as u64,
+                    ..bm
+                };
                 Ok(Some((
                     bm,
                     Loaded {
@@ -303,7 +326,8 @@ impl RegionBitmap {
         }
     }
 
-    fn parse(raw: &[u8], region_bytes: u64, region_count: u64) -> Result<Vec<u8>, String> {
+    /// The bits and the [`BITMAP_FLAG_FILLED`] flag of a bitmap file.
+    fn parse(raw: &[u8], region_bytes: u64, region_count: u64) -> Result<(Vec<u8>, bool), String> {
         let h = Header::decode(raw)?;
         if &h.magic != BITMAP_MAGIC || h.version != VERSION {
             return Err("not a version-1 bitmap file".into());
@@ -326,24 +350,44 @@ impl RegionBitmap {
         for i in 1..=pages {
             bits.extend_from_slice(open_page(raw, i)?);
         }
-        Ok(bits)
+        Ok((bits, h.flags & BITMAP_FLAG_FILLED != 0))
     }
 
     /// Set or clear `region` in memory; records its page as unflushed when it changed.
     fn set(&mut self, region: u64, on: bool) -> Result<(), PersistError> {
         if set_bit(&mut self.bits, self.region_count, region, on)? {
             self.unflushed.insert(1 + region / BITMAP_REGIONS_PER_PAGE);
+            if on {
+                self.set_count += 1;
+            } else {
+                self.set_count = self.set_count.saturating_sub(1);
+            }
         }
         Ok(())
     }
 
     /// Set `regions` and make them durable (the changed pages written, then `fdatasync`)
-    /// before returning. Regions already set cost no I/O.
+    /// before returning. Regions already set cost no I/O. The first time every region is
+    /// set, the header says so durably ([`BITMAP_FLAG_FILLED`]).
     pub fn mark_durable(&mut self, regions: &[u64]) -> Result<(), PersistError> {
         for &r in regions {
             self.set(r, true)?;
         }
-        self.flush()
+        self.flush()?;
+        if !self.filled && self.set_count == self.region_count {
+            let h = bitmap_header(self.region_bytes, self.region_count, true);
+            self.file
+                .write_all_at(&h.encode(), 0)
+                .and_then(|()| self.file.sync_data())
+                .map_err(io_err(&self.path))?;
+            self.filled = true;
+        }
+        Ok(())
+    }
+
+    /// Whether every region was set at once since the file was created.
+    pub fn filled(&self) -> bool {
+        self.filled
     }
 
     /// Clear `regions` in memory; [`flush`](Self::flush) persists them later.
@@ -439,15 +483,19 @@ fn set_bit(
     Ok(was != on)
 }
 
-/// Every page of a bitmap file.
-fn bitmap_pages(region_bytes: u64, region_count: u64, bits: &[u8]) -> Vec<Vec<u8>> {
-    let h = Header {
+fn bitmap_header(region_bytes: u64, region_count: u64, filled: bool) -> Header {
+    Header {
         magic: *BITMAP_MAGIC,
         version: VERSION,
-        flags: 0,
+        flags: if filled { BITMAP_FLAG_FILLED } else { 0 },
         region_bytes,
         count: region_count,
-    };
+    }
+}
+
+/// Every page of a bitmap file.
+fn bitmap_pages(region_bytes: u64, region_count: u64, bits: &[u8], filled: bool) -> Vec<Vec<u8>> {
+    let h = bitmap_header(region_bytes, region_count, filled);
     let mut pages = vec![h.encode()];
     for (i, chunk) in bits.chunks(PAGE_PAYLOAD_BYTES).enumerate() {
         pages.push(seal_page(i as u64 + 1, chunk));
@@ -973,6 +1021,7 @@ impl StateFiles {
         }
         let mut bitmaps = BTreeMap::new();
         let mut recovered_bitmaps = BTreeMap::new();
+        let mut filled = BTreeSet::new();
         for (plex, path) in bitmap_files(dir)? {
             if let Some((bm, loaded)) = RegionBitmap::open(&path, region_bytes, region_count)? {
                 if let Some(why) = &loaded.distrusted {
@@ -983,6 +1032,9 @@ impl StateFiles {
                     );
                 }
                 recovered_bitmaps.insert(plex, loaded.regions);
+                if bm.filled() {
+                    filled.insert(plex);
+                }
                 bitmaps.insert(plex, bm);
             }
         }
@@ -1002,6 +1054,7 @@ impl StateFiles {
             data_valid,
             // The driver's `full-resync-pending` marker (boot.rs) sets it.
             full_pending: false,
+            filled,
         };
         Ok((files, recovered))
     }
@@ -1362,6 +1415,33 @@ mod tests {
         assert_eq!(al.regions(), [3].into());
         let (_, l) = ActivityLog::load(&p, 1 << 20, 100, 16).expect("load");
         assert_eq!(l.regions, [3].into(), "trimmed durably");
+    }
+
+    #[test]
+    fn a_bitmap_filled_at_once_says_so_after_clears_and_reopen() {
+        let d = dir();
+        let (sf, _) = StateFiles::recover(d.path(), 1 << 20, 8 << 20, 16, false).expect("recover");
+        // Plex 2: marked by writes only, never every region: not filled.
+        sf.mark_dirty(2, &[1, 2]).expect("mark");
+        // Plex 3: filled for a full resync, then two regions copied (cleared).
+        sf.mark_dirty(3, &[0, 1, 2, 3]).expect("mark");
+        sf.mark_dirty(3, &[4, 5, 6, 7]).expect("mark");
+        sf.clear_dirty(3, &[0, 1]);
+        sf.flush_bitmaps().expect("flush");
+        drop(sf);
+        let (sf, rec) = StateFiles::recover(d.path(), 1 << 20, 8 << 20, 16, true).expect("recover");
+        assert_eq!(rec.bitmaps[&3], (2..8).collect());
+        assert_eq!(
+            rec.filled,
+            [3].into(),
+            "only the bitmap that was full at once"
+        );
+        // Dropped (in sync) and marked again: a new spell, not filled.
+        sf.drop_bitmap(3).expect("drop");
+        sf.mark_dirty(3, &[5]).expect("mark");
+        drop(sf);
+        let (_, rec) = StateFiles::recover(d.path(), 1 << 20, 8 << 20, 16, true).expect("recover");
+        assert!(rec.filled.is_empty(), "{:?}", rec.filled);
     }
 
     #[test]

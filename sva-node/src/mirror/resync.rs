@@ -52,6 +52,11 @@ pub struct Recovered {
     /// in-sync node — the next source, if the first one dies — fills its bitmap first.
     /// Without it a restart mid full resync asked a new source for a partial resync.
     pub full_pending: bool,
+    /// Plexes of `bitmaps` whose bitmap had every region set at once since it was created
+    /// (a full resync's fill): the regions clear now were copied by this node as their
+    /// source, so recovering as the source it may resume that full resync. Any other
+    /// bitmap may lack regions another source copied (3-way), so a full request refills it.
+    pub filled: BTreeSet<PlexId>,
 }
 
 /// What one copy op moves.

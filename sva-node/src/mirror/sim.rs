@@ -219,6 +219,8 @@ struct Node {
     resv_log: BTreeMap<Seq, u64>,
     /// Persisted write-intent bitmaps (one per stale plex; survive crashes).
     bitmaps: BTreeMap<PlexId, BTreeSet<u64>>,
+    /// Like the driver's bitmap `FILLED` flag: every region was set at once since created.
+    bitmaps_filled: BTreeSet<PlexId>,
     /// Persisted activity log: regions of the ops this incarnation applies and has not seen
     /// settled, plus what a previous incarnation left until `ActivityLogAbsorbed`.
     al_ops: BTreeMap<Seq, BTreeSet<u64>>,
@@ -378,6 +380,7 @@ impl Sim {
                 resv: 0,
                 resv_log: BTreeMap::new(),
                 bitmaps: BTreeMap::new(),
+                bitmaps_filled: BTreeSet::new(),
                 al_ops: BTreeMap::new(),
                 al_recovered: BTreeSet::new(),
                 wiped: false,
@@ -675,6 +678,7 @@ impl Sim {
                     nd.resv_log.clear();
                     nd.lu_copy_seq = 0;
                     nd.bitmaps.clear();
+                    nd.bitmaps_filled.clear();
                     nd.al_recovered.clear();
                     nd.wiped = true;
                     nd.full_pending = true;
@@ -686,6 +690,7 @@ impl Sim {
                     // source accepted it (and holds a full bitmap for it).
                     data_valid: !nd.wiped,
                     full_pending: nd.full_pending,
+                    filled: nd.bitmaps_filled.clone(),
                 };
                 nd.engine = Some(Engine::new(
                     engine_cfg(id, self.cfg.blocks),
@@ -1025,11 +1030,13 @@ impl Sim {
                     *al = al.split_off(&(up_to + 1));
                 }
                 Command::MarkDirtyRegions { plex, regions } => {
-                    self.nodes[n]
-                        .bitmaps
-                        .entry(plex)
-                        .or_default()
-                        .extend(regions);
+                    let regions_total = self.cfg.blocks.div_ceil(BLOCKS_PER_REGION) as usize;
+                    let nd = &mut self.nodes[n];
+                    let bm = nd.bitmaps.entry(plex).or_default();
+                    bm.extend(regions);
+                    if bm.len() >= regions_total {
+                        nd.bitmaps_filled.insert(plex);
+                    }
                 }
                 Command::ClearDirtyRegions { plex, regions } => {
                     if let Some(b) = self.nodes[n].bitmaps.get_mut(&plex) {
@@ -1039,6 +1046,7 @@ impl Sim {
                     }
                 }
                 Command::DropBitmap { plex } => {
+                    self.nodes[n].bitmaps_filled.remove(&plex);
                     if self.nodes[n].bitmaps.remove(&plex).is_some()
                         && self
                             .record
@@ -1429,7 +1437,11 @@ impl Sim {
         let mut bad = Vec::new();
         for &s in &stale {
             let sn = &self.nodes[s];
-            if sn.wiped {
+            // A wiped plex, or one whose full resync has not finished, differs everywhere not
+            // copied yet: its every `JoinRequest` says `full`, and each source fills its
+            // bitmap before accepting it (or resumes from a bitmap it filled itself). The end
+            // checks (identity, acked writes) judge the result.
+            if sn.wiped || sn.full_pending {
                 continue;
             }
             self.stats.coverage_checks += 1;

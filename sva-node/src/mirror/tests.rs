@@ -671,6 +671,7 @@ fn a_restarted_plex_joins_as_learner_gets_its_dirty_regions_copied_and_rejoins_i
         bitmaps: BTreeMap::new(),
         data_valid: true,
         full_pending: false,
+        filled: BTreeSet::new(),
     };
     let mut p2 = Engine::new(small_cfg(2), stale_two(2), t, Start::Restart(recovered));
     assert_eq!(
@@ -881,6 +882,7 @@ fn the_only_in_sync_plex_restarts_as_source_with_persisted_bitmaps_and_its_activ
         bitmaps: BTreeMap::from([(2, BTreeSet::from([4]))]),
         data_valid: true,
         full_pending: false,
+        filled: BTreeSet::new(),
     };
     let mut p1 = Engine::new(small_cfg(1), stale_two(2), 0, Start::Restart(recovered));
     drain(&mut p1);
@@ -914,6 +916,7 @@ fn after_every_node_crashed_a_restarted_plex_waits_while_a_peer_serves_then_reco
         bitmaps: BTreeMap::new(),
         data_valid: true,
         full_pending: false,
+        filled: BTreeSet::new(),
     };
     let mut p2 = Engine::new(small_cfg(2), two_plexes(), 0, Start::Restart(recovered));
     drain(&mut p2);
