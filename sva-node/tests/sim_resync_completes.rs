@@ -4,9 +4,24 @@
 //! seed with `SVA_SIM_SEED=n`, trace it with `SVA_SIM_TRACE=1`; run longer with
 //! `SVA_SIM_SEEDS=n` (see `sva_node::mirror`).
 
-use sva_node::mirror::sim::{check, Invariant};
+use sva_node::mirror::sim::{check, check_seeds, Invariant};
 
 #[test]
 fn sim_resync_completes() {
     check(&[Invariant::ResyncCompletes], 20);
+}
+
+/// Pinned 3-way seeds. 3807: a duplicated `JoinRequest` made the source restart a learner's
+/// session while the learner, still in the old one, applied (and acked) the new session's
+/// first copies; on the late `JoinAccept` the learner cleared its log and waited forever for
+/// copy data the source had already retired (`Engine::rebase_learner` keeps them).
+/// 421: a verify read issued while the sequencer held for a CAS finished during the view
+/// change and was dropped (`checksummed` only took Active/Holding); the entry stayed Issued
+/// and the sequencer's applied prefix, hence every learner, stalled for good.
+#[test]
+fn sim_resync_completes_pinned() {
+    check_seeds(
+        &[Invariant::ResyncCompletes, Invariant::Liveness],
+        &[3807, 421],
+    );
 }

@@ -37,6 +37,11 @@ use crate::witness::{
 pub const BOOT_WITNESS_WAIT: Duration = Duration::from_secs(30);
 /// Marker file (in `stateDir`) of a node that has served its volume before.
 pub const STARTED_MARKER: &str = "mirror-started";
+/// Marker file (in `stateDir`) of a new or wiped plex whose full resync has not finished:
+/// written before [`STARTED_MARKER`], removed once the plex serves. A restart in between
+/// asks every source for a full (not fresh) resync (`Recovered::full_pending`), so a source
+/// that did not fill its bitmap for it — the first one died — does so first.
+pub const FULL_PENDING_MARKER: &str = "full-resync-pending";
 
 /// Why a mirrored node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -109,16 +114,18 @@ pub async fn start(
         });
     }
     let marker = cfg.state_dir.join(STARTED_MARKER);
+    let pending = cfg.state_dir.join(FULL_PENDING_MARKER);
     let data_valid = marker.exists();
     let block_size = lu.config().block_size;
     let volume_bytes = lu.block_count() * u64::from(block_size);
-    let (state, recovered) = StateFiles::recover(
+    let (state, mut recovered) = StateFiles::recover(
         &cfg.state_dir,
         m.region_bytes(),
         volume_bytes,
         m.activity_log_regions(),
         data_valid,
     )?;
+    recovered.full_pending = data_valid && pending.exists();
     let start = if data_valid {
         tracing::warn!(
             "this node served volume {} before and lost its state in the restart: \
@@ -137,10 +144,13 @@ pub async fn start(
         // claiming valid data and get a partial resync instead of a full one.
         if in_sync_in(&membership, me) {
             write_marker(&marker)?;
+        } else {
+            write_marker(&pending)?;
         }
         Start::Bootstrap
     };
     let defer_marker = !marker.exists();
+    let full_pending = pending.exists();
     let listener = tokio::net::TcpListener::bind(&m.listen)
         .await
         .map_err(|source| BootError::Listen {
@@ -176,8 +186,12 @@ pub async fn start(
         resync_bytes_per_sec: m.resync_bytes_per_sec(),
         metrics,
     });
-    if defer_marker {
-        tokio::spawn(mark_valid_once_accepted(node.clone(), marker));
+    if defer_marker || full_pending {
+        tokio::spawn(mark_valid_once_accepted(
+            node.clone(),
+            defer_marker.then_some(marker),
+            pending,
+        ));
     }
     Ok(node)
 }
@@ -193,22 +207,49 @@ fn in_sync_in(m: &Membership, me: u16) -> bool {
 const ACCEPT_POLL: Duration = Duration::from_millis(200);
 
 /// Write the `mirror-started` marker of a new or wiped plex once a source accepted it as a
-/// resync target (the source's bitmap then covers every region) or it is serving.
-async fn mark_valid_once_accepted(node: MirrorNode, marker: PathBuf) {
+/// resync target (the source's bitmap then covers every region) or it is serving; remove the
+/// `full-resync-pending` marker once it serves (its full resync finished).
+async fn mark_valid_once_accepted(node: MirrorNode, mut marker: Option<PathBuf>, pending: PathBuf) {
     loop {
         tokio::time::sleep(ACCEPT_POLL).await;
+        let serving = node.status().1 == PathState::ActiveOptimized;
         let target = node
             .resync_views()
             .values()
             .any(|v| v.role == ResyncRole::Target);
-        if target || node.status().1 == PathState::ActiveOptimized {
-            match write_marker(&marker) {
-                Ok(()) => tracing::info!("accepted for resync: {} written", marker.display()),
+        if let Some(m) = marker.as_ref().filter(|_| target || serving) {
+            match write_marker(m) {
+                Ok(()) => tracing::info!("accepted for resync: {} written", m.display()),
                 Err(e) => tracing::error!("{e}"),
+            }
+            marker = None;
+        }
+        if serving && marker.is_none() {
+            if let Err(e) = remove_marker(&pending) {
+                tracing::error!("{e}");
             }
             return;
         }
     }
+}
+
+/// Remove a marker file durably (a missing one is fine).
+fn remove_marker(path: &std::path::Path) -> Result<(), BootError> {
+    let err = |source| BootError::Marker {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(err(e)),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
+    }
+    Ok(())
 }
 
 /// The in-cluster witness of `mirror.witness.kubernetesLease`.

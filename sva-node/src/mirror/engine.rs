@@ -453,6 +453,8 @@ pub struct Engine {
     own_dirty: BTreeSet<u64>,
     data_valid: bool,
     recovered_bitmaps: BTreeMap<PlexId, BTreeSet<u64>>,
+    /// Of those, the ones filled at once since created (`Recovered::filled`).
+    recovered_filled: BTreeSet<PlexId>,
     next_join: Millis,
     /// The record of an outstanding recovery CAS.
     proposed: Option<Membership>,
@@ -506,6 +508,7 @@ impl Engine {
             own_dirty: BTreeSet::new(),
             data_valid: true,
             recovered_bitmaps: BTreeMap::new(),
+            recovered_filled: BTreeSet::new(),
             next_join: now,
             proposed: None,
             copy_data: BTreeMap::new(),
@@ -541,10 +544,16 @@ impl Engine {
                     activity_log,
                     bitmaps,
                     data_valid,
+                    full_pending,
+                    filled,
                 } = rec;
                 e.own_dirty = activity_log;
                 e.recovered_bitmaps = bitmaps;
-                e.data_valid = data_valid;
+                e.recovered_filled = filled;
+                e.data_valid = data_valid && !full_pending;
+                // Mid full resync: ask full but not fresh, so a source that filled its
+                // bitmap for us resumes and one that did not (the first source died) fills.
+                e.accepted = data_valid && full_pending;
                 // It lost its memory: it never claims to have served an epoch.
                 e.active_epoch = 0;
                 if data_valid && e.is_in_sync(me) {
@@ -898,18 +907,15 @@ impl Engine {
                 start_seq,
                 dirty_regions,
             } => {
-                // The source restarted our session (it took a duplicate request for a
-                // restart): follow it, or ask again once our writes drained.
+                // The source restarted our session (it took a duplicate or late request
+                // for a restart): follow it. An accept older than ours is stale.
                 if let Role::Learning {
                     source,
                     start_seq: mine,
                 } = self.role
                 {
-                    if from == source && start_seq != mine && membership.epoch == self.epoch() {
-                        self.go_out(Role::Out);
-                        if self.io_inflight.is_empty() {
-                            self.become_learner(now, from, membership, start_seq, dirty_regions);
-                        }
+                    if from == source && start_seq > mine && membership.epoch == self.epoch() {
+                        self.rebase_learner(now, source, start_seq, dirty_regions);
                     }
                 }
             }
@@ -1007,7 +1013,13 @@ impl Engine {
 
     /// Source side of copy `seq`: the data `CopyOut` read (empty: zeros).
     pub fn copied_out(&mut self, now: Millis, seq: Seq, data: Bytes) {
-        if !matches!(self.role, Role::Active | Role::Holding { .. }) {
+        // Like `applied`: a read that finishes during a view change (Collecting, Joining)
+        // still completes its log entry, which the view change keeps Issued; dropping it
+        // would stall this plex's applied prefix forever (sim seed 421, a verify's read).
+        if matches!(
+            self.role,
+            Role::Fenced | Role::Out | Role::Recovering { .. }
+        ) {
             return;
         }
         let Some(le) = self.log.get_mut(&seq) else {
@@ -1044,7 +1056,11 @@ impl Engine {
 
     /// Verify: the local checksum of verify op `seq`'s region.
     pub fn checksummed(&mut self, now: Millis, seq: Seq, checksum: [u8; 32]) {
-        if !matches!(self.role, Role::Active | Role::Holding { .. }) {
+        // See `copied_out`: complete the entry in any role that keeps a log.
+        if matches!(
+            self.role,
+            Role::Fenced | Role::Out | Role::Recovering { .. }
+        ) {
             return;
         }
         let Some(le) = self.log.get_mut(&seq) else {
@@ -1057,7 +1073,9 @@ impl Engine {
         }
         le.state = EntryState::Applied;
         let me = self.cfg.me;
-        if self.i_am_sequencer() {
+        if !matches!(self.role, Role::Active | Role::Holding { .. }) {
+            // Mid view change: the verify was dropped with the old epoch; nothing to report.
+        } else if self.i_am_sequencer() {
             self.on_checksum(now, me, seq, checksum);
         } else {
             let epoch = self.epoch();
@@ -2242,8 +2260,11 @@ impl Engine {
         let old = std::mem::replace(&mut self.membership, m);
         let me = self.cfg.me;
         let mut recovered = std::mem::take(&mut self.recovered_bitmaps);
+        let recovered_filled = std::mem::take(&mut self.recovered_filled);
         for p in self.stale_ids() {
             let mut bm = self.region_map();
+            // Whether a full request from `p` may resume from this bitmap (see below).
+            let mut complete = recovered_filled.contains(&p);
             match recovered.remove(&p) {
                 Some(regions) => regions.into_iter().for_each(|r| {
                     bm.set(r);
@@ -2255,6 +2276,7 @@ impl Engine {
                         .any(|r| r.id == p && r.state == PlexState::InSync);
                     if !was_in_sync {
                         bm.fill(bm.regions_of_volume(self.cfg.volume_blocks));
+                        complete = true;
                     }
                 }
             }
@@ -2265,9 +2287,13 @@ impl Engine {
             self.cmds
                 .push_back(Command::MarkDirtyRegions { plex: p, regions });
             self.bitmaps.insert(p, bm);
-            // Its persisted bitmap was complete (in 2-way this node filled it when it accepted
-            // the plex): a full request resumes from it.
-            self.filled.insert(p);
+            // A full request resumes only from a bitmap this node filled (then the regions
+            // clear in it were copied by this node). One it kept without filling may lack
+            // regions a wiped plex never got from the source that died (3-way): the plex's
+            // next full request refills it (sim wipe-heavy seed 775).
+            if complete {
+                self.filled.insert(p);
+            }
         }
         for p in recovered.into_keys() {
             if p != me {
@@ -2339,6 +2365,39 @@ impl Engine {
         // writes its `mirror-started` marker now (RESYNC.md).
         self.accepted = true;
         self.handle_timeout(now);
+    }
+
+    /// The source restarted this learner's session at `start_seq` (same source, same epoch:
+    /// the same ordered ops). Keep what is at or after it — applied copies among them were
+    /// acked into the new session already and the source will not send their data again
+    /// (sim seed 3807: a learner that cleared its log waited forever for such a copy) — and
+    /// drop the rest (the source marked it dirty when it dropped the old session).
+    fn rebase_learner(&mut self, now: Millis, source: PlexId, start_seq: Seq, dirty_regions: u64) {
+        let older_in_flight = self
+            .log
+            .range(..start_seq)
+            .any(|(_, le)| le.state == EntryState::Issued);
+        if older_in_flight {
+            // A write of the old session is still landing and a copy of the new one may
+            // overlap it: go out and ask again once it landed.
+            self.go_out(Role::Out);
+            return;
+        }
+        self.log = self.log.split_off(&start_seq);
+        self.copy_data = self.copy_data.split_off(&start_seq);
+        self.settled = self.settled.max(start_seq.saturating_sub(1));
+        self.applied_prefix = self.applied_prefix.max(self.settled);
+        self.seq_high = self.seq_high.max(self.settled);
+        self.role = Role::Learning { source, start_seq };
+        self.target = Some(ResyncInfo {
+            plex: self.cfg.me,
+            full: !self.data_valid,
+            total_bytes: dirty_regions.saturating_mul(self.cfg.region_bytes),
+            done_bytes: 0,
+            copied_bytes: 0,
+        });
+        self.advance_applied_prefix();
+        self.progress(now);
     }
 
     // ----- resync: the source side -----

@@ -14,7 +14,8 @@
 //! the engine lock is held, so it is on disk before any later `Apply`/`CopyIn` is even spawned.
 //! Each `Apply` first puts its regions in the activity log (durably, on its blocking thread),
 //! then writes; `Settled` lets them leave the log (lazily: at capacity, or after
-//! [`ACTIVITY_LOG_IDLE`] untouched). `CopyIn` needs no log entry (see there). `CopyOut`, `CopyIn` and `Checksum`
+//! [`ACTIVITY_LOG_IDLE`] untouched). A `CopyIn` is logged the same way, but leaves at the
+//! first trim after it settled (see there). `CopyOut`, `CopyIn` and `Checksum`
 //! run on blocking threads and feed `copied_out`/`applied`/`checksummed`. Bitmap clears are
 //! flushed every [`BITMAP_FLUSH_INTERVAL`] and at shutdown. A monitor samples the engine's
 //! resync and verify progress every [`MONITOR_INTERVAL`] for rates, logs and metrics.
@@ -381,15 +382,26 @@ impl MirrorNode {
                 });
             }
             Command::CopyIn { seq, what, data } => {
-                // No activity-log entry: the source clears the region from this plex's
-                // bitmap only after the durable write below is acked, so a crash before that
-                // leaves it dirty there already. Logging it too would only make a restart
-                // mid-resync copy the recently copied regions again.
+                // Logged like an op until it settles (DESIGN.md §6): the copied data may
+                // carry ops only the source applied so far. If the source and this node
+                // crash before those reach the other in-sync plexes, one of those may recover
+                // as the next source, and its bitmap for this plex lacks the region (it never
+                // applied them): only this log reports it (sim seed 4139). Settled copies
+                // leave the log at the next trim, so a restart re-copies few of them.
+                if let CopyWhat::Region { range, .. } = what {
+                    let regions = self.shared.state.regions_of(
+                        range.lba,
+                        u64::from(range.blocks),
+                        self.shared.block_size,
+                    );
+                    self.shared.state.copy_dispatched(seq, regions);
+                }
                 let node = self.clone();
                 tokio::task::spawn_blocking(move || {
                     let lu = &node.shared.lu;
                     let result = match what {
                         CopyWhat::Region { range, .. } => {
+                            node.before_write(seq);
                             lu.write_blocks_for_copy(range.lba, u64::from(range.blocks), &data)
                         }
                         CopyWhat::LuState => lu

@@ -43,6 +43,10 @@ const VERSION: u32 = 1;
 /// Activity-log header flag: the log stands for every region (it was found corrupt and not
 /// yet absorbed).
 const AL_FLAG_FULL: u32 = 1;
+/// Bitmap header flag: every region was set at once since the file was created (a full
+/// resync's fill): regions clear now were copied by this node as the source, so after a
+/// restart it may resume that full resync instead of starting it over.
+const BITMAP_FLAG_FILLED: u32 = 1;
 /// File name of the activity log in `stateDir`.
 pub const AL_FILE: &str = "activity-log";
 /// File name prefix of a plex's bitmap in `stateDir` (`bitmap-<plex id>`).
@@ -217,6 +221,10 @@ pub struct RegionBitmap {
     bits: Vec<u8>,
     /// Body pages changed in memory and not yet written (clears are lazy).
     unflushed: BTreeSet<u64>,
+    /// Regions set now.
+    set_count: u64,
+    /// [`BITMAP_FLAG_FILLED`] (durable once true).
+    filled: bool,
 }
 
 impl RegionBitmap {
@@ -240,10 +248,17 @@ impl RegionBitmap {
             return Err(PersistError::TooLarge(region_count));
         }
         let mut bits = vec![0u8; Self::pages_for(region_count) as usize * PAGE_PAYLOAD_BYTES];
+        let mut set_count = 0;
         for &r in initial {
-            set_bit(&mut bits, region_count, r, true)?;
+            if set_bit(&mut bits, region_count, r, true)? {
+                set_count += 1;
+            }
         }
-        let file = create_atomic(path, &bitmap_pages(region_bytes, region_count, &bits))?;
+        let filled = set_count == region_count;
+        let file = create_atomic(
+            path,
+            &bitmap_pages(region_bytes, region_count, &bits, filled),
+        )?;
         Ok(RegionBitmap {
             path: path.to_path_buf(),
             file,
@@ -251,6 +266,8 @@ impl RegionBitmap {
             region_count,
             bits,
             unflushed: BTreeSet::new(),
+            set_count,
+            filled,
         })
     }
 
@@ -266,7 +283,7 @@ impl RegionBitmap {
             return Ok(None);
         };
         match Self::parse(&raw, region_bytes, region_count) {
-            Ok(bits) => {
+            Ok((bits, filled)) => {
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -279,8 +296,14 @@ impl RegionBitmap {
                     region_count,
                     bits,
                     unflushed: BTreeSet::new(),
+                    set_count: 0,
+                    filled,
                 };
                 let regions = bm.regions();
+                let bm = RegionBitmap {
+                    set_count: regions.len() as u64,
+                    ..bm
+                };
                 Ok(Some((
                     bm,
                     Loaded {
@@ -303,7 +326,8 @@ impl RegionBitmap {
         }
     }
 
-    fn parse(raw: &[u8], region_bytes: u64, region_count: u64) -> Result<Vec<u8>, String> {
+    /// The bits and the [`BITMAP_FLAG_FILLED`] flag of a bitmap file.
+    fn parse(raw: &[u8], region_bytes: u64, region_count: u64) -> Result<(Vec<u8>, bool), String> {
         let h = Header::decode(raw)?;
         if &h.magic != BITMAP_MAGIC || h.version != VERSION {
             return Err("not a version-1 bitmap file".into());
@@ -326,24 +350,44 @@ impl RegionBitmap {
         for i in 1..=pages {
             bits.extend_from_slice(open_page(raw, i)?);
         }
-        Ok(bits)
+        Ok((bits, h.flags & BITMAP_FLAG_FILLED != 0))
     }
 
     /// Set or clear `region` in memory; records its page as unflushed when it changed.
     fn set(&mut self, region: u64, on: bool) -> Result<(), PersistError> {
         if set_bit(&mut self.bits, self.region_count, region, on)? {
             self.unflushed.insert(1 + region / BITMAP_REGIONS_PER_PAGE);
+            if on {
+                self.set_count += 1;
+            } else {
+                self.set_count = self.set_count.saturating_sub(1);
+            }
         }
         Ok(())
     }
 
     /// Set `regions` and make them durable (the changed pages written, then `fdatasync`)
-    /// before returning. Regions already set cost no I/O.
+    /// before returning. Regions already set cost no I/O. The first time every region is
+    /// set, the header says so durably ([`BITMAP_FLAG_FILLED`]).
     pub fn mark_durable(&mut self, regions: &[u64]) -> Result<(), PersistError> {
         for &r in regions {
             self.set(r, true)?;
         }
-        self.flush()
+        self.flush()?;
+        if !self.filled && self.set_count == self.region_count {
+            let h = bitmap_header(self.region_bytes, self.region_count, true);
+            self.file
+                .write_all_at(&h.encode(), 0)
+                .and_then(|()| self.file.sync_data())
+                .map_err(io_err(&self.path))?;
+            self.filled = true;
+        }
+        Ok(())
+    }
+
+    /// Whether every region was set at once since the file was created.
+    pub fn filled(&self) -> bool {
+        self.filled
     }
 
     /// Clear `regions` in memory; [`flush`](Self::flush) persists them later.
@@ -439,15 +483,19 @@ fn set_bit(
     Ok(was != on)
 }
 
-/// Every page of a bitmap file.
-fn bitmap_pages(region_bytes: u64, region_count: u64, bits: &[u8]) -> Vec<Vec<u8>> {
-    let h = Header {
+fn bitmap_header(region_bytes: u64, region_count: u64, filled: bool) -> Header {
+    Header {
         magic: *BITMAP_MAGIC,
         version: VERSION,
-        flags: 0,
+        flags: if filled { BITMAP_FLAG_FILLED } else { 0 },
         region_bytes,
         count: region_count,
-    };
+    }
+}
+
+/// Every page of a bitmap file.
+fn bitmap_pages(region_bytes: u64, region_count: u64, bits: &[u8], filled: bool) -> Vec<Vec<u8>> {
+    let h = bitmap_header(region_bytes, region_count, filled);
     let mut pages = vec![h.encode()];
     for (i, chunk) in bits.chunks(PAGE_PAYLOAD_BYTES).enumerate() {
         pages.push(seal_page(i as u64 + 1, chunk));
@@ -502,6 +550,11 @@ pub struct ActivityLog {
     used_at: BTreeMap<u64, std::time::Instant>,
     /// Regions handed to the engine at restart: kept until it absorbed them.
     recovered: BTreeSet<u64>,
+    /// Regions logged only for resync copies written here since they entered the log: they
+    /// leave at the next trim once their copies settled, however recently written (a copy
+    /// writes a region once; keeping it for the idle time would only make a restarted
+    /// learner have it copied again).
+    copied_only: BTreeSet<u64>,
     /// The file stands for every region (found corrupt; cleared once absorbed).
     full: bool,
 }
@@ -548,6 +601,7 @@ impl ActivityLog {
             next_stamp: 0,
             used_at: BTreeMap::new(),
             recovered: BTreeSet::new(),
+            copied_only: BTreeSet::new(),
             full,
         };
         for (slot, &r) in regions.iter().enumerate() {
@@ -758,6 +812,7 @@ impl ActivityLog {
                             self.by_stamp.remove(&st);
                         }
                         self.used_at.remove(&victim);
+                        self.copied_only.remove(&victim);
                         s
                     }
                     // Nothing evictable: grow rather than lose coverage.
@@ -802,6 +857,25 @@ impl ActivityLog {
     /// only regions no op in flight touches; growing when none can go) and count the op as
     /// in flight on each until [`release`](Self::release).
     pub fn ensure(&mut self, regions: &[u64]) -> Result<(), PersistError> {
+        for g in regions {
+            self.copied_only.remove(g);
+        }
+        self.pin(regions)
+    }
+
+    /// [`ensure`](Self::ensure) for a resync copy written here (DESIGN.md §6): the copy may
+    /// carry ops only its source applied, so its regions are logged like an op's until it
+    /// settles; then, unless an op touched them meanwhile, the next trim drops them at once.
+    pub fn ensure_copy(&mut self, regions: &[u64]) -> Result<(), PersistError> {
+        for &g in regions {
+            if !self.index.contains_key(&g) || self.copied_only.contains(&g) {
+                self.copied_only.insert(g);
+            }
+        }
+        self.pin(regions)
+    }
+
+    fn pin(&mut self, regions: &[u64]) -> Result<(), PersistError> {
         let r = self.add_durable(regions);
         for &g in regions {
             *self.pins.entry(g).or_insert(0) += 1;
@@ -823,7 +897,7 @@ impl ActivityLog {
             .used_at
             .iter()
             .filter(|(r, at)| {
-                now.saturating_duration_since(**at) >= idle
+                (now.saturating_duration_since(**at) >= idle || self.copied_only.contains(r))
                     && self.pins.get(r).copied().unwrap_or(0) == 0
                     && !self.recovered.contains(r)
             })
@@ -841,6 +915,7 @@ impl ActivityLog {
                 self.by_stamp.remove(&st);
             }
             self.used_at.remove(r);
+            self.copied_only.remove(r);
         }
         if pages.is_empty() {
             return Ok(0);
@@ -889,8 +964,17 @@ pub struct StateFiles {
 #[derive(Debug)]
 struct AlState {
     log: ActivityLog,
-    /// Regions of each op handed to the LU (by seq), and whether `ensure` ran for it yet.
-    in_flight: BTreeMap<u64, (Vec<u64>, bool)>,
+    /// Regions of each op (or resync copy) handed to the LU by seq, and whether `ensure`
+    /// ran for it yet.
+    in_flight: BTreeMap<u64, InFlight>,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    regions: Vec<u64>,
+    ensured: bool,
+    /// A resync copy written here (`ActivityLog::ensure_copy`), not an op.
+    copy: bool,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -937,6 +1021,7 @@ impl StateFiles {
         }
         let mut bitmaps = BTreeMap::new();
         let mut recovered_bitmaps = BTreeMap::new();
+        let mut filled = BTreeSet::new();
         for (plex, path) in bitmap_files(dir)? {
             if let Some((bm, loaded)) = RegionBitmap::open(&path, region_bytes, region_count)? {
                 if let Some(why) = &loaded.distrusted {
@@ -947,6 +1032,9 @@ impl StateFiles {
                     );
                 }
                 recovered_bitmaps.insert(plex, loaded.regions);
+                if bm.filled() {
+                    filled.insert(plex);
+                }
                 bitmaps.insert(plex, bm);
             }
         }
@@ -964,6 +1052,9 @@ impl StateFiles {
             activity_log: al_loaded.regions,
             bitmaps: recovered_bitmaps,
             data_valid,
+            // The driver's `full-resync-pending` marker (boot.rs) sets it.
+            full_pending: false,
+            filled,
         };
         Ok((files, recovered))
     }
@@ -1048,10 +1139,28 @@ impl StateFiles {
 
     /// An op (`seq`) touching `regions` is about to be handed to a blocking thread.
     pub fn op_dispatched(&self, seq: u64, regions: Vec<u64>) {
+        self.dispatched(seq, regions, false);
+    }
+
+    /// A resync copy (`CopyIn` of seq `seq`) writing `regions` is about to be handed to a
+    /// blocking thread: logged like an op (it may carry ops only its source applied), but
+    /// dropped from the log at the first trim after it settled.
+    pub fn copy_dispatched(&self, seq: u64, regions: Vec<u64>) {
+        self.dispatched(seq, regions, true);
+    }
+
+    fn dispatched(&self, seq: u64, regions: Vec<u64>, copy: bool) {
         if regions.is_empty() {
             return;
         }
-        lock(&self.al).in_flight.insert(seq, (regions, false));
+        lock(&self.al).in_flight.insert(
+            seq,
+            InFlight {
+                regions,
+                ensured: false,
+                copy,
+            },
+        );
     }
 
     /// On the blocking thread, before the data write of op `seq`: its regions are in the
@@ -1059,16 +1168,20 @@ impl StateFiles {
     pub fn op_before_write(&self, seq: u64) -> Result<(), PersistError> {
         let mut st = lock(&self.al);
         let st = &mut *st;
-        let Some((regions, ensured)) = st.in_flight.get_mut(&seq) else {
+        let Some(op) = st.in_flight.get_mut(&seq) else {
             return Ok(());
         };
-        if *ensured {
+        if op.ensured {
             // Already done by `op_before_write_without_io` (the op then fell back to a
             // blocking thread): pinning twice would keep its regions in the log forever.
             return Ok(());
         }
-        *ensured = true;
-        st.log.ensure(regions)
+        op.ensured = true;
+        if op.copy {
+            st.log.ensure_copy(&op.regions)
+        } else {
+            st.log.ensure(&op.regions)
+        }
     }
 
     /// `op_before_write` for an async thread: `true` if op `seq`'s regions are in the log
@@ -1079,18 +1192,18 @@ impl StateFiles {
             return false;
         };
         let st = &mut *st;
-        let Some((regions, ensured)) = st.in_flight.get_mut(&seq) else {
+        let Some(op) = st.in_flight.get_mut(&seq) else {
             return true;
         };
-        if *ensured {
+        if op.ensured {
             return true;
         }
-        if !st.log.covers(regions) {
+        if op.copy || !st.log.covers(&op.regions) {
             return false;
         }
-        *ensured = true;
+        op.ensured = true;
         // Every region is in the log, so `ensure` only pins and touches: no write, no sync.
-        st.log.ensure(regions).is_ok()
+        st.log.ensure(&op.regions).is_ok()
     }
 
     /// `Settled{up_to}`: ops up to `up_to` are applied everywhere; their regions may leave
@@ -1099,9 +1212,9 @@ impl StateFiles {
         let mut st = lock(&self.al);
         let keep = st.in_flight.split_off(&(up_to.saturating_add(1)));
         let done = std::mem::replace(&mut st.in_flight, keep);
-        for (regions, ensured) in done.into_values() {
-            if ensured {
-                st.log.release(&regions);
+        for op in done.into_values() {
+            if op.ensured {
+                st.log.release(&op.regions);
             }
         }
     }
@@ -1302,6 +1415,78 @@ mod tests {
         assert_eq!(al.regions(), [3].into());
         let (_, l) = ActivityLog::load(&p, 1 << 20, 100, 16).expect("load");
         assert_eq!(l.regions, [3].into(), "trimmed durably");
+    }
+
+    #[test]
+    fn a_bitmap_filled_at_once_says_so_after_clears_and_reopen() {
+        let d = dir();
+        let (sf, _) = StateFiles::recover(d.path(), 1 << 20, 8 << 20, 16, false).expect("recover");
+        // Plex 2: marked by writes only, never every region: not filled.
+        sf.mark_dirty(2, &[1, 2]).expect("mark");
+        // Plex 3: filled for a full resync, then two regions copied (cleared).
+        sf.mark_dirty(3, &[0, 1, 2, 3]).expect("mark");
+        sf.mark_dirty(3, &[4, 5, 6, 7]).expect("mark");
+        sf.clear_dirty(3, &[0, 1]);
+        sf.flush_bitmaps().expect("flush");
+        drop(sf);
+        let (sf, rec) = StateFiles::recover(d.path(), 1 << 20, 8 << 20, 16, true).expect("recover");
+        assert_eq!(rec.bitmaps[&3], (2..8).collect());
+        assert_eq!(
+            rec.filled,
+            [3].into(),
+            "only the bitmap that was full at once"
+        );
+        // Dropped (in sync) and marked again: a new spell, not filled.
+        sf.drop_bitmap(3).expect("drop");
+        sf.mark_dirty(3, &[5]).expect("mark");
+        drop(sf);
+        let (_, rec) = StateFiles::recover(d.path(), 1 << 20, 8 << 20, 16, true).expect("recover");
+        assert!(rec.filled.is_empty(), "{:?}", rec.filled);
+    }
+
+    #[test]
+    fn copied_regions_stay_until_settled_then_leave_at_the_next_trim() {
+        use std::time::Duration;
+        let d = dir();
+        let (sf, _) = StateFiles::recover(d.path(), 1 << 20, 16 << 20, 64, false).expect("recover");
+        // A learner writes copies of regions 1 and 2 (seqs 10, 11) and applies an op on 3
+        // (seq 12), then a copy of 3 (seq 13).
+        sf.copy_dispatched(10, vec![1]);
+        sf.copy_dispatched(11, vec![2]);
+        sf.op_dispatched(12, vec![3]);
+        sf.copy_dispatched(13, vec![3]);
+        assert!(
+            !sf.op_before_write_without_io(10),
+            "a copy is logged on its blocking thread"
+        );
+        for seq in 10..=13 {
+            sf.op_before_write(seq).expect("ensure");
+        }
+        // On disk before the copy writes: a crash now reports them.
+        assert_eq!(sf.activity_log(), [1, 2, 3].into());
+        // Unsettled copies stay whatever the idle time.
+        assert_eq!(sf.trim_activity_log(Duration::ZERO).expect("trim"), 0);
+        sf.settled(11);
+        // Settled copies leave at once, well before the idle time; region 3 has an op.
+        assert_eq!(
+            sf.trim_activity_log(Duration::from_secs(3600))
+                .expect("trim"),
+            2
+        );
+        sf.settled(13);
+        assert_eq!(
+            sf.trim_activity_log(Duration::from_secs(3600))
+                .expect("trim"),
+            0
+        );
+        assert_eq!(
+            sf.activity_log(),
+            [3].into(),
+            "an op's region keeps the idle time"
+        );
+        drop(sf);
+        let (_, rec) = StateFiles::recover(d.path(), 1 << 20, 16 << 20, 64, true).expect("recover");
+        assert_eq!(rec.activity_log, [3].into(), "trimmed durably");
     }
 
     #[test]

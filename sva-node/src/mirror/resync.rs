@@ -46,6 +46,17 @@ pub struct Recovered {
     pub bitmaps: BTreeMap<PlexId, BTreeSet<u64>>,
     /// False when the backing store is new or wiped (needs a full resync, never a partial one).
     pub data_valid: bool,
+    /// A full resync of this (new or wiped) plex was accepted by a source but has not
+    /// finished: the data is valid only where copies landed. Every `JoinRequest` then says
+    /// `full` (not `fresh`), so a source that filled its bitmap for it resumes and any other
+    /// in-sync node — the next source, if the first one dies — fills its bitmap first.
+    /// Without it a restart mid full resync asked a new source for a partial resync.
+    pub full_pending: bool,
+    /// Plexes of `bitmaps` whose bitmap had every region set at once since it was created
+    /// (a full resync's fill): the regions clear now were copied by this node as their
+    /// source, so recovering as the source it may resume that full resync. Any other
+    /// bitmap may lack regions another source copied (3-way), so a full request refills it.
+    pub filled: BTreeSet<PlexId>,
 }
 
 /// What one copy op moves.

@@ -702,6 +702,8 @@ fn a_restarted_plex_joins_as_learner_gets_its_dirty_regions_copied_and_rejoins_i
         activity_log: BTreeSet::from([3]),
         bitmaps: BTreeMap::new(),
         data_valid: true,
+        full_pending: false,
+        filled: BTreeSet::new(),
     };
     let mut p2 = Engine::new(small_cfg(2), stale_two(2), t, Start::Restart(recovered));
     assert_eq!(
@@ -911,6 +913,8 @@ fn the_only_in_sync_plex_restarts_as_source_with_persisted_bitmaps_and_its_activ
         activity_log: BTreeSet::from([1]),
         bitmaps: BTreeMap::from([(2, BTreeSet::from([4]))]),
         data_valid: true,
+        full_pending: false,
+        filled: BTreeSet::new(),
     };
     let mut p1 = Engine::new(small_cfg(1), stale_two(2), 0, Start::Restart(recovered));
     drain(&mut p1);
@@ -943,6 +947,8 @@ fn after_every_node_crashed_a_restarted_plex_waits_while_a_peer_serves_then_reco
         activity_log: BTreeSet::from([6]),
         bitmaps: BTreeMap::new(),
         data_valid: true,
+        full_pending: false,
+        filled: BTreeSet::new(),
     };
     let mut p2 = Engine::new(small_cfg(2), two_plexes(), 0, Start::Restart(recovered));
     drain(&mut p2);
