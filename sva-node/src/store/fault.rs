@@ -136,6 +136,10 @@ impl BlockBackend for FaultBackend {
         self.check(Op::Write, offset, buf.len() as u64)?;
         self.inner.write_at(buf, offset)
     }
+    fn write_at_uncached(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check(Op::Write, offset, buf.len() as u64)?;
+        self.inner.write_at_uncached(buf, offset)
+    }
     fn flush(&self) -> io::Result<()> {
         self.check(Op::Flush, 0, 0)?;
         self.inner.flush()

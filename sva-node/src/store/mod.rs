@@ -37,6 +37,14 @@ pub trait BlockBackend: Send + Sync + 'static {
         let _ = (offset, len);
         false
     }
+    /// [`BlockBackend::write_at`] for a large buffer the caller makes durable right after
+    /// and does not expect to read back soon (a resync copy-in). Where the backend can, it
+    /// bypasses its cache: copying a whole region into the page cache and writing it back
+    /// costs more CPU than the device write itself. Durability still needs
+    /// [`BlockBackend::flush`]. Default: `write_at`.
+    fn write_at_uncached(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)
+    }
     /// Make every completed write durable (fdatasync; concurrent callers share one sync).
     fn flush(&self) -> io::Result<()>;
     /// Deallocate a range; it reads back as zeroes afterwards.

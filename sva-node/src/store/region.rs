@@ -2,7 +2,8 @@
 //!
 //! - [`read_region`]: the region's bytes, or *empty* when it reads back as zeroes (all holes,
 //!   or all zero bytes), so a sparse region costs nothing on the link.
-//! - [`write_region`]: write the bytes (empty: deallocate) and make them durable.
+//! - [`write_region`]: write the bytes (empty: deallocate) past the cache where the backend can
+//!   ([`BlockBackend::write_at_uncached`]) and make them durable.
 //! - [`checksum_region`]: BLAKE3 of the region's logical content (holes hash as zeroes, so
 //!   plexes with different allocation but the same data agree).
 
@@ -66,7 +67,8 @@ pub fn write_region(b: &dyn BlockBackend, offset: u64, len: u64, data: &[u8]) ->
             ),
         ));
     } else {
-        b.write_at(data, offset)?;
+        // Uncached: the region is made durable at once and not read back soon (DESIGN.md §6).
+        b.write_at_uncached(data, offset)?;
     }
     b.flush()
 }
