@@ -55,6 +55,8 @@ fn suite(b: Arc<dyn BlockBackend>) {
     b.read_at(&mut r, 5 << 20).unwrap();
     assert_eq!(r, region);
     assert!(b.write_at_uncached(&region, SIZE - 4096).is_err());
+    assert!(b.read_uncached(5 << 20, 65536).unwrap() == region);
+    assert!(b.read_uncached(SIZE - 4096, 8192).is_err());
 
     // A mapping never reports beyond the asked length.
     let (_, n) = b.mapping(0, 4096).unwrap();

@@ -8,11 +8,12 @@
 //! - `write_is_cached` asks `cachestat(2)` (Linux ≥ 6.5) whether a page of the range is
 //!   under writeback, which a buffered write would wait for; without `cachestat` it says yes
 //!   (the caller's own slow-write back-off is then the only guard).
-//! - `write_at_uncached` (resync copy-ins) writes through a second descriptor opened with
-//!   `O_DIRECT`: the device reads the buffer itself, so the CPU neither copies a whole region
-//!   into the page cache nor writes it back. A caller buffer that is not page-aligned is
-//!   staged through a per-thread aligned bounce buffer; unaligned ranges, or a filesystem
-//!   that refuses direct I/O, take the buffered path.
+//! - `write_at_uncached` / `read_uncached` (resync copy-in / copy-out) go through a second
+//!   descriptor opened with `O_DIRECT`: the device moves the data to or from the buffer
+//!   itself, so the CPU neither copies a whole region through the page cache nor writes it
+//!   back, and the read buffer is not zero-filled first. A write buffer that is not
+//!   page-aligned is staged through a per-thread aligned bounce buffer; unaligned ranges, or
+//!   a filesystem that refuses direct I/O, take the buffered path.
 //! - `flush` is a group commit: concurrent callers share one `fdatasync`. A caller needs a
 //!   sync that *started after* it called (earlier syncs may miss its writes); whoever finds
 //!   no sync running starts one, the others wait on a condvar for it.
@@ -24,6 +25,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Condvar, Mutex};
+
+use bytes::Bytes;
 
 use super::{check_range, BlockBackend, Mapping};
 
@@ -163,6 +166,25 @@ impl FileBackend {
         Ok(())
     }
 
+    /// The `O_DIRECT` descriptor, if direct I/O of this range may be tried.
+    fn direct_for(&self, offset: u64, len: usize) -> Option<&File> {
+        let aligned = offset % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0;
+        self.direct.as_ref().filter(|_| {
+            aligned
+                && !self
+                    .direct_unsupported
+                    .load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
+    fn direct_refused(&self) {
+        tracing::info!(
+            "direct I/O refused on this backing store; resync I/O goes through the page cache"
+        );
+        self.direct_unsupported
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Write `buf` (aligned offset and length) through the `O_DIRECT` descriptor, staging
     /// what is not page-aligned in memory through this thread's bounce buffer. `Ok(false)`:
     /// direct I/O was refused; nothing is known about the range, rewrite it.
@@ -264,23 +286,26 @@ impl BlockBackend for FileBackend {
         self.file.write_all_at(buf, offset)
     }
 
+    fn read_uncached(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        check_range(self.size, offset, len as u64)?;
+        if let Some(direct) = self.direct_for(offset, len) {
+            if let Some(data) = read_direct(direct, offset, len)? {
+                return Ok(data);
+            }
+            self.direct_refused();
+        }
+        let mut buf = vec![0u8; len];
+        self.read_at(&mut buf, offset)?;
+        Ok(Bytes::from(buf))
+    }
+
     fn write_at_uncached(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
-        let aligned = offset % DIRECT_ALIGN as u64 == 0 && buf.len() % DIRECT_ALIGN == 0;
-        if let Some(direct) = self.direct.as_ref().filter(|_| {
-            aligned
-                && !self
-                    .direct_unsupported
-                    .load(std::sync::atomic::Ordering::Relaxed)
-        }) {
+        if let Some(direct) = self.direct_for(offset, buf.len()) {
             if self.write_direct(direct, buf, offset)? {
                 return Ok(());
             }
-            tracing::info!(
-                "direct I/O refused on this backing store; resync writes go through the page cache"
-            );
-            self.direct_unsupported
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.direct_refused();
         }
         self.write_at(buf, offset)
     }
@@ -416,6 +441,56 @@ fn open_direct(path: &Path, meta: &std::fs::Metadata) -> Option<File> {
     (m.dev() == meta.dev() && m.ino() == meta.ino()).then_some(f)
 }
 
+/// Read `len` bytes (aligned offset and length) at `offset` through the `O_DIRECT`
+/// descriptor into a fresh page-aligned buffer that is never zero-filled: the kernel fills it.
+/// `Ok(None)`: direct I/O was refused (`EINVAL`).
+fn read_direct(direct: &File, offset: u64, len: usize) -> io::Result<Option<Bytes>> {
+    let mut v: Vec<u8> = Vec::with_capacity(len + DIRECT_ALIGN);
+    let skew = v.as_ptr().align_offset(DIRECT_ALIGN);
+    if skew >= DIRECT_ALIGN {
+        return Ok(None);
+    }
+    // The slack before the aligned start is initialized (zeroed) like any Vec content; only
+    // the data part is left for the kernel to fill.
+    v.resize(skew, 0);
+    let mut done = 0usize;
+    while done < len {
+        let want = len - done;
+        let spare = v.spare_capacity_mut();
+        if spare.len() < want {
+            return Ok(None);
+        }
+        // SAFETY: `spare` is this Vec's unused capacity, at least `want` bytes (checked);
+        // pread writes at most `want` bytes there and nothing else; the fd is owned by
+        // `direct`, which outlives the call.
+        let r = unsafe {
+            libc::pread(
+                direct.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                want,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EINVAL) => return Ok(None),
+                _ => return Err(e),
+            }
+        }
+        if r == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        let n = (r as usize).min(want);
+        // SAFETY: the kernel initialized these `n` bytes right past the current length,
+        // within the capacity (n <= want <= spare.len()).
+        unsafe { v.set_len(v.len() + n) };
+        done += n;
+    }
+    Ok(Some(Bytes::from(v).slice(skew..)))
+}
+
 /// A direct write's `EINVAL` (misaligned for this device, or no direct I/O here) is a
 /// refusal the caller falls back from, not a failure.
 fn refused_is_false(r: io::Result<()>) -> io::Result<bool> {
@@ -530,6 +605,15 @@ mod tests {
             b.write_at_uncached(&[0; 4096], 4 << 20).is_err(),
             "range checked"
         );
+
+        // Uncached reads see all of it, whatever path they take, and are range checked.
+        b.write_at(&[3; 4096], 2 << 20).unwrap(); // dirty in the page cache, not flushed
+        assert!(b.read_uncached(1 << 20, 1 << 20).unwrap() == unaligned);
+        let r = b.read_uncached(2 << 20, 8192).unwrap();
+        assert!(r[..4096].iter().all(|&x| x == 3) && r[4096..].iter().all(|&x| x == 0));
+        let r = b.read_uncached((3 << 20) + 8192, 1024).unwrap();
+        assert!(r[..512].iter().all(|&x| x == 0) && r[512..].iter().all(|&x| x == 5));
+        assert!(b.read_uncached((4 << 20) - 4096, 8192).is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Whole-region I/O for resync and verify (DESIGN.md §6), over any [`BlockBackend`].
 //!
-//! - [`read_region`]: the region's bytes, or *empty* when it reads back as zeroes (all holes,
+//! - [`read_region`]: the region's bytes (past the cache where the backend can:
+//!   [`BlockBackend::read_uncached`]), or *empty* when it reads back as zeroes (all holes,
 //!   or all zero bytes), so a sparse region costs nothing on the link.
 //! - [`write_region`]: write the bytes (empty: deallocate) past the cache where the backend can
 //!   ([`BlockBackend::write_at_uncached`]) and make them durable.
@@ -45,12 +46,12 @@ pub fn read_region(b: &dyn BlockBackend, offset: u64, len: u64) -> io::Result<By
     if all_hole(b, offset, len)? {
         return Ok(Bytes::new());
     }
-    let mut buf = vec![0u8; n];
-    b.read_at(&mut buf, offset)?;
+    // Uncached: a resync reads each region once (DESIGN.md §6).
+    let buf = b.read_uncached(offset, n)?;
     if buf.iter().all(|&x| x == 0) {
         return Ok(Bytes::new());
     }
-    Ok(Bytes::from(buf))
+    Ok(buf)
 }
 
 /// Write a region read by [`read_region`] (`data` empty: zeroes, deallocated) durably.
