@@ -403,7 +403,7 @@ fn make_room_for_frame(buf: &mut BytesMut, body: usize) {
         1
     };
     let payload_at = buf.as_ptr() as usize + COPY_DATA_PAYLOAD_OFFSET;
-    if buf.capacity() >= frame && payload_at % align == 0 {
+    if buf.capacity() >= frame && payload_at.is_multiple_of(align) {
         return;
     }
     let mut fresh = BytesMut::with_capacity(frame + align);

@@ -168,7 +168,8 @@ impl FileBackend {
 
     /// The `O_DIRECT` descriptor, if direct I/O of this range may be tried.
     fn direct_for(&self, offset: u64, len: usize) -> Option<&File> {
-        let aligned = offset % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0;
+        let aligned =
+            offset.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(DIRECT_ALIGN);
         self.direct.as_ref().filter(|_| {
             aligned
                 && !self
@@ -189,7 +190,7 @@ impl FileBackend {
     /// what is not page-aligned in memory through this thread's bounce buffer. `Ok(false)`:
     /// direct I/O was refused; nothing is known about the range, rewrite it.
     fn write_direct(&self, direct: &File, buf: &[u8], offset: u64) -> io::Result<bool> {
-        if buf.as_ptr() as usize % DIRECT_ALIGN == 0 {
+        if (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
             return refused_is_false(direct.write_all_at(buf, offset));
         }
         BOUNCE.with(|cell| {
