@@ -395,9 +395,12 @@ fn make_room_for_frame(buf: &mut BytesMut, body: usize) {
         return;
     }
     let frame = 4 + body;
-    // The kind byte may not be here yet; then only the size matters for now (the next
-    // call, with more bytes, aligns the payload).
-    let align = if buf.get(4) == Some(&K_COPY_DATA) {
+    // Without the kind byte we cannot tell whether to align: wait for it rather than size a
+    // buffer that the next call might have to replace, frame and all.
+    let Some(&kind) = buf.get(4) else {
+        return;
+    };
+    let align = if kind == K_COPY_DATA {
         COPY_DATA_ALIGN
     } else {
         1
