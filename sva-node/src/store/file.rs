@@ -11,7 +11,9 @@
 //! - `write_at_uncached` / `read_uncached` (resync copy-in / copy-out) go through a second
 //!   descriptor opened with `O_DIRECT`: the device moves the data to or from the buffer
 //!   itself, so the CPU neither copies a whole region through the page cache nor writes it
-//!   back, and the read buffer is not zero-filled first. A write buffer that is not
+//!   back, and the read buffer is not zero-filled first. A read of a range wholly in the page
+//!   cache (`cachestat`) copies it from there instead: a direct read would write it back and
+//!   read it from the device. A write buffer that is not
 //!   page-aligned is staged through a per-thread aligned bounce buffer; unaligned ranges, or
 //!   a filesystem that refuses direct I/O, take the buffered path.
 //! - `flush` is a group commit: concurrent callers share one `fdatasync`. A caller needs a
@@ -36,6 +38,9 @@ const ZERO_CHUNK_BYTES: usize = 1 << 20;
 /// Alignment of direct-I/O buffers, offsets and lengths: a page covers every logical block
 /// size (512 B, 4 KiB) and the memory alignment any filesystem asks for (`STATX_DIOALIGN`).
 const DIRECT_ALIGN: usize = 4096;
+/// Page size for `cachestat` counts (x86-64, aarch64 4K kernels; a larger page only makes
+/// `all_cached` answer no more often, which costs a direct read, never correctness).
+const PAGE_BYTES: u64 = 4096;
 /// Bytes staged at once through a thread's bounce buffer (one per thread that ever wrote an
 /// unaligned buffer uncached; blocking-pool threads are few and exit when idle).
 const DIRECT_BOUNCE_BYTES: usize = 1 << 20;
@@ -166,6 +171,49 @@ impl FileBackend {
         Ok(())
     }
 
+    /// `cachestat(2)` of the range. `None`: the kernel has no `cachestat` (not asked again);
+    /// `Some(Err)`: it failed for this range.
+    fn cachestat(&self, offset: u64, len: u64) -> Option<Result<Cachestat, ()>> {
+        if self
+            .cachestat_unsupported
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return None;
+        }
+        let range = CachestatRange { off: offset, len };
+        let mut cs = Cachestat::default();
+        // SAFETY: cachestat(fd, range, cstat, flags) reads `range` and writes one `struct
+        // cachestat` into `cs`; both are live, correctly laid out (#[repr(C)]) locals.
+        let r = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                self.file.as_raw_fd(),
+                &range as *const CachestatRange,
+                &mut cs as *mut Cachestat,
+                0u32,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) | Some(libc::EPERM)
+            ) {
+                self.cachestat_unsupported
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                return None;
+            }
+            return Some(Err(()));
+        }
+        Some(Ok(cs))
+    }
+
+    /// Is every page of the range in the page cache (a buffered read costs no device I/O)?
+    fn all_cached(&self, offset: u64, len: usize) -> bool {
+        let pages = (len as u64).div_ceil(PAGE_BYTES);
+        matches!(self.cachestat(offset, len as u64), Some(Ok(cs)) if cs.nr_cache >= pages && pages > 0)
+    }
+
     /// The `O_DIRECT` descriptor, if direct I/O of this range may be tried.
     fn direct_for(&self, offset: u64, len: usize) -> Option<&File> {
         let aligned =
@@ -289,8 +337,14 @@ impl BlockBackend for FileBackend {
 
     fn read_uncached(&self, offset: u64, len: usize) -> io::Result<Bytes> {
         check_range(self.size, offset, len as u64)?;
-        if let Some(direct) = self.direct_for(offset, len) {
-            if let Some(data) = read_direct(direct, offset, len)? {
+        // A region wholly in the page cache (recently written, e.g. dirty) is copied from
+        // there: a direct read would first write it back and then read it from the device.
+        if self.all_cached(offset, len) {
+            if let Some(data) = read_fresh(&self.file, offset, len)? {
+                return Ok(data);
+            }
+        } else if let Some(direct) = self.direct_for(offset, len) {
+            if let Some(data) = read_fresh(direct, offset, len)? {
                 return Ok(data);
             }
             self.direct_refused();
@@ -315,40 +369,13 @@ impl BlockBackend for FileBackend {
         if check_range(self.size, offset, len).is_err() || len == 0 {
             return false;
         }
-        if self
-            .cachestat_unsupported
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return true;
+        match self.cachestat(offset, len) {
+            // A page under writeback makes a buffered write to it wait for the device
+            // (folio_wait_writeback / stable pages).
+            Some(Ok(cs)) => cs.nr_writeback == 0,
+            Some(Err(())) => false,
+            None => true,
         }
-        let range = CachestatRange { off: offset, len };
-        let mut cs = Cachestat::default();
-        // SAFETY: cachestat(fd, range, cstat, flags) reads `range` and writes one `struct
-        // cachestat` into `cs`; both are live, correctly laid out (#[repr(C)]) locals.
-        let r = unsafe {
-            libc::syscall(
-                SYS_CACHESTAT,
-                self.file.as_raw_fd(),
-                &range as *const CachestatRange,
-                &mut cs as *mut Cachestat,
-                0u32,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) | Some(libc::EPERM)
-            ) {
-                self.cachestat_unsupported
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                return true;
-            }
-            return false;
-        }
-        // A page under writeback makes a buffered write to it wait for the device
-        // (folio_wait_writeback / stable pages).
-        cs.nr_writeback == 0
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -442,10 +469,10 @@ fn open_direct(path: &Path, meta: &std::fs::Metadata) -> Option<File> {
     (m.dev() == meta.dev() && m.ino() == meta.ino()).then_some(f)
 }
 
-/// Read `len` bytes (aligned offset and length) at `offset` through the `O_DIRECT`
-/// descriptor into a fresh page-aligned buffer that is never zero-filled: the kernel fills it.
-/// `Ok(None)`: direct I/O was refused (`EINVAL`).
-fn read_direct(direct: &File, offset: u64, len: usize) -> io::Result<Option<Bytes>> {
+/// Read `len` bytes at `offset` from `file` into a fresh page-aligned buffer that is never
+/// zero-filled: the kernel fills it. With the `O_DIRECT` descriptor, offset and length must be
+/// aligned; `Ok(None)`: direct I/O was refused (`EINVAL`).
+fn read_fresh(direct: &File, offset: u64, len: usize) -> io::Result<Option<Bytes>> {
     let mut v: Vec<u8> = Vec::with_capacity(len + DIRECT_ALIGN);
     let skew = v.as_ptr().align_offset(DIRECT_ALIGN);
     if skew >= DIRECT_ALIGN {
@@ -615,6 +642,15 @@ mod tests {
         let r = b.read_uncached((3 << 20) + 8192, 1024).unwrap();
         assert!(r[..512].iter().all(|&x| x == 0) && r[512..].iter().all(|&x| x == 5));
         assert!(b.read_uncached((4 << 20) - 4096, 8192).is_err());
+
+        // A range wholly in the page cache is copied from there: its dirty pages are not
+        // written back first (as a direct read would).
+        let at = (2 << 20) + 65536;
+        b.write_at(&[4; 8192], at).unwrap();
+        assert!(b.read_uncached(at, 8192).unwrap().iter().all(|&x| x == 4));
+        if let Some(Ok(cs)) = b.cachestat(at, 8192) {
+            assert_eq!(cs.nr_dirty, 2, "read from the cache, not past it");
+        }
     }
 
     #[test]
