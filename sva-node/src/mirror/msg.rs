@@ -4,6 +4,12 @@
 //! A frame is `u32 body length (big endian) | u8 kind | fields`. Decoding is two-step (check the
 //! length, then parse) over `bytes`, bounded by the named limits below, and never panics on
 //! garbage: every read checks the remaining length first.
+//!
+//! Receiving large frames: once [`decode`] has seen the header of a frame of at least
+//! [`FRAME_OWN_BUFFER_BYTES`] it makes the receive buffer hold the whole frame in one
+//! allocation (no growth copies while it arrives), and a `CopyData` payload starts on a
+//! [`COPY_DATA_ALIGN`] boundary there, so the resync target writes it with `O_DIRECT` straight
+//! from the receive buffer (`store::file`): the payload is never copied in user space.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -32,6 +38,14 @@ pub const STRING_BYTES_MAX: usize = 1024;
 pub const ACTIVITY_LOG_REGIONS_MAX: usize = 1 << 16;
 /// Largest `CopyData` payload (one region; the configured region size is far smaller).
 pub const COPY_BYTES_MAX: usize = 64 << 20;
+
+/// A frame body at least this large is received into a buffer sized for it at once.
+pub const FRAME_OWN_BUFFER_BYTES: usize = 64 << 10;
+/// Alignment of a large `CopyData` payload in the receive buffer: a page, which direct I/O
+/// accepts on every device and filesystem.
+pub const COPY_DATA_ALIGN: usize = 4096;
+/// Where a `CopyData` payload starts in its frame: length, kind, epoch, seq, data length.
+const COPY_DATA_PAYLOAD_OFFSET: usize = 4 + 1 + 8 + 8 + 4;
 
 /// A range of logical blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -382,6 +396,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, CodecError> {
         return Err(CodecError::FrameTooLarge(len));
     }
     if buf.len() < 4 + len {
+        make_room_for_frame(buf, len);
         return Ok(None);
     }
     buf.advance(4);
@@ -391,6 +406,38 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, CodecError> {
         return Err(CodecError::Trailing(body.remaining()));
     }
     Ok(Some(msg))
+}
+
+/// `buf` holds the start of a frame with a `body`-byte body (already checked against
+/// [`FRAME_BYTES_MAX`]): if it is large, give it one buffer that fits the whole frame, with a
+/// `CopyData` payload page-aligned (see the module doc). Copies only the part received so far.
+fn make_room_for_frame(buf: &mut BytesMut, body: usize) {
+    // Beyond the largest copy (a view-change message, rare) the buffer grows as bytes
+    // arrive instead: a header alone never commits that much memory.
+    if !(FRAME_OWN_BUFFER_BYTES..=COPY_BYTES_MAX + COPY_DATA_PAYLOAD_OFFSET).contains(&body) {
+        return;
+    }
+    let frame = 4 + body;
+    // Without the kind byte we cannot tell whether to align: wait for it rather than size a
+    // buffer that the next call might have to replace, frame and all.
+    let Some(&kind) = buf.get(4) else {
+        return;
+    };
+    let align = if kind == K_COPY_DATA {
+        COPY_DATA_ALIGN
+    } else {
+        1
+    };
+    let payload_at = buf.as_ptr() as usize + COPY_DATA_PAYLOAD_OFFSET;
+    if buf.capacity() >= frame && payload_at.is_multiple_of(align) {
+        return;
+    }
+    let mut fresh = BytesMut::with_capacity(frame + align);
+    let pad = (fresh.as_ptr() as usize + COPY_DATA_PAYLOAD_OFFSET).wrapping_neg() % align;
+    fresh.put_bytes(0, pad);
+    fresh.advance(pad);
+    fresh.extend_from_slice(buf);
+    *buf = fresh;
 }
 
 fn parse(b: &mut Bytes) -> Result<Message, CodecError> {
@@ -902,6 +949,97 @@ mod tests {
         b.put_u64(2);
         b.put_slice(&[0; 31]);
         assert_eq!(decode(&mut b), Err(CodecError::Truncated));
+    }
+
+    /// Feeds `wire` to `decode` in `chunk`-byte reads into whatever room the buffer has, as
+    /// the link's reader does (`read_buf`), and returns every message.
+    fn receive(wire: &[u8], chunk: usize) -> Vec<Message> {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut got = Vec::new();
+        let mut rest = wire;
+        loop {
+            while let Some(m) = decode(&mut buf).expect("decode") {
+                got.push(m);
+            }
+            if rest.is_empty() {
+                return got;
+            }
+            // `read_buf` reads into the spare capacity, reserving a little when there is none.
+            if buf.capacity() == buf.len() {
+                buf.reserve(64);
+            }
+            let n = chunk.min(rest.len()).min(buf.capacity() - buf.len());
+            buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+        }
+    }
+
+    #[test]
+    fn large_copy_data_lands_page_aligned_in_one_buffer() {
+        let data: Vec<u8> = (0..(1usize << 20)).map(|i| (i % 249) as u8).collect();
+        let mut wire = BytesMut::new();
+        let small = Message::Applied { epoch: 3, seq: 7 };
+        encode(&small, &mut wire);
+        for seq in 1..=3 {
+            encode(
+                &Message::CopyData {
+                    epoch: 3,
+                    seq,
+                    data: Bytes::from(data.clone()),
+                },
+                &mut wire,
+            );
+            encode(&small, &mut wire);
+        }
+        for chunk in [1, 7, 4096, 65536, 1 << 21] {
+            let got = receive(&wire, chunk);
+            assert_eq!(got.len(), 7, "chunk {chunk}");
+            for (i, m) in got.iter().enumerate() {
+                match m {
+                    Message::CopyData { seq, data: d, .. } => {
+                        assert_eq!(*seq, i as u64 / 2 + 1);
+                        assert!(d[..] == data[..], "payload intact (chunk {chunk})");
+                        assert_eq!(d.as_ptr() as usize % COPY_DATA_ALIGN, 0, "chunk {chunk}");
+                    }
+                    other => assert_eq!(other, &small),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn large_frames_grow_the_buffer_once() {
+        // An Apply with a 1 MiB payload: after its header the buffer fits the whole frame,
+        // so receiving the rest never reallocates (the payload is not copied again).
+        let meta = OpMeta {
+            range: OpRange::Blocks(LbaRange {
+                lba: 0,
+                blocks: 2048,
+            }),
+            payload: Bytes::from(vec![0x5a; 1 << 20]),
+        };
+        let mut wire = BytesMut::new();
+        encode(
+            &Message::Apply {
+                epoch: 1,
+                entry: Entry {
+                    seq: 9,
+                    tag: 1,
+                    origin: 1,
+                    fwd: 4,
+                    meta,
+                },
+            },
+            &mut wire,
+        );
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        buf.extend_from_slice(&wire[..64]);
+        assert_eq!(decode(&mut buf), Ok(None));
+        assert!(buf.capacity() >= wire.len());
+        let at = buf.as_ptr();
+        buf.extend_from_slice(&wire[64..]);
+        assert_eq!(buf.as_ptr(), at, "no reallocation while the frame arrives");
+        assert!(matches!(decode(&mut buf), Ok(Some(Message::Apply { .. }))));
     }
 
     #[test]

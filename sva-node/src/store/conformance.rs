@@ -45,6 +45,19 @@ fn suite(b: Arc<dyn BlockBackend>) {
     let (m, n) = b.mapping(4 << 20, 65536).unwrap();
     assert_eq!((m, n), (Mapping::Deallocated, 65536));
 
+    // An uncached write (resync copy-in) replaces what a cached write left, and is range
+    // checked like any write.
+    b.write_at(&pat, 5 << 20).unwrap();
+    let region: Vec<u8> = (0..65536u32).map(|i| (i % 241) as u8 ^ 0x55).collect();
+    b.write_at_uncached(&region, 5 << 20).unwrap();
+    b.flush().unwrap();
+    let mut r = vec![0u8; 65536];
+    b.read_at(&mut r, 5 << 20).unwrap();
+    assert_eq!(r, region);
+    assert!(b.write_at_uncached(&region, SIZE - 4096).is_err());
+    assert!(b.read_uncached(5 << 20, 65536).unwrap() == region);
+    assert!(b.read_uncached(SIZE - 4096, 8192).is_err());
+
     // A mapping never reports beyond the asked length.
     let (_, n) = b.mapping(0, 4096).unwrap();
     assert!(n > 0 && n <= 4096);

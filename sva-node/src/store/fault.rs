@@ -136,6 +136,14 @@ impl BlockBackend for FaultBackend {
         self.check(Op::Write, offset, buf.len() as u64)?;
         self.inner.write_at(buf, offset)
     }
+    fn read_uncached(&self, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
+        self.check(Op::Read, offset, len as u64)?;
+        self.inner.read_uncached(offset, len)
+    }
+    fn write_at_uncached(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check(Op::Write, offset, buf.len() as u64)?;
+        self.inner.write_at_uncached(buf, offset)
+    }
     fn flush(&self) -> io::Result<()> {
         self.check(Op::Flush, 0, 0)?;
         self.inner.flush()

@@ -8,21 +8,47 @@
 //! - `write_is_cached` asks `cachestat(2)` (Linux ≥ 6.5) whether a page of the range is
 //!   under writeback, which a buffered write would wait for; without `cachestat` it says yes
 //!   (the caller's own slow-write back-off is then the only guard).
+//! - `write_at_uncached` / `read_uncached` (resync copy-in / copy-out) go through a second
+//!   descriptor opened with `O_DIRECT`: the device moves the data to or from the buffer
+//!   itself, so the CPU neither copies a whole region through the page cache nor writes it
+//!   back, and the read buffer is not zero-filled first. A read of a range wholly in the page
+//!   cache (`cachestat`) copies it from there instead: a direct read would write it back and
+//!   read it from the device. A write buffer that is not
+//!   page-aligned is staged through a per-thread aligned bounce buffer; unaligned ranges, or
+//!   a filesystem that refuses direct I/O, take the buffered path.
 //! - `flush` is a group commit: concurrent callers share one `fdatasync`. A caller needs a
 //!   sync that *started after* it called (earlier syncs may miss its writes); whoever finds
 //!   no sync running starts one, the others wait on a condvar for it.
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Condvar, Mutex};
+
+use bytes::Bytes;
 
 use super::{check_range, BlockBackend, Mapping};
 
 /// Largest zero buffer written at once when punching holes is not supported.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+/// Alignment of direct-I/O buffers, offsets and lengths: a page covers every logical block
+/// size (512 B, 4 KiB) and the memory alignment any filesystem asks for (`STATX_DIOALIGN`).
+const DIRECT_ALIGN: usize = 4096;
+/// Page size for `cachestat` counts (x86-64, aarch64 4K kernels; a larger page only makes
+/// `all_cached` answer no more often, which costs a direct read, never correctness).
+const PAGE_BYTES: u64 = 4096;
+/// Bytes staged at once through a thread's bounce buffer (one per thread that ever wrote an
+/// unaligned buffer uncached; blocking-pool threads are few and exit when idle).
+const DIRECT_BOUNCE_BYTES: usize = 1 << 20;
+
+thread_local! {
+    /// Page-aligned staging for `write_at_uncached` (`DIRECT_BOUNCE_BYTES` + alignment slack).
+    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// `cachestat(2)`'s number; since Linux 5.x new system calls have one number on every
 /// architecture (the libc crate does not name it for x86_64 glibc yet).
@@ -60,6 +86,10 @@ struct SyncState {
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
+    /// The same file opened `O_DIRECT`, for `write_at_uncached` (None: could not be opened).
+    direct: Option<File>,
+    /// A direct write was refused (`EINVAL`: alignment or filesystem); not tried again.
+    direct_unsupported: std::sync::atomic::AtomicBool,
     size: u64,
     sync: Mutex<SyncState>,
     synced: Condvar,
@@ -104,8 +134,11 @@ impl FileBackend {
                 ));
             }
         }
+        let direct = open_direct(path, &meta);
         Ok(FileBackend {
             file,
+            direct,
+            direct_unsupported: std::sync::atomic::AtomicBool::new(false),
             size: size - size % 512,
             sync: Mutex::new(SyncState::default()),
             synced: Condvar::new(),
@@ -136,6 +169,100 @@ impl FileBackend {
             offset += n as u64;
         }
         Ok(())
+    }
+
+    /// `cachestat(2)` of the range. `None`: the kernel has no `cachestat` (not asked again);
+    /// `Some(Err)`: it failed for this range.
+    fn cachestat(&self, offset: u64, len: u64) -> Option<Result<Cachestat, ()>> {
+        if self
+            .cachestat_unsupported
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return None;
+        }
+        let range = CachestatRange { off: offset, len };
+        let mut cs = Cachestat::default();
+        // SAFETY: cachestat(fd, range, cstat, flags) reads `range` and writes one `struct
+        // cachestat` into `cs`; both are live, correctly laid out (#[repr(C)]) locals.
+        let r = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                self.file.as_raw_fd(),
+                &range as *const CachestatRange,
+                &mut cs as *mut Cachestat,
+                0u32,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) | Some(libc::EPERM)
+            ) {
+                self.cachestat_unsupported
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                return None;
+            }
+            return Some(Err(()));
+        }
+        Some(Ok(cs))
+    }
+
+    /// Is every page of the range in the page cache (a buffered read costs no device I/O)?
+    fn all_cached(&self, offset: u64, len: usize) -> bool {
+        let pages = (len as u64).div_ceil(PAGE_BYTES);
+        matches!(self.cachestat(offset, len as u64), Some(Ok(cs)) if cs.nr_cache >= pages && pages > 0)
+    }
+
+    /// The `O_DIRECT` descriptor, if direct I/O of this range may be tried.
+    fn direct_for(&self, offset: u64, len: usize) -> Option<&File> {
+        let aligned =
+            offset.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(DIRECT_ALIGN);
+        self.direct.as_ref().filter(|_| {
+            aligned
+                && !self
+                    .direct_unsupported
+                    .load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
+    fn direct_refused(&self) {
+        tracing::info!(
+            "direct I/O refused on this backing store; resync I/O goes through the page cache"
+        );
+        self.direct_unsupported
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Write `buf` (aligned offset and length) through the `O_DIRECT` descriptor, staging
+    /// what is not page-aligned in memory through this thread's bounce buffer. `Ok(false)`:
+    /// direct I/O was refused; nothing is known about the range, rewrite it.
+    fn write_direct(&self, direct: &File, buf: &[u8], offset: u64) -> io::Result<bool> {
+        if (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
+            return refused_is_false(direct.write_all_at(buf, offset));
+        }
+        BOUNCE.with(|cell| {
+            let mut bounce = cell.borrow_mut();
+            if bounce.len() < DIRECT_BOUNCE_BYTES + DIRECT_ALIGN {
+                bounce.resize(DIRECT_BOUNCE_BYTES + DIRECT_ALIGN, 0);
+            }
+            let skew = bounce.as_ptr().align_offset(DIRECT_ALIGN);
+            let mut done = 0usize;
+            while done < buf.len() {
+                let n = (buf.len() - done).min(DIRECT_BOUNCE_BYTES);
+                let (Some(stage), Some(src)) =
+                    (bounce.get_mut(skew..skew + n), buf.get(done..done + n))
+                else {
+                    return Ok(false);
+                };
+                stage.copy_from_slice(src);
+                if !refused_is_false(direct.write_all_at(stage, offset + done as u64))? {
+                    return Ok(false);
+                }
+                done += n;
+            }
+            Ok(true)
+        })
     }
 
     fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
@@ -208,44 +335,47 @@ impl BlockBackend for FileBackend {
         self.file.write_all_at(buf, offset)
     }
 
+    fn read_uncached(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        check_range(self.size, offset, len as u64)?;
+        // A region wholly in the page cache (recently written, e.g. dirty) is copied from
+        // there: a direct read would first write it back and then read it from the device.
+        if self.all_cached(offset, len) {
+            if let Some(data) = read_fresh(&self.file, offset, len)? {
+                return Ok(data);
+            }
+        } else if let Some(direct) = self.direct_for(offset, len) {
+            if let Some(data) = read_fresh(direct, offset, len)? {
+                return Ok(data);
+            }
+            self.direct_refused();
+        }
+        let mut buf = vec![0u8; len];
+        self.read_at(&mut buf, offset)?;
+        Ok(Bytes::from(buf))
+    }
+
+    fn write_at_uncached(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        if let Some(direct) = self.direct_for(offset, buf.len()) {
+            if self.write_direct(direct, buf, offset)? {
+                return Ok(());
+            }
+            self.direct_refused();
+        }
+        self.write_at(buf, offset)
+    }
+
     fn write_is_cached(&self, offset: u64, len: u64) -> bool {
         if check_range(self.size, offset, len).is_err() || len == 0 {
             return false;
         }
-        if self
-            .cachestat_unsupported
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return true;
+        match self.cachestat(offset, len) {
+            // A page under writeback makes a buffered write to it wait for the device
+            // (folio_wait_writeback / stable pages).
+            Some(Ok(cs)) => cs.nr_writeback == 0,
+            Some(Err(())) => false,
+            None => true,
         }
-        let range = CachestatRange { off: offset, len };
-        let mut cs = Cachestat::default();
-        // SAFETY: cachestat(fd, range, cstat, flags) reads `range` and writes one `struct
-        // cachestat` into `cs`; both are live, correctly laid out (#[repr(C)]) locals.
-        let r = unsafe {
-            libc::syscall(
-                SYS_CACHESTAT,
-                self.file.as_raw_fd(),
-                &range as *const CachestatRange,
-                &mut cs as *mut Cachestat,
-                0u32,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) | Some(libc::EPERM)
-            ) {
-                self.cachestat_unsupported
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                return true;
-            }
-            return false;
-        }
-        // A page under writeback makes a buffered write to it wait for the device
-        // (folio_wait_writeback / stable pages).
-        cs.nr_writeback == 0
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -326,6 +456,79 @@ impl BlockBackend for FileBackend {
     }
 }
 
+/// Open `path` again with `O_DIRECT`, if the filesystem allows it and it is still the file
+/// `meta` describes (not replaced in between).
+fn open_direct(path: &Path, meta: &std::fs::Metadata) -> Option<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()?;
+    let m = f.metadata().ok()?;
+    (m.dev() == meta.dev() && m.ino() == meta.ino()).then_some(f)
+}
+
+/// Read `len` bytes at `offset` from `file` into a fresh page-aligned buffer that is never
+/// zero-filled: the kernel fills it. With the `O_DIRECT` descriptor, offset and length must be
+/// aligned; `Ok(None)`: direct I/O was refused (`EINVAL`).
+fn read_fresh(direct: &File, offset: u64, len: usize) -> io::Result<Option<Bytes>> {
+    let mut v: Vec<u8> = Vec::with_capacity(len + DIRECT_ALIGN);
+    let skew = v.as_ptr().align_offset(DIRECT_ALIGN);
+    if skew >= DIRECT_ALIGN {
+        return Ok(None);
+    }
+    // The slack before the aligned start is initialized (zeroed) like any Vec content; only
+    // the data part is left for the kernel to fill.
+    v.resize(skew, 0);
+    let mut done = 0usize;
+    while done < len {
+        let want = len - done;
+        let spare = v.spare_capacity_mut();
+        if spare.len() < want {
+            return Ok(None);
+        }
+        // SAFETY: `spare` is this Vec's unused capacity, at least `want` bytes (checked);
+        // pread writes at most `want` bytes there and nothing else; the fd is owned by
+        // `direct`, which outlives the call.
+        let r = unsafe {
+            libc::pread(
+                direct.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                want,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EINVAL) => return Ok(None),
+                _ => return Err(e),
+            }
+        }
+        if r == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        let n = (r as usize).min(want);
+        // SAFETY: the kernel initialized these `n` bytes right past the current length,
+        // within the capacity (n <= want <= spare.len()).
+        unsafe { v.set_len(v.len() + n) };
+        done += n;
+    }
+    Ok(Some(Bytes::from(v).slice(skew..)))
+}
+
+/// A direct write's `EINVAL` (misaligned for this device, or no direct I/O here) is a
+/// refusal the caller falls back from, not a failure.
+fn refused_is_false(r: io::Result<()>) -> io::Result<bool> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,6 +583,74 @@ mod tests {
         );
         assert!(!b.write_is_cached(1 << 20, 4096), "out of range");
         assert!(!b.write_is_cached(0, 0));
+    }
+
+    /// Is `path` on tmpfs (which takes `O_DIRECT` but still caches)?
+    fn on_tmpfs(path: &Path) -> bool {
+        let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
+        // SAFETY: statfs reads the NUL-terminated path and fills the zeroed struct we own.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+        r == 0 && st.f_type == libc::TMPFS_MAGIC
+    }
+
+    #[test]
+    fn uncached_writes_round_trip_past_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBackend::open(&dir.path().join("v"), 4 << 20, true).unwrap();
+        // A dirty buffered write first: the direct write must replace it, not be shadowed.
+        b.write_at(&[1; 8192], 1 << 20).unwrap();
+        let data: Vec<u8> = (0..(1usize << 20) + 1).map(|i| (i % 253) as u8).collect();
+        // Deliberately unaligned in memory (bounce path), then page-aligned (direct path).
+        let unaligned = &data[1..];
+        b.write_at_uncached(unaligned, 1 << 20).unwrap();
+        let mut page = vec![0u8; 2 * DIRECT_ALIGN];
+        let skew = page.as_ptr().align_offset(DIRECT_ALIGN);
+        page[skew..skew + DIRECT_ALIGN].fill(9);
+        b.write_at_uncached(&page[skew..skew + DIRECT_ALIGN], 3 << 20)
+            .unwrap();
+        // An unaligned range takes the buffered path and still lands.
+        b.write_at_uncached(&[5; 512], (3 << 20) + 8192 + 512)
+            .unwrap();
+        b.flush().unwrap();
+
+        if b.direct.is_some() && !on_tmpfs(dir.path()) {
+            // Written past the cache: a non-blocking (cache-only) read cannot serve it.
+            let mut probe = vec![0u8; 4096];
+            assert!(!b.try_read_at_cached(&mut probe, 1 << 20).unwrap());
+        }
+        let mut got = vec![0u8; 1 << 20];
+        b.read_at(&mut got, 1 << 20).unwrap();
+        assert!(got == unaligned, "uncached region reads back");
+        let mut got = vec![0u8; 8192 + 1024];
+        b.read_at(&mut got, 3 << 20).unwrap();
+        assert!(got[..4096].iter().all(|&x| x == 9));
+        assert!(got[4096..8192 + 512].iter().all(|&x| x == 0));
+        assert!(got[8192 + 512..].iter().all(|&x| x == 5));
+        assert!(
+            b.write_at_uncached(&[0; 4096], 4 << 20).is_err(),
+            "range checked"
+        );
+
+        // Uncached reads see all of it, whatever path they take, and are range checked.
+        b.write_at(&[3; 4096], 2 << 20).unwrap(); // dirty in the page cache, not flushed
+        assert!(b.read_uncached(1 << 20, 1 << 20).unwrap() == unaligned);
+        let r = b.read_uncached(2 << 20, 8192).unwrap();
+        assert!(r[..4096].iter().all(|&x| x == 3) && r[4096..].iter().all(|&x| x == 0));
+        let r = b.read_uncached((3 << 20) + 8192, 1024).unwrap();
+        assert!(r[..512].iter().all(|&x| x == 0) && r[512..].iter().all(|&x| x == 5));
+        assert!(b.read_uncached((4 << 20) - 4096, 8192).is_err());
+
+        // A range wholly in the page cache is copied from there: its dirty pages are not
+        // written back first (as a direct read would).
+        let at = (2 << 20) + 65536;
+        b.write_at(&[4; 8192], at).unwrap();
+        assert!(b.read_uncached(at, 8192).unwrap().iter().all(|&x| x == 4));
+        if let Some(Ok(cs)) = b.cachestat(at, 8192) {
+            assert_eq!(cs.nr_dirty, 2, "read from the cache, not past it");
+        }
     }
 
     #[test]

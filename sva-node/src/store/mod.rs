@@ -6,6 +6,8 @@
 
 use std::io;
 
+use bytes::Bytes;
+
 /// Whether a byte range holds data or is a hole (reads back as zeroes, no space used).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mapping {
@@ -28,6 +30,14 @@ pub trait BlockBackend: Send + Sync + 'static {
         Ok(false)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Read `len` bytes at `offset` into a new buffer, for a bulk transfer that will not be
+    /// read again soon (a resync copy-out). Where the backend can, it reads past its cache
+    /// and without zero-filling the buffer first. Default: `read_at` into a zeroed buffer.
+    fn read_uncached(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        let mut buf = vec![0u8; len];
+        self.read_at(&mut buf, offset)?;
+        Ok(Bytes::from(buf))
+    }
     /// Whether a [`BlockBackend::write_at`] of whole pages in this range is expected to
     /// finish without waiting for the device: it only copies into a cache, and no page of
     /// the range is being written back right now (a write to such a page waits for that
@@ -36,6 +46,14 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn write_is_cached(&self, offset: u64, len: u64) -> bool {
         let _ = (offset, len);
         false
+    }
+    /// [`BlockBackend::write_at`] for a large buffer the caller makes durable right after
+    /// and does not expect to read back soon (a resync copy-in). Where the backend can, it
+    /// bypasses its cache: copying a whole region into the page cache and writing it back
+    /// costs more CPU than the device write itself. Durability still needs
+    /// [`BlockBackend::flush`]. Default: `write_at`.
+    fn write_at_uncached(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)
     }
     /// Make every completed write durable (fdatasync; concurrent callers share one sync).
     fn flush(&self) -> io::Result<()>;

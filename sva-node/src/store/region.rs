@@ -1,8 +1,10 @@
 //! Whole-region I/O for resync and verify (DESIGN.md §6), over any [`BlockBackend`].
 //!
-//! - [`read_region`]: the region's bytes, or *empty* when it reads back as zeroes (all holes,
+//! - [`read_region`]: the region's bytes (past the cache where the backend can:
+//!   [`BlockBackend::read_uncached`]), or *empty* when it reads back as zeroes (all holes,
 //!   or all zero bytes), so a sparse region costs nothing on the link.
-//! - [`write_region`]: write the bytes (empty: deallocate) and make them durable.
+//! - [`write_region`]: write the bytes (empty: deallocate) past the cache where the backend can
+//!   ([`BlockBackend::write_at_uncached`]) and make them durable.
 //! - [`checksum_region`]: BLAKE3 of the region's logical content (holes hash as zeroes, so
 //!   plexes with different allocation but the same data agree).
 
@@ -44,12 +46,12 @@ pub fn read_region(b: &dyn BlockBackend, offset: u64, len: u64) -> io::Result<By
     if all_hole(b, offset, len)? {
         return Ok(Bytes::new());
     }
-    let mut buf = vec![0u8; n];
-    b.read_at(&mut buf, offset)?;
+    // Uncached: a resync reads each region once (DESIGN.md §6).
+    let buf = b.read_uncached(offset, n)?;
     if buf.iter().all(|&x| x == 0) {
         return Ok(Bytes::new());
     }
-    Ok(Bytes::from(buf))
+    Ok(buf)
 }
 
 /// Write a region read by [`read_region`] (`data` empty: zeroes, deallocated) durably.
@@ -66,7 +68,8 @@ pub fn write_region(b: &dyn BlockBackend, offset: u64, len: u64, data: &[u8]) ->
             ),
         ));
     } else {
-        b.write_at(data, offset)?;
+        // Uncached: the region is made durable at once and not read back soon (DESIGN.md §6).
+        b.write_at_uncached(data, offset)?;
     }
     b.flush()
 }
@@ -84,9 +87,8 @@ pub fn checksum_region(b: &dyn BlockBackend, offset: u64, len: u64) -> io::Resul
             left -= k;
         }
     } else {
-        let mut buf = vec![0u8; n];
-        b.read_at(&mut buf, offset)?;
-        h.update(&buf);
+        // Uncached, like a copy-out: a verify reads each region once.
+        h.update(&b.read_uncached(offset, n)?);
     }
     Ok(*h.finalize().as_bytes())
 }
