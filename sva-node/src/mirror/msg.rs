@@ -978,7 +978,11 @@ mod tests {
     fn large_copy_data_lands_page_aligned_in_one_buffer() {
         let data: Vec<u8> = (0..(1usize << 20)).map(|i| (i % 249) as u8).collect();
         let mut wire = BytesMut::new();
-        let small = Message::Applied { epoch: 3, seq: 7 };
+        let small = Message::Applied {
+            epoch: 3,
+            seq: 7,
+            applied_prefix: 5,
+        };
         encode(&small, &mut wire);
         for seq in 1..=3 {
             encode(
