@@ -15,8 +15,9 @@
 //! shape of both ends; a hop through another task costs a thread wake-up, which on a small VM
 //! is worth several loopback round trips:
 //! - **Send**: the caller (the engine's thread, holding the engine lock) appends the encoded
-//!   frame to the peer's byte buffer and, if nothing was waiting in it, writes it to the socket
-//!   at once (`try_write`, never blocking). Only what the socket does not take is left to the
+//!   frame to the peer's buffer and, if nothing was waiting in it, writes it to the socket at
+//!   once (`try_write_vectored`, never blocking; a resync copy's payload is written from its
+//!   own buffer, not copied). Only what the socket does not take is left to the
 //!   peer's writer task, woken for that. Sends never block the engine: a frame that does not
 //!   fit in [`SEND_BUFFER_MAX`], or is sent while the peer is unreachable, is dropped; the
 //!   engine retransmits what matters and treats silence as peer loss.
@@ -34,12 +35,13 @@
 //!    <── HMAC(k, "sva-peer acceptor" ‖ volume ‖ Ns ‖ Nc ‖ plex) ─────
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -79,7 +81,7 @@ pub trait Inbound: Send + Sync + 'static {
 #[derive(Default)]
 struct PeerTx {
     state: std::sync::Mutex<TxState>,
-    /// Wakes the writer task: bytes were left in `buf`.
+    /// Wakes the writer task: bytes were left queued.
     wake: Notify,
 }
 
@@ -87,21 +89,80 @@ struct PeerTx {
 struct TxState {
     /// The connected, authenticated stream (None while the peer is unreachable).
     stream: Option<Arc<TcpStream>>,
-    /// Encoded frames the socket has not taken yet, in order.
-    buf: BytesMut,
+    /// Bytes the socket has not taken yet, in order: `chunks`, then `open` (small frames are
+    /// encoded into `open`; a large copy's payload is its own chunk, never copied).
+    chunks: VecDeque<Bytes>,
+    open: BytesMut,
+    /// Total bytes in `chunks` and `open`.
+    queued: usize,
 }
 
+/// Buffers handed to one vectored write.
+const IOVECS_MAX: usize = 64;
+
 impl TxState {
-    /// Write as much of `buf` as the socket takes now. `Ok(true)`: all of it.
+    fn append(&mut self, msg: &Message) {
+        let before = self.open.len();
+        match msg::encode_split(msg, &mut self.open) {
+            Some(payload) => {
+                self.queued += self.open.len() - before + payload.len();
+                self.chunks.push_back(self.open.split().freeze());
+                self.chunks.push_back(payload);
+            }
+            None => self.queued += self.open.len() - before,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.chunks.clear();
+        self.open.clear();
+        self.queued = 0;
+    }
+
+    /// Drop the first `n` queued bytes (written).
+    fn consume(&mut self, mut n: usize) {
+        self.queued -= n;
+        while n > 0 {
+            match self.chunks.front_mut() {
+                Some(c) if n >= c.len() => {
+                    n -= c.len();
+                    self.chunks.pop_front();
+                }
+                Some(c) => {
+                    c.advance(n);
+                    n = 0;
+                }
+                None => {
+                    self.open.advance(n);
+                    n = 0;
+                }
+            }
+        }
+    }
+
+    /// Write as much as the socket takes now. `Ok(true)`: all of it.
     fn flush(&mut self) -> std::io::Result<bool> {
-        let Some(stream) = &self.stream else {
-            self.buf.clear();
+        let Some(stream) = self.stream.clone() else {
+            self.clear();
             return Ok(true);
         };
-        while !self.buf.is_empty() {
-            match stream.try_write(&self.buf) {
+        while self.queued > 0 {
+            let written = {
+                let mut iov: Vec<IoSlice<'_>> = self
+                    .chunks
+                    .iter()
+                    .take(IOVECS_MAX - 1)
+                    .map(|c| IoSlice::new(c))
+                    .collect();
+                // `open` follows every chunk: only once they are all in.
+                if self.chunks.len() < IOVECS_MAX {
+                    iov.push(IoSlice::new(&self.open));
+                }
+                stream.try_write_vectored(&iov)
+            };
+            match written {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.buf.advance(n),
+                Ok(n) => self.consume(n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
             }
@@ -136,12 +197,12 @@ impl Links {
             return;
         };
         let mut st = lock(&tx.state);
-        if st.stream.is_none() || st.buf.len() >= SEND_BUFFER_MAX {
+        if st.stream.is_none() || st.queued >= SEND_BUFFER_MAX {
             tracing::trace!(to, "replication link down or full; message dropped");
             return;
         }
-        let was_idle = st.buf.is_empty();
-        msg::encode(&msg, &mut st.buf);
+        let was_idle = st.queued == 0;
+        st.append(&msg);
         if !was_idle {
             return; // the writer task is on it, and order must be kept
         }
@@ -193,7 +254,7 @@ async fn writer(cfg: LinkConfig, peer: PlexId, addr: String, tx: Arc<PeerTx>) {
         tracing::info!(peer, %addr, "replication link up");
         {
             let mut st = lock(&tx.state);
-            st.buf.clear();
+            st.clear();
             st.stream = Some(stream.clone());
         }
         let err = loop {
@@ -211,7 +272,7 @@ async fn writer(cfg: LinkConfig, peer: PlexId, addr: String, tx: Arc<PeerTx>) {
         tracing::warn!(peer, %addr, "replication link down: {err}");
         let mut st = lock(&tx.state);
         st.stream = None;
-        st.buf.clear();
+        st.clear();
     }
 }
 

@@ -386,6 +386,30 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
     out[start..start + 4].copy_from_slice(&body.to_be_bytes());
 }
 
+/// A `CopyData` payload at least this large is not copied by [`encode_split`].
+pub const SPLIT_PAYLOAD_BYTES: usize = 64 << 10;
+
+/// [`encode`], except that a large `CopyData` payload is left out of `out` and returned: the
+/// frame is `out`'s new bytes followed by it (the link writes both with one vectored write,
+/// so a resync's data is never copied on the sending side).
+pub fn encode_split(msg: &Message, out: &mut BytesMut) -> Option<Bytes> {
+    match msg {
+        Message::CopyData { epoch, seq, data } if data.len() >= SPLIT_PAYLOAD_BYTES => {
+            let body = COPY_DATA_PAYLOAD_OFFSET - 4 + data.len();
+            out.put_u32(body as u32);
+            out.put_u8(K_COPY_DATA);
+            out.put_u64(*epoch);
+            out.put_u64(*seq);
+            out.put_u32(data.len() as u32);
+            Some(data.clone())
+        }
+        _ => {
+            encode(msg, out);
+            None
+        }
+    }
+}
+
 /// Take one frame off the front of `buf`. `Ok(None)`: not enough bytes yet.
 pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, CodecError> {
     if buf.len() < 4 {
@@ -971,6 +995,25 @@ mod tests {
             let n = chunk.min(rest.len()).min(buf.capacity() - buf.len());
             buf.extend_from_slice(&rest[..n]);
             rest = &rest[n..];
+        }
+    }
+
+    #[test]
+    fn a_split_frame_is_byte_for_byte_the_whole_frame() {
+        for len in [0, 5, SPLIT_PAYLOAD_BYTES - 1, SPLIT_PAYLOAD_BYTES, 1 << 20] {
+            let m = Message::CopyData {
+                epoch: 9,
+                seq: 4,
+                data: Bytes::from((0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
+            };
+            let mut whole = BytesMut::new();
+            encode(&m, &mut whole);
+            let mut split = BytesMut::from(&b"prefix"[..]);
+            let payload = encode_split(&m, &mut split);
+            assert_eq!(payload.is_some(), len >= SPLIT_PAYLOAD_BYTES);
+            let mut joined = split[6..].to_vec();
+            joined.extend_from_slice(&payload.unwrap_or_default());
+            assert_eq!(joined, whole.to_vec(), "payload of {len} bytes");
         }
     }
 
