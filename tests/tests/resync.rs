@@ -8,7 +8,7 @@
 //! | [`full_resync_rate_against_local_sequential_writes`] | 2 | full resync rate vs `dd` rate measured in the same run (printed; ≥ 0.6 asserted with `SVA_ASSERT_RATES=1`); 4 KiB QD1 writes complete during it; identical files |
 //! | [`resume_after_target_killed_half_way`], [`resume_after_source_killed_half_way`] | 3 | the second attempt starts with ≤ 65% of the work left; total copied < 1.5 × one full copy; identical files |
 //! | [`both_nodes_killed_during_writes`] | 4 | both back InSync; every acknowledged write reads back through both paths; only the written zone is resynced; identical files |
-//! | [`verify_finds_a_corrupted_region`] | 5 | clean verify: no mismatch; after flipping bytes in plex 2's file: exactly that region |
+//! | [`verify_finds_a_corrupted_region`] | 5 | clean verify: no mismatch; after flipping bytes in plex 2's file: exactly that region; a verify with `repair` resyncs that region (≤ 2 regions copied), plex 2 comes back InSync, files identical |
 //!
 //! Progress comes from a [`Watcher`] thread polling every node's `/v1/status` every
 //! [`POLL`]; each failure message carries the last status documents (and, through
@@ -1230,4 +1230,39 @@ fn verify_finds_a_corrupted_region() {
         serde_json::json!([region]),
         "verify after corrupting region {region} of plex 2: {found}"
     );
+
+    // Repair: plex 2 (it differs from the sequencer, plex 1) goes stale with that one region
+    // marked, is resynced, and comes back; the files are identical again.
+    let epoch_before = v.status(1).expect("status").epoch;
+    let copied_before = copied_metric(&v, 1, 2).unwrap_or(0);
+    let w = Watcher::start(&v);
+    // (Its result document equals the last one, so the epoch is what shows it ran.)
+    let (code, body) = v
+        .post(1, "/v1/verify", "{\"repair\": true}", true)
+        .expect("POST /v1/verify");
+    assert_eq!(code, 202, "POST /v1/verify with repair: {body}");
+    let back = w.wait(1, "plex 2 resynced and InSync again", RESYNC_TIMEOUT, |s| {
+        s.epoch > epoch_before + 1 && s.plex_state(2) == Some("InSync")
+    });
+    eprintln!("after repair: {}", short(&back.st, 2));
+    wait_serving(&v, &w, 2);
+    drop(w.finish());
+    let copied = copied_metric(&v, 1, 2).unwrap_or(0) - copied_before;
+    eprintln!("the repair copied {copied} bytes (sva_resync_copied_bytes_total)");
+    assert!(
+        copied > 0,
+        "the repair copied nothing, yet the files differed"
+    );
+    assert!(
+        copied <= 2 * region_bytes,
+        "the repair copied {copied} bytes; only region {region} ({region_bytes} bytes) differed"
+    );
+    let clean = run_verify(&v, 1);
+    assert_eq!(
+        clean["mismatchedRegions"],
+        serde_json::json!([]),
+        "verify after the repair: {clean}"
+    );
+    let mut v = v;
+    assert_plexes_identical(&mut v);
 }

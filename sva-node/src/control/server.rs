@@ -6,7 +6,7 @@
 //! | `GET /metrics` | none | Prometheus text format 0.0.4 |
 //! | `GET /v1/status` | none | JSON [`NodeStatus`] + `sessions` + `counters` |
 //! | `POST /v1/resync-rate` | bearer | body `{"bytesPerSec": N}` → 200 `{"bytesPerSec": N}` |
-//! | `POST /v1/verify` | bearer | body `{"repair": bool}` (or empty) → 202 `{"started": true, "repair": bool}`; 409 if refused |
+//! | `POST /v1/verify` | bearer | body `{"repair": bool}` (or empty) → 202 `{"started": true, "repair": bool}`; 409 if refused (repair: plexes differing from the sequencer are resynced, README "Resync and verify") |
 //!
 //! Reads are open (probes and Prometheus carry no secrets); every `POST` needs
 //! `Authorization: Bearer <token>` (DESIGN.md §9), compared in constant time. Errors are

@@ -18,7 +18,9 @@
 //! acks count for log GC only) and orders one copy op per dirty region of its write-intent
 //! bitmap, ordered like a write; when the bitmap is empty it CASes the learner InSync and runs a
 //! normal view change with it. A restarted node that the record still lists InSync recovers
-//! per [`RECOVER_WAIT_MS`]. Online verify orders one checksum op per region the same way.
+//! per [`RECOVER_WAIT_MS`]. Online verify orders one checksum op per region the same way; with
+//! `repair`, plexes whose checksums differ from the sequencer's are CASed Stale with just those
+//! regions in their bitmaps, and rejoin by the normal resync.
 //!
 //! Read lease: a heartbeat echoes the sender's last received timestamp of the peer; a node
 //! serves reads (and acks, and orders ops) only while every in-sync peer echoed a timestamp
@@ -372,6 +374,10 @@ struct Verify {
     next_region: u64,
     members: Vec<PlexId>,
     outstanding: BTreeMap<Seq, (u64, BTreeMap<PlexId, [u8; 32]>)>,
+    /// Mark mismatched regions for resync when done (see `repair_mismatches`).
+    repair: bool,
+    /// Per member: the regions whose checksum differs from the sequencer's.
+    differs: BTreeMap<PlexId, BTreeSet<u64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1107,7 +1113,6 @@ impl Engine {
     /// `repair` is accepted but only logged by the driver: with every plex InSync there is
     /// no authoritative copy to repair from.
     pub fn start_verify(&mut self, now: Millis, repair: bool) -> Result<(), &'static str> {
-        let _ = repair;
         if !matches!(self.role, Role::Active) || !self.i_am_sequencer() {
             return Err("not the serving sequencer");
         }
@@ -1122,6 +1127,8 @@ impl Engine {
             next_region: 0,
             members: self.in_sync_ids(),
             outstanding: BTreeMap::new(),
+            repair,
+            differs: BTreeMap::new(),
         });
         self.verify_info = VerifyInfo {
             running: true,
@@ -2752,6 +2759,13 @@ impl Engine {
         }
         let region = *region;
         let differ = sums.values().any(|s| *s != sum);
+        if let Some(mine) = sums.get(&self.cfg.me).copied() {
+            for (p, theirs) in sums.iter() {
+                if *theirs != mine {
+                    v.differs.entry(*p).or_default().insert(region);
+                }
+            }
+        }
         v.outstanding.remove(&seq);
         let finished = v.outstanding.is_empty() && v.next_region >= self.verify_info.regions_total;
         self.verify_info.regions_done += 1;
@@ -2759,10 +2773,75 @@ impl Engine {
             self.verify_info.mismatched.push(region);
         }
         if finished {
-            self.verify = None;
+            if let Some(v) = self.verify.take() {
+                if v.repair && !v.differs.is_empty() {
+                    self.repair_mismatches(now, v.members, v.differs);
+                }
+            }
             self.verify_info.running = false;
         }
         self.progress(now);
+    }
+
+    /// Verify with `repair`: the sequencer's plex is the reference (it is the one every write
+    /// is ordered through; with two plexes nothing else could break a tie). Every member whose
+    /// checksum differed gets those regions in its write-intent bitmap (durably, first) and is
+    /// CASed Stale, exactly as a lost peer is: it rejoins through the normal incremental
+    /// resync, which copies only the marked regions (plus whatever is written meanwhile).
+    /// Skipped if the membership changed during the verify.
+    fn repair_mismatches(
+        &mut self,
+        now: Millis,
+        members: Vec<PlexId>,
+        differs: BTreeMap<PlexId, BTreeSet<u64>>,
+    ) {
+        if members != self.in_sync_ids()
+            || !matches!(self.role, Role::Active)
+            || !self.i_am_sequencer()
+            || self.cas_outstanding
+        {
+            tracing::warn!("verify repair skipped: the membership changed during the verify");
+            return;
+        }
+        let rm = self.region_map();
+        let volume = self.cfg.volume_blocks;
+        let mut record = self.membership.clone();
+        record.epoch += 1;
+        for (p, regions) in &differs {
+            if *p == self.cfg.me {
+                continue;
+            }
+            self.ensure_bitmap(*p, true);
+            let mut marked = Vec::new();
+            if let Some(bm) = self.bitmaps.get_mut(p) {
+                for r in regions {
+                    marked.extend(bm.mark_new(&rm.region_range(*r, volume)));
+                }
+            }
+            if !marked.is_empty() {
+                self.cmds.push_back(Command::MarkDirtyRegions {
+                    plex: *p,
+                    regions: marked,
+                });
+            }
+            if let Some(rec) = record.plexes.iter_mut().find(|r| r.id == *p) {
+                rec.state = PlexState::Stale;
+            }
+            tracing::warn!(
+                plex = *p,
+                regions = regions.len(),
+                "verify repair: marking the plex stale to resync its mismatched regions"
+            );
+        }
+        record.sequencer = self.cfg.me;
+        // Hold new ops until the CAS is answered, as for a lost peer.
+        self.role = Role::Holding { since: now };
+        self.set_path(PathState::Transitioning);
+        self.cas_outstanding = true;
+        self.cmds.push_back(Command::WitnessCas {
+            expected_epoch: self.epoch(),
+            record,
+        });
     }
 
     /// A learner with nothing left to copy: hold new ops until it applied everything, then

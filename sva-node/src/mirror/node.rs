@@ -533,6 +533,17 @@ impl MirrorNode {
     /// Fresher counts right after a copy moved, between monitor samples: the last copies of a
     /// resync are counted even when it ends before the next sample.
     fn note_progress(&self, progress: Vec<(ResyncRole, ResyncInfo)>) {
+        // A resync that starts and ends between two monitor samples (a repair of one region)
+        // must still be counted: start tracking it now.
+        let untracked = {
+            let mon = lock(&self.shared.monitor);
+            progress
+                .iter()
+                .any(|(_, info)| !mon.resyncs.contains_key(&info.plex))
+        };
+        if untracked {
+            self.sample(Instant::now());
+        }
         let mut mon = lock(&self.shared.monitor);
         for (_, info) in progress {
             if let Some(t) = mon.resyncs.get_mut(&info.plex) {

@@ -1032,11 +1032,17 @@ fn a_wiped_plex_gets_a_full_resync_and_the_throttle_paces_copies() {
 
 #[test]
 fn online_verify_compares_checksums_of_every_region() {
+    verify_with_region_3_differing(false);
+}
+
+/// Runs a verify of the 8 regions of `small_cfg` on plex 1, with plex 2's checksum of region
+/// 3 differing; returns plex 1 and every command emitted after the last checksum.
+fn verify_with_region_3_differing(repair: bool) -> (Engine, Vec<Command>) {
     let mut p1 = Engine::new(small_cfg(1), two_plexes(), 1_000, Start::Bootstrap);
     drain(&mut p1);
     with_lease(&mut p1, 2);
-    assert!(p1.start_verify(1_006, false).is_ok());
-    assert!(p1.start_verify(1_006, false).is_err(), "one at a time");
+    assert!(p1.start_verify(1_006, repair).is_ok());
+    assert!(p1.start_verify(1_006, repair).is_err(), "one at a time");
     let cmds = drain(&mut p1);
     let sums: Vec<(Seq, u64)> = cmds
         .iter()
@@ -1046,6 +1052,7 @@ fn online_verify_compares_checksums_of_every_region() {
         })
         .collect();
     assert_eq!(sums.len(), COPY_WINDOW);
+    let mut last = Vec::new();
     for (seq, region) in &sums {
         p1.checksummed(1_007, *seq, [*region as u8; 32]);
         // Plex 2 differs in region 3.
@@ -1063,13 +1070,69 @@ fn online_verify_compares_checksums_of_every_region() {
                 checksum: theirs,
             },
         );
-        drain(&mut p1);
+        last = drain(&mut p1);
     }
     let v = p1.verify_status();
     assert_eq!(v.regions_total, 8);
     assert_eq!(v.regions_done, 8);
     assert_eq!(v.mismatched, vec![3]);
     assert!(!v.running);
+    (p1, last)
+}
+
+#[test]
+fn verify_with_repair_resyncs_only_the_mismatched_regions_of_the_differing_plex() {
+    let (mut p1, cmds) = verify_with_region_3_differing(true);
+    // Region 3 durably in plex 2's bitmap first, then the CAS that makes plex 2 stale.
+    let mark = cmds
+        .iter()
+        .position(|c| {
+            *c == Command::MarkDirtyRegions {
+                plex: 2,
+                regions: vec![3],
+            }
+        })
+        .expect("region 3 marked for plex 2");
+    let (cas, record) = cmds
+        .iter()
+        .enumerate()
+        .find_map(|(i, c)| match c {
+            Command::WitnessCas {
+                expected_epoch: 1,
+                record,
+            } => Some((i, record.clone())),
+            _ => None,
+        })
+        .expect("a CAS from epoch 1");
+    assert!(
+        mark < cas,
+        "the bitmap must be durable before the plex is excluded"
+    );
+    assert_eq!(record.epoch, 2);
+    assert_eq!(record.sequencer, 1);
+    let state = |id| record.plexes.iter().find(|p| p.id == id).map(|p| p.state);
+    assert_eq!(state(1), Some(PlexState::InSync));
+    assert_eq!(state(2), Some(PlexState::Stale));
+    assert!(cmds.contains(&Command::PathState(PathState::Transitioning)));
+    // Granted: plex 1 serves alone and keeps exactly region 3 to copy to plex 2.
+    p1.witness_result(1_020, Ok(record));
+    drain(&mut p1);
+    let bm = p1.bitmap(2).expect("a bitmap for plex 2");
+    assert_eq!(bm.regions().collect::<Vec<_>>(), vec![3]);
+    assert_eq!(p1.epoch(), 2);
+}
+
+#[test]
+fn verify_without_repair_changes_no_membership() {
+    let (p1, cmds) = verify_with_region_3_differing(false);
+    assert!(
+        !cmds.iter().any(|c| matches!(
+            c,
+            Command::WitnessCas { .. } | Command::MarkDirtyRegions { .. }
+        )),
+        "{cmds:?}"
+    );
+    assert_eq!(p1.epoch(), 1);
 }
 
 #[test]
