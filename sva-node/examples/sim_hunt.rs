@@ -2,6 +2,8 @@
 //! --example sim_hunt -- A B` runs seeds A..B and prints each seed that violates anything
 //! (first violation per invariant), then a summary. Replay one with the matching
 //! `tests/sim_*.rs` and `SVA_SIM_SEED=n`. `SVA_SIM_WIPE_HEAVY=1`: [`SimConfig::wipe_heavy`].
+//! `SVA_SIM_COPY_WINDOW=n`: the engines' resync copy window (default 8, the pinned seeds';
+//! the product's is `COPY_WINDOW`).
 
 use std::collections::BTreeMap;
 

@@ -477,22 +477,22 @@ fn percentiles(lat: &[Duration]) -> String {
 }
 
 /// The machine's sequential write rate on the volume's filesystem, bytes/s:
-/// `dd if=/dev/zero bs=1M count=N conv=fdatasync` into a new file there.
-fn local_sequential_write_rate(dir: &std::path::Path, bytes: u64) -> f64 {
+/// `dd if=/dev/zero bs=1M count=N conv=fdatasync` into a new file there (the page cache
+/// takes the writes, one flush at the end), or with `direct`, `oflag=direct` (each 1 MiB
+/// write goes to the device, as a resync's copies do).
+fn local_sequential_write_rate(dir: &std::path::Path, bytes: u64, direct: bool) -> f64 {
     let file = dir.join("dd-rate-probe");
     let of = format!("of={}", file.display());
     let count = format!("count={}", bytes / MIB);
+    let how = if direct {
+        "oflag=direct"
+    } else {
+        "conv=fdatasync"
+    };
     let start = Instant::now();
     let out = run_tool(
         "dd",
-        &[
-            "if=/dev/zero",
-            &of,
-            "bs=1M",
-            &count,
-            "conv=fdatasync",
-            "status=none",
-        ],
+        &["if=/dev/zero", &of, "bs=1M", &count, how, "status=none"],
         Duration::from_secs(300),
     )
     .expect("dd");
@@ -672,10 +672,12 @@ fn full_resync_rate_against_local_sequential_writes() {
     kill_and_wait_alone(&mut v, 2);
     v.wipe_plex(2).expect("wipe plex 2");
 
-    let dd_rate = local_sequential_write_rate(v.dir(), GIB);
+    let dd_rate = local_sequential_write_rate(v.dir(), GIB, false);
+    let dd_direct_rate = local_sequential_write_rate(v.dir(), GIB, true);
     eprintln!(
-        "local sequential write (dd 1 GiB, fdatasync): {}",
-        mib_s(dd_rate)
+        "local sequential write (dd 1 GiB): conv=fdatasync {}, oflag=direct {}",
+        mib_s(dd_rate),
+        mib_s(dd_direct_rate)
     );
 
     // Foreground 4 KiB QD1 writes through plex 1 into the first 64 MiB.
@@ -740,13 +742,14 @@ fn full_resync_rate_against_local_sequential_writes() {
         "full resync: totalBytes {total}, copiedBytes max {copied}, full flag seen {full_seen}, \
          engine bytesPerSec max {}\n  copy phase {copy_secs:.2} s -> {} ; restart->InSync \
          {e2e_secs:.2} s -> {}\n  dd {} ; ratio (copy phase / dd) = {ratio:.2} (bar 0.60), \
-         end-to-end ratio {:.2}\n  4 KiB QD1 writes before: {}\n  4 KiB QD1 writes during: {}\n  \
+         end-to-end ratio {:.2}; copy phase / dd oflag=direct {:.2}\n  4 KiB QD1 writes before: {}\n  4 KiB QD1 writes during: {}\n  \
          failed writes: {}",
         mib_s(engine_rate as f64),
         mib_s(rate),
         mib_s(e2e_rate),
         mib_s(dd_rate),
         e2e_rate / dd_rate,
+        rate / dd_direct_rate,
         percentiles(&before),
         percentiles(&during.iter().map(|r| r.latency).collect::<Vec<_>>()),
         failed.len()

@@ -15,10 +15,13 @@
 //! shape of both ends; a hop through another task costs a thread wake-up, which on a small VM
 //! is worth several loopback round trips:
 //! - **Send**: the caller (the engine's thread, holding the engine lock) appends the encoded
-//!   frame to the peer's buffer and, if nothing was waiting in it, writes it to the socket at
-//!   once (`try_write_vectored`, never blocking; a resync copy's payload is written from its
-//!   own buffer, not copied). Only what the socket does not take is left to the
-//!   peer's writer task, woken for that. Sends never block the engine: a frame that does not
+//!   frame to the peer's buffer and, if nothing was waiting in it and the frame is small,
+//!   writes it to the socket at once (`try_write_vectored`, never blocking). Only what the
+//!   socket does not take, and every large frame (above [`INLINE_FRAME_BYTES_MAX`]: a resync
+//!   copy, a large write), is left to the peer's writer task, woken for that. The writer
+//!   takes the queued bytes out and writes them *without* the buffer's lock, so a sender
+//!   never waits behind a megabyte going into the socket (a resync copy's payload is written
+//!   from its own buffer, not copied). Sends never block the engine: a frame that does not
 //!   fit in [`SEND_BUFFER_MAX`], or is sent while the peer is unreachable, is dropped; the
 //!   engine retransmits what matters and treats silence as peer loss.
 //! - **Receive**: the reader task of an accepted connection decodes every whole frame it has
@@ -53,6 +56,10 @@ use super::msg::{self, Message, PlexId};
 /// Encoded bytes buffered per peer (not yet taken by its socket) before new frames are
 /// dropped: a few resync windows of 1 MiB copies.
 pub const SEND_BUFFER_MAX: usize = 32 << 20;
+/// Largest encoded frame a sender writes to the socket itself; larger ones go to the
+/// writer task. Above this a frame's copy into the socket takes longer than the writer
+/// task's wake-up, and it would be taken with the engine lock held.
+pub const INLINE_FRAME_BYTES_MAX: usize = 64 << 10;
 /// Delay between connection attempts to an unreachable peer.
 pub const RECONNECT_DELAY: Duration = Duration::from_millis(100);
 /// A handshake must finish within this time.
@@ -93,35 +100,63 @@ struct TxState {
     /// encoded into `open`; a large copy's payload is its own chunk, never copied).
     chunks: VecDeque<Bytes>,
     open: BytesMut,
-    /// Total bytes in `chunks` and `open`.
+    /// Total bytes in `chunks` and `open`, plus those the writer task took and is writing.
     queued: usize,
+    /// The writer task holds bytes taken out of this queue that are not all written yet:
+    /// nothing may be written ahead of them.
+    writing: bool,
 }
 
 /// Buffers handed to one vectored write.
 const IOVECS_MAX: usize = 64;
 
 impl TxState {
-    fn append(&mut self, msg: &Message) {
+    /// Queue `msg`; returns its encoded size.
+    fn append(&mut self, msg: &Message) -> usize {
         let before = self.open.len();
-        match msg::encode_split(msg, &mut self.open) {
+        let n = match msg::encode_split(msg, &mut self.open) {
             Some(payload) => {
-                self.queued += self.open.len() - before + payload.len();
+                let n = self.open.len() - before + payload.len();
                 self.chunks.push_back(self.open.split().freeze());
                 self.chunks.push_back(payload);
+                n
             }
-            None => self.queued += self.open.len() - before,
-        }
+            None => self.open.len() - before,
+        };
+        self.queued += n;
+        n
     }
 
     fn clear(&mut self) {
         self.chunks.clear();
         self.open.clear();
         self.queued = 0;
+        self.writing = false;
+    }
+
+    /// Nothing queued and nothing being written: a sender may write to the socket itself.
+    fn idle(&self) -> bool {
+        !self.writing && self.chunks.is_empty() && self.open.is_empty()
+    }
+
+    /// For the writer task: take every queued byte out (to be written without the lock) and
+    /// mark the queue as being written; `None` (and not writing) when nothing is queued.
+    fn take(&mut self) -> Option<Vec<Bytes>> {
+        if self.chunks.is_empty() && self.open.is_empty() {
+            self.writing = false;
+            return None;
+        }
+        self.writing = true;
+        let mut batch: Vec<Bytes> = self.chunks.drain(..).collect();
+        if !self.open.is_empty() {
+            batch.push(self.open.split().freeze());
+        }
+        Some(batch)
     }
 
     /// Drop the first `n` queued bytes (written).
     fn consume(&mut self, mut n: usize) {
-        self.queued -= n;
+        self.queued = self.queued.saturating_sub(n);
         while n > 0 {
             match self.chunks.front_mut() {
                 Some(c) if n >= c.len() => {
@@ -146,7 +181,7 @@ impl TxState {
             self.clear();
             return Ok(true);
         };
-        while self.queued > 0 {
+        while !self.chunks.is_empty() || !self.open.is_empty() {
             let written = {
                 let mut iov: Vec<IoSlice<'_>> = self
                     .chunks
@@ -201,10 +236,14 @@ impl Links {
             tracing::trace!(to, "replication link down or full; message dropped");
             return;
         }
-        let was_idle = st.queued == 0;
-        st.append(&msg);
+        let was_idle = st.idle();
+        let size = st.append(&msg);
         if !was_idle {
             return; // the writer task is on it, and order must be kept
+        }
+        if size > INLINE_FRAME_BYTES_MAX {
+            tx.wake.notify_one();
+            return;
         }
         match st.flush() {
             Ok(true) => {}
@@ -258,22 +297,61 @@ async fn writer(cfg: LinkConfig, peer: PlexId, addr: String, tx: Arc<PeerTx>) {
             st.stream = Some(stream.clone());
         }
         let err = loop {
-            let flushed = lock(&tx.state).flush();
-            match flushed {
-                Ok(true) => tx.wake.notified().await,
-                Ok(false) => {
-                    if let Err(e) = stream.writable().await {
-                        break e;
-                    }
-                }
-                Err(e) => break e,
+            // Take the queue out and write it without the lock: senders keep appending
+            // meanwhile, and `writing` keeps them from writing ahead of it.
+            let batch = lock(&tx.state).take();
+            let Some(batch) = batch else {
+                tx.wake.notified().await;
+                continue;
+            };
+            let written: usize = batch.iter().map(Bytes::len).sum();
+            if let Err(e) = write_all(&stream, batch).await {
+                break e;
             }
+            let mut st = lock(&tx.state);
+            st.queued = st.queued.saturating_sub(written);
         };
         tracing::warn!(peer, %addr, "replication link down: {err}");
         let mut st = lock(&tx.state);
         st.stream = None;
         st.clear();
     }
+}
+
+/// Write `bufs` in order, waiting for the socket as needed.
+async fn write_all(stream: &TcpStream, mut bufs: Vec<Bytes>) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < bufs.len() {
+        let r = {
+            let iov: Vec<IoSlice<'_>> = bufs[first..]
+                .iter()
+                .take(IOVECS_MAX)
+                .map(|b| IoSlice::new(b))
+                .collect();
+            stream.try_write_vectored(&iov)
+        };
+        match r {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(mut n) => {
+                while n > 0 {
+                    let b = &mut bufs[first];
+                    if n >= b.len() {
+                        n -= b.len();
+                        first += 1;
+                    } else {
+                        b.advance(n);
+                        n = 0;
+                    }
+                }
+                while first < bufs.len() && bufs[first].is_empty() {
+                    first += 1;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 async fn dial(cfg: &LinkConfig, addr: &str) -> std::io::Result<TcpStream> {

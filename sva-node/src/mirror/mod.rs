@@ -26,6 +26,8 @@
 //! SVA_SIM_SEED=1234 cargo test -p sva-node --test sim_insync_plexes_identical -- --nocapture
 //!                                                                      # replay one seed exactly
 //! SVA_SIM_SEEDS=5000 cargo test -p sva-node --test sim_ -- --nocapture # a longer run
+//! SVA_SIM_COPY_WINDOW=16 cargo run --release -p sva-node --example sim_hunt -- 0 500
+//!                                 # every invariant, resync copy window 16 (default 8)
 //! ```
 //!
 //! # Driver contract

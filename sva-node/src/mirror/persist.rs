@@ -33,6 +33,9 @@ pub const BITMAP_REGIONS_PER_PAGE: u64 = (PAGE_PAYLOAD_BYTES * 8) as u64;
 pub const AL_SLOTS_PER_PAGE: usize = PAGE_PAYLOAD_BYTES / 8;
 /// Default activity-log capacity (`mirror.activityLogRegions`).
 pub const AL_REGIONS_DEFAULT: usize = 1024;
+/// Regions after a copied one that its activity-log write logs too (see
+/// [`ActivityLog::ensure_copy`]).
+pub const COPY_LOG_AHEAD_REGIONS: u64 = 32;
 /// Largest volume a bitmap describes: 2^32 regions (4 PiB at 1 MiB regions, 512 MiB of
 /// bitmap). Beyond, refuse rather than allocate without bound.
 pub const BITMAP_REGIONS_MAX: u64 = 1 << 32;
@@ -866,13 +869,45 @@ impl ActivityLog {
     /// [`ensure`](Self::ensure) for a resync copy written here (DESIGN.md §6): the copy may
     /// carry ops only its source applied, so its regions are logged like an op's until it
     /// settles; then, unless an op touched them meanwhile, the next trim drops them at once.
+    ///
+    /// A resync copies regions in ascending order, each after the last, so when a copied
+    /// region is missing from the log the next [`COPY_LOG_AHEAD_REGIONS`] go in with it, in
+    /// the same page write and `fdatasync`: the copies that follow then find their region
+    /// logged and do no log I/O (one log sync per region was most of a full resync's time).
+    /// Logging a region early only widens what a restart resyncs; it is unpinned and
+    /// copied-only, so the next trim drops it unless its copy or an op pinned it meanwhile.
     pub fn ensure_copy(&mut self, regions: &[u64]) -> Result<(), PersistError> {
-        for &g in regions {
+        let mut ahead = Vec::new();
+        if !self.covers(regions) {
+            if let Some(&last) = regions.iter().max() {
+                let end = last
+                    .saturating_add(1 + COPY_LOG_AHEAD_REGIONS)
+                    .min(self.region_count);
+                // Only into free slots: never evict or grow for a guess.
+                let room = self
+                    .capacity
+                    .saturating_sub(self.index.len() + regions.len());
+                ahead.extend(
+                    (last + 1..end)
+                        .filter(|g| !self.index.contains_key(g))
+                        .take(room),
+                );
+            }
+        }
+        for &g in regions.iter().chain(&ahead) {
             if !self.index.contains_key(&g) || self.copied_only.contains(&g) {
                 self.copied_only.insert(g);
             }
         }
-        self.pin(regions)
+        if ahead.is_empty() {
+            return self.pin(regions);
+        }
+        let all: Vec<u64> = regions.iter().chain(&ahead).copied().collect();
+        let r = self.add_durable(&all);
+        for &g in regions {
+            *self.pins.entry(g).or_insert(0) += 1;
+        }
+        r
     }
 
     fn pin(&mut self, regions: &[u64]) -> Result<(), PersistError> {
@@ -1359,6 +1394,47 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_logs_the_regions_after_it_in_the_same_write() {
+        let d = dir();
+        let p = ActivityLog::path(d.path());
+        let count = 100;
+        let mut al = ActivityLog::create(&p, 1 << 20, count, 1024).expect("create");
+        al.ensure_copy(&[10]).expect("ensure");
+        let ahead: BTreeSet<u64> = (10..=10 + COPY_LOG_AHEAD_REGIONS).collect();
+        assert_eq!(al.regions(), ahead);
+        // Durable: a crash now resyncs them all.
+        let (_, l) = ActivityLog::load(&p, 1 << 20, count, 1024).expect("load");
+        assert_eq!(l.regions, ahead);
+        // The next copies find their region logged: nothing to write.
+        assert!(al.covers(&[11, 10 + COPY_LOG_AHEAD_REGIONS]));
+        al.ensure_copy(&[11]).expect("ensure");
+        // Near the end of the volume: only regions that exist.
+        al.ensure_copy(&[count - 2]).expect("ensure");
+        assert!(al.regions().contains(&(count - 1)));
+        assert!(!al.regions().contains(&count));
+        // Settled copies and unused look-ahead leave at the next trim; a pinned one stays.
+        al.release(&[10]);
+        al.release(&[count - 2]);
+        al.trim_idle(
+            std::time::Duration::from_secs(3600),
+            std::time::Instant::now(),
+        )
+        .expect("trim");
+        assert_eq!(al.regions(), [11].into());
+    }
+
+    #[test]
+    fn a_copy_looks_ahead_only_into_free_slots() {
+        let d = dir();
+        let p = ActivityLog::path(d.path());
+        let mut al = ActivityLog::create(&p, 1 << 20, 1000, 4).expect("create");
+        al.ensure(&[500, 600]).expect("ensure");
+        al.ensure_copy(&[10]).expect("ensure");
+        // Capacity 4: one look-ahead slot, nothing evicted, nothing grown.
+        assert_eq!(al.regions(), [10, 11, 500, 600].into());
+    }
+
+    #[test]
     fn state_files_recover_what_was_persisted() {
         let d = dir();
         let (sf, rec) = StateFiles::recover(d.path(), 1 << 20, 10 << 20, 4, true).expect("recover");
@@ -1449,12 +1525,13 @@ mod tests {
         use std::time::Duration;
         let d = dir();
         let (sf, _) = StateFiles::recover(d.path(), 1 << 20, 16 << 20, 64, false).expect("recover");
-        // A learner writes copies of regions 1 and 2 (seqs 10, 11) and applies an op on 3
-        // (seq 12), then a copy of 3 (seq 13).
-        sf.copy_dispatched(10, vec![1]);
-        sf.copy_dispatched(11, vec![2]);
-        sf.op_dispatched(12, vec![3]);
-        sf.copy_dispatched(13, vec![3]);
+        // A learner writes copies of regions 13 and 14 (seqs 10, 11) and applies an op on 15
+        // (seq 12), then a copy of 15 (seq 13). The last regions of the volume: the copy of
+        // 13 logs 14 and 15 ahead (`ensure_copy`), which are this story's next regions.
+        sf.copy_dispatched(10, vec![13]);
+        sf.copy_dispatched(11, vec![14]);
+        sf.op_dispatched(12, vec![15]);
+        sf.copy_dispatched(13, vec![15]);
         assert!(
             !sf.op_before_write_without_io(10),
             "a copy is logged on its blocking thread"
@@ -1463,11 +1540,11 @@ mod tests {
             sf.op_before_write(seq).expect("ensure");
         }
         // On disk before the copy writes: a crash now reports them.
-        assert_eq!(sf.activity_log(), [1, 2, 3].into());
+        assert_eq!(sf.activity_log(), [13, 14, 15].into());
         // Unsettled copies stay whatever the idle time.
         assert_eq!(sf.trim_activity_log(Duration::ZERO).expect("trim"), 0);
         sf.settled(11);
-        // Settled copies leave at once, well before the idle time; region 3 has an op.
+        // Settled copies leave at once, well before the idle time; region 15 has an op.
         assert_eq!(
             sf.trim_activity_log(Duration::from_secs(3600))
                 .expect("trim"),
@@ -1481,12 +1558,12 @@ mod tests {
         );
         assert_eq!(
             sf.activity_log(),
-            [3].into(),
+            [15].into(),
             "an op's region keeps the idle time"
         );
         drop(sf);
         let (_, rec) = StateFiles::recover(d.path(), 1 << 20, 16 << 20, 64, true).expect("recover");
-        assert_eq!(rec.activity_log, [3].into(), "trimmed durably");
+        assert_eq!(rec.activity_log, [15].into(), "trimmed durably");
     }
 
     #[test]

@@ -81,6 +81,17 @@ pub struct SimConfig {
     /// Per-ms probability that a client submits an op / a read.
     pub submit: f64,
     pub read: f64,
+    /// The engines' `Config::copy_window`: 8, the window the pinned seeds were found with,
+    /// unless `SVA_SIM_COPY_WINDOW` says otherwise (to hunt with the product's default).
+    pub copy_window: usize,
+}
+
+/// `SVA_SIM_COPY_WINDOW`, else 8.
+fn copy_window_from_env() -> usize {
+    std::env::var("SVA_SIM_COPY_WINDOW")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8)
 }
 
 impl SimConfig {
@@ -120,6 +131,7 @@ impl SimConfig {
             verify: 0.0005,
             submit: [0.05, 0.2, 0.5][r.gen_range(0..3)],
             read: 0.2,
+            copy_window: copy_window_from_env(),
         }
     }
 }
@@ -369,7 +381,7 @@ impl Sim {
             .map(|id| Node {
                 id,
                 engine: Some(Engine::new(
-                    engine_cfg(id, cfg.blocks),
+                    engine_cfg(id, &cfg),
                     record.clone(),
                     T0,
                     Start::Bootstrap,
@@ -693,7 +705,7 @@ impl Sim {
                     filled: nd.bitmaps_filled.clone(),
                 };
                 nd.engine = Some(Engine::new(
-                    engine_cfg(id, self.cfg.blocks),
+                    engine_cfg(id, &self.cfg),
                     self.record.clone(),
                     self.now,
                     Start::Restart(recovered),
@@ -1503,12 +1515,13 @@ impl Sim {
     }
 }
 
-fn engine_cfg(id: PlexId, blocks: u64) -> Config {
+fn engine_cfg(id: PlexId, cfg: &SimConfig) -> Config {
     Config {
         me: id,
         block_size: BLOCK_SIZE,
         region_bytes: REGION_BYTES,
-        volume_blocks: blocks,
+        volume_blocks: cfg.blocks,
+        copy_window: cfg.copy_window,
     }
 }
 
