@@ -44,6 +44,8 @@ pub enum OpDecodeError {
     UnknownKind(u8),
     #[error("op payload field too long")]
     TooLong,
+    #[error("op payload has an initiator port name that is not UTF-8")]
+    NotUtf8,
 }
 
 const K_COMMAND: u8 = 1;
@@ -303,7 +305,10 @@ fn get_bytes(b: &mut Bytes, max: usize) -> Result<Bytes, OpDecodeError> {
 
 fn get_nexus(b: &mut Bytes) -> Result<NexusId, OpDecodeError> {
     let name = get_bytes(b, PORT_NAME_BYTES_MAX)?;
-    let initiator_port = String::from_utf8_lossy(&name).into_owned();
+    // Strict, not lossy: the name is a reservation holder's identity, and a lossy decode
+    // could give two names one identity (found by the `peer_message` fuzz target, where
+    // the replacement characters also made the name too long to encode again).
+    let initiator_port = String::from_utf8(name.to_vec()).map_err(|_| OpDecodeError::NotUtf8)?;
     if b.remaining() < 2 {
         return Err(OpDecodeError::Truncated);
     }
@@ -409,6 +414,18 @@ mod tests {
             let back = ReplicatedOp::decode(op.encode()).unwrap();
             assert_eq!(format!("{op:?}"), format!("{back:?}"));
         }
+    }
+
+    #[test]
+    fn an_initiator_name_that_is_not_utf8_is_refused() {
+        let op = ReplicatedOp::NexusLost { nexus: nexus() };
+        let mut raw = op.encode().to_vec();
+        // Kind (1 byte), name length (4), then the name: break its first byte.
+        raw[5] = 0xff;
+        assert_eq!(
+            ReplicatedOp::decode(Bytes::from(raw)).err(),
+            Some(OpDecodeError::NotUtf8)
+        );
     }
 
     #[test]
