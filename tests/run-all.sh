@@ -103,7 +103,8 @@ step clippy cargo clippy --workspace --all-targets -- -D warnings
 step build-release cargo build --release -p sva-node
 step test cargo test --workspace --no-fail-fast
 # A short fuzz run of every cargo-fuzz target (PDU decode, login text, CDB parse, whole
-# session, replication messages): SVA_FUZZ_SECONDS per target (default 10; 0 skips). Longer: sva-node/fuzz/run.sh 60.
+# session, replication messages): SVA_FUZZ_SECONDS per target (default 10; 0 skips).
+# Longer: sva-node/fuzz/run.sh 60.
 if [ "${SVA_FUZZ_SECONDS:-10}" != 0 ]; then
     step fuzz bash sva-node/fuzz/run.sh "${SVA_FUZZ_SECONDS:-10}"
 fi
