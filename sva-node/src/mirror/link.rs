@@ -141,38 +141,24 @@ impl TxState {
 
     /// For the writer task: take every queued byte out (to be written without the lock) and
     /// mark the queue as being written; `None` (and not writing) when nothing is queued.
-    fn take(&mut self) -> Option<Vec<Bytes>> {
+    fn take(&mut self) -> Option<VecDeque<Bytes>> {
         if self.chunks.is_empty() && self.open.is_empty() {
             self.writing = false;
             return None;
         }
         self.writing = true;
-        let mut batch: Vec<Bytes> = self.chunks.drain(..).collect();
+        let mut batch = std::mem::take(&mut self.chunks);
         if !self.open.is_empty() {
-            batch.push(self.open.split().freeze());
+            batch.push_back(self.open.split().freeze());
         }
         Some(batch)
     }
 
     /// Drop the first `n` queued bytes (written).
-    fn consume(&mut self, mut n: usize) {
+    fn consume(&mut self, n: usize) {
         self.queued = self.queued.saturating_sub(n);
-        while n > 0 {
-            match self.chunks.front_mut() {
-                Some(c) if n >= c.len() => {
-                    n -= c.len();
-                    self.chunks.pop_front();
-                }
-                Some(c) => {
-                    c.advance(n);
-                    n = 0;
-                }
-                None => {
-                    self.open.advance(n);
-                    n = 0;
-                }
-            }
-        }
+        let rest = drop_written(&mut self.chunks, n);
+        self.open.advance(rest);
     }
 
     /// Write as much as the socket takes now. `Ok(true)`: all of it.
@@ -318,12 +304,29 @@ async fn writer(cfg: LinkConfig, peer: PlexId, addr: String, tx: Arc<PeerTx>) {
     }
 }
 
+/// Drop the first `n` bytes of `chunks` (written); returns how many of `n` lay beyond them.
+fn drop_written(chunks: &mut VecDeque<Bytes>, mut n: usize) -> usize {
+    while n > 0 {
+        match chunks.front_mut() {
+            Some(c) if n >= c.len() => {
+                n -= c.len();
+                chunks.pop_front();
+            }
+            Some(c) => {
+                c.advance(n);
+                n = 0;
+            }
+            None => break,
+        }
+    }
+    n
+}
+
 /// Write `bufs` in order, waiting for the socket as needed.
-async fn write_all(stream: &TcpStream, mut bufs: Vec<Bytes>) -> std::io::Result<()> {
-    let mut first = 0;
-    while first < bufs.len() {
+async fn write_all(stream: &TcpStream, mut bufs: VecDeque<Bytes>) -> std::io::Result<()> {
+    while !bufs.is_empty() {
         let r = {
-            let iov: Vec<IoSlice<'_>> = bufs[first..]
+            let iov: Vec<IoSlice<'_>> = bufs
                 .iter()
                 .take(IOVECS_MAX)
                 .map(|b| IoSlice::new(b))
@@ -332,19 +335,10 @@ async fn write_all(stream: &TcpStream, mut bufs: Vec<Bytes>) -> std::io::Result<
         };
         match r {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(mut n) => {
-                while n > 0 {
-                    let b = &mut bufs[first];
-                    if n >= b.len() {
-                        n -= b.len();
-                        first += 1;
-                    } else {
-                        b.advance(n);
-                        n = 0;
-                    }
-                }
-                while first < bufs.len() && bufs[first].is_empty() {
-                    first += 1;
+            Ok(n) => {
+                drop_written(&mut bufs, n);
+                while bufs.front().is_some_and(Bytes::is_empty) {
+                    bufs.pop_front();
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,

@@ -863,7 +863,7 @@ impl ActivityLog {
         for g in regions {
             self.copied_only.remove(g);
         }
-        self.pin(regions)
+        self.pin(regions, &[])
     }
 
     /// [`ensure`](Self::ensure) for a resync copy written here (DESIGN.md §6): the copy may
@@ -899,19 +899,16 @@ impl ActivityLog {
                 self.copied_only.insert(g);
             }
         }
-        if ahead.is_empty() {
-            return self.pin(regions);
-        }
-        let all: Vec<u64> = regions.iter().chain(&ahead).copied().collect();
-        let r = self.add_durable(&all);
-        for &g in regions {
-            *self.pins.entry(g).or_insert(0) += 1;
-        }
-        r
+        self.pin(regions, &ahead)
     }
 
-    fn pin(&mut self, regions: &[u64]) -> Result<(), PersistError> {
-        let r = self.add_durable(regions);
+    /// Add `regions` and `unpinned` durably (one write), and pin `regions`.
+    fn pin(&mut self, regions: &[u64], unpinned: &[u64]) -> Result<(), PersistError> {
+        let r = if unpinned.is_empty() {
+            self.add_durable(regions)
+        } else {
+            self.add_durable(&[regions, unpinned].concat())
+        };
         for &g in regions {
             *self.pins.entry(g).or_insert(0) += 1;
         }
