@@ -2630,6 +2630,11 @@ impl Engine {
         }
     }
 
+    /// Copies (and verifies) outstanding per learner: the configured window, at least 1.
+    fn copy_window(&self) -> usize {
+        self.cfg.copy_window.max(1)
+    }
+
     /// Order copies (and verifies) within the window and the throttle; true if any.
     fn schedule_resync(&mut self, now: Millis) -> bool {
         if !matches!(self.role, Role::Active)
@@ -2667,7 +2672,7 @@ impl Engine {
                 ordered = true;
             }
             while let Some(l) = self.learners.get(&t) {
-                if l.copies.len() >= self.cfg.copy_window.max(1)
+                if l.copies.len() >= self.copy_window()
                     || self.log.len() >= LOG_ENTRIES_MAX
                     || (self.rate > 0 && self.tokens < self.region_cost())
                 {
@@ -2727,7 +2732,7 @@ impl Engine {
         let rm = self.region_map();
         let mut ordered = false;
         while let Some(v) = self.verify.as_ref() {
-            if v.outstanding.len() >= self.cfg.copy_window.max(1)
+            if v.outstanding.len() >= self.copy_window()
                 || v.next_region >= total
                 || self.log.len() >= LOG_ENTRIES_MAX
                 || (self.rate > 0 && self.tokens < self.region_cost())
@@ -2940,7 +2945,7 @@ impl Engine {
             return None;
         }
         let waiting = self.learners.iter().any(|(t, l)| {
-            l.copies.len() < self.cfg.copy_window.max(1)
+            l.copies.len() < self.copy_window()
                 && self.bitmaps.get(t).is_some_and(|b| !b.is_empty())
         }) || self.verify.is_some();
         if !waiting {

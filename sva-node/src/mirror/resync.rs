@@ -19,8 +19,9 @@
 //! Rules the engine follows (RESYNC.md):
 //! - The source is the sequencer. Copies are internal log entries (origin 0) ordered like
 //!   writes, at most `Config::copy_window` (default `COPY_WINDOW`) per learner, throttled by
-//!   a token bucket; the first one is the LU state (a barrier), then dirty regions ascending. A learner gets every op from its
-//!   `start_seq` on; a copied region is cleared on the learner's ack and stays clean.
+//!   a token bucket; the first one is the LU state (a barrier), then dirty regions ascending.
+//!   A learner gets every op from its `start_seq` on; a copied region is cleared on the
+//!   learner's ack and stays clean.
 //! - A learner silent for `PEER_TIMEOUT_MS`, a repeated `JoinRequest` from a learner already
 //!   heard (it restarted) or any view change drops it: every unsettled op is marked dirty.
 //! - Rejoin: bitmap empty and every copy acked ⇒ hold new ops until everything ordered is
