@@ -657,10 +657,11 @@ fn incremental_resync_copies_only_written_regions() {
 /// Must-show 2: a 1 GiB volume filled with data through both plexes; plex 2 is killed and
 /// replaced by an empty sparse file with an empty state dir, then restarted. The full resync's
 /// rate (totalBytes over the time from the first progress report to InSync) is compared with
-/// the `dd conv=fdatasync` rate measured on the same filesystem in this run (the bar is 0.6,
-/// asserted only with `SVA_ASSERT_RATES=1`: a rate is a measurement); a 4 KiB QD1
-/// write loop through plex 1 must keep completing during the resync (latency percentiles
-/// before vs during are printed, not asserted).
+/// the median of three `dd oflag=direct` rates measured on the same filesystem in this run,
+/// two before the resync and one after (the bar is 0.6, asserted only with
+/// `SVA_ASSERT_RATES=1`: a rate is a measurement); a 4 KiB QD1 write loop through plex 1 must
+/// keep completing during the resync (latency percentiles before vs during are printed, not
+/// asserted).
 #[test]
 fn full_resync_rate_against_local_sequential_writes() {
     if !have_tools("full_resync", &["qemu-io", "qemu-img", "dd"]) {
@@ -672,12 +673,23 @@ fn full_resync_rate_against_local_sequential_writes() {
     kill_and_wait_alone(&mut v, 2);
     v.wipe_plex(2).expect("wipe plex 2");
 
-    let dd_rate = local_sequential_write_rate(v.dir(), GIB, false);
-    let dd_direct_rate = local_sequential_write_rate(v.dir(), GIB, true);
+    // The bar's rate is `dd oflag=direct`, like the resync's own writes: past the page
+    // cache, so it measures the disk. A buffered `dd conv=fdatasync` on this VM measures the
+    // guest's memory as much: right after another large write it reuses the freed pages and
+    // reaches 1.7-2.1 GB/s, after a few idle seconds (free pages handed back to the host) it
+    // gets 350-430 MB/s (2026-12-04). It is printed, not used. One direct dd still varies
+    // from 1.2 to 2.5 GB/s between runs, so the bar's rate is the median of three: two now,
+    // one after the resync.
+    let mut dd_rates = vec![
+        local_sequential_write_rate(v.dir(), GIB, true),
+        local_sequential_write_rate(v.dir(), GIB, true),
+    ];
+    let dd_buffered_rate = local_sequential_write_rate(v.dir(), GIB, false);
     eprintln!(
-        "local sequential write (dd 1 GiB): conv=fdatasync {}, oflag=direct {}",
-        mib_s(dd_rate),
-        mib_s(dd_direct_rate)
+        "local sequential write (dd 1 GiB): oflag=direct {} and {}; conv=fdatasync {}",
+        mib_s(dd_rates[0]),
+        mib_s(dd_rates[1]),
+        mib_s(dd_buffered_rate)
     );
 
     // Foreground 4 KiB QD1 writes through plex 1 into the first 64 MiB.
@@ -700,6 +712,9 @@ fn full_resync_rate_against_local_sequential_writes() {
     let log = writer.join().expect("writer thread");
     wait_serving(&v, &w, 2);
     let samples = w.finish();
+    dd_rates.push(local_sequential_write_rate(v.dir(), GIB, true));
+    dd_rates.sort_by(f64::total_cmp);
+    let dd_rate = dd_rates[1];
 
     let prog: Vec<Progress> = samples
         .iter()
@@ -741,15 +756,22 @@ fn full_resync_rate_against_local_sequential_writes() {
     eprintln!(
         "full resync: totalBytes {total}, copiedBytes max {copied}, full flag seen {full_seen}, \
          engine bytesPerSec max {}\n  copy phase {copy_secs:.2} s -> {} ; restart->InSync \
-         {e2e_secs:.2} s -> {}\n  dd {} ; ratio (copy phase / dd) = {ratio:.2} (bar 0.60), \
-         end-to-end ratio {:.2}; copy phase / dd oflag=direct {:.2}\n  4 KiB QD1 writes before: {}\n  4 KiB QD1 writes during: {}\n  \
-         failed writes: {}",
+         {e2e_secs:.2} s -> {}\n  dd oflag=direct median {} (of {}) ; ratio (copy phase / dd \
+         median) = {ratio:.2} (bar 0.60), against the fastest dd {:.2}, end-to-end ratio {:.2}; \
+         copy phase / dd conv=fdatasync {:.2}\n  4 KiB QD1 writes before: {}\n  4 KiB QD1 \
+         writes during: {}\n  failed writes: {}",
         mib_s(engine_rate as f64),
         mib_s(rate),
         mib_s(e2e_rate),
         mib_s(dd_rate),
+        dd_rates
+            .iter()
+            .map(|r| mib_s(*r))
+            .collect::<Vec<_>>()
+            .join(", "),
+        rate / dd_rates[2],
         e2e_rate / dd_rate,
-        rate / dd_direct_rate,
+        rate / dd_buffered_rate,
         percentiles(&before),
         percentiles(&during.iter().map(|r| r.latency).collect::<Vec<_>>()),
         failed.len()
@@ -788,7 +810,7 @@ fn full_resync_rate_against_local_sequential_writes() {
     if std::env::var_os("SVA_ASSERT_RATES").is_some() {
         assert!(
             ratio >= 0.6,
-            "full resync at {} is {ratio:.2} x the local sequential write rate {} (bar 0.6)",
+            "full resync at {} is {ratio:.2} x the median local sequential write rate {} (bar 0.6)",
             mib_s(rate),
             mib_s(dd_rate)
         );
