@@ -550,6 +550,12 @@ fn print_latency(
         "\nQD1 4 KiB write mean latency, µs (1e6 / median IOPS); loopback RTT {rtt:.1} µs, \
          across CPUs {rtt_cross:.1} µs{local}"
     );
+    if let Some(ns) = guest_halt_poll_ns() {
+        println!(
+            "guest halt polling: {ns} ns (0: off; every wake-up of an idle vCPU exits to the \
+             host, see the README's mirrored-write notes)"
+        );
+    }
     let header = format!(
         "{:<14} | {:>9} | {:>16} | {:>9} | {:>20} | {:>24}",
         "target", "latency", "single", "growth", "RTT+local write", "xCPU RTT+local write"
@@ -585,6 +591,16 @@ fn print_latency(
         }
         println!("{row}");
     }
+}
+
+/// The VM guest's halt-polling window (`haltpoll` cpuidle driver), if this kernel has one: it
+/// sets what a wake-up costs, and so every QD1 latency this tool prints.
+fn guest_halt_poll_ns() -> Option<u64> {
+    std::fs::read_to_string("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn is_sva(name: &str) -> bool {
