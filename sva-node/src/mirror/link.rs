@@ -168,21 +168,7 @@ impl TxState {
             return Ok(true);
         };
         while !self.chunks.is_empty() || !self.open.is_empty() {
-            let written = {
-                let mut iov: Vec<IoSlice<'_>> = self
-                    .chunks
-                    .iter()
-                    .take(IOVECS_MAX - 1)
-                    .map(|c| IoSlice::new(c))
-                    .collect();
-                // `open` follows every chunk: only once they are all in.
-                if self.chunks.len() < IOVECS_MAX {
-                    iov.push(IoSlice::new(&self.open));
-                }
-                stream.try_write_vectored(&iov)
-            };
-            match written {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            match try_write(&stream, &self.chunks, &self.open) {
                 Ok(n) => self.consume(n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
@@ -304,42 +290,43 @@ async fn writer(cfg: LinkConfig, peer: PlexId, addr: String, tx: Arc<PeerTx>) {
     }
 }
 
-/// Drop the first `n` bytes of `chunks` (written); returns how many of `n` lay beyond them.
+/// Drop the first `n` bytes of `chunks` (written), and any chunk left empty at the front;
+/// returns how many of `n` lay beyond them.
 fn drop_written(chunks: &mut VecDeque<Bytes>, mut n: usize) -> usize {
-    while n > 0 {
-        match chunks.front_mut() {
-            Some(c) if n >= c.len() => {
-                n -= c.len();
-                chunks.pop_front();
-            }
-            Some(c) => {
-                c.advance(n);
-                n = 0;
-            }
-            None => break,
+    while let Some(c) = chunks.front_mut() {
+        if n < c.len() {
+            c.advance(n);
+            return 0;
         }
+        n -= c.len();
+        chunks.pop_front();
     }
     n
+}
+
+/// One non-blocking vectored write of `chunks`, then `tail` once every chunk is in it (at
+/// most [`IOVECS_MAX`] buffers); returns the bytes written. Writing none is an error.
+fn try_write(stream: &TcpStream, chunks: &VecDeque<Bytes>, tail: &[u8]) -> std::io::Result<usize> {
+    let mut iov: Vec<IoSlice<'_>> = chunks
+        .iter()
+        .take(IOVECS_MAX - 1)
+        .map(|c| IoSlice::new(c))
+        .collect();
+    if chunks.len() < IOVECS_MAX {
+        iov.push(IoSlice::new(tail));
+    }
+    match stream.try_write_vectored(&iov)? {
+        0 => Err(std::io::ErrorKind::WriteZero.into()),
+        n => Ok(n),
+    }
 }
 
 /// Write `bufs` in order, waiting for the socket as needed.
 async fn write_all(stream: &TcpStream, mut bufs: VecDeque<Bytes>) -> std::io::Result<()> {
     while !bufs.is_empty() {
-        let r = {
-            let iov: Vec<IoSlice<'_>> = bufs
-                .iter()
-                .take(IOVECS_MAX)
-                .map(|b| IoSlice::new(b))
-                .collect();
-            stream.try_write_vectored(&iov)
-        };
-        match r {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+        match try_write(stream, &bufs, &[]) {
             Ok(n) => {
                 drop_written(&mut bufs, n);
-                while bufs.front().is_some_and(Bytes::is_empty) {
-                    bufs.pop_front();
-                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
             Err(e) => return Err(e),

@@ -790,10 +790,10 @@ impl ActivityLog {
     }
 
     /// Put the missing `regions` in the log and make them durable; no pinning.
-    fn add_durable(&mut self, regions: &[u64]) -> Result<(), PersistError> {
+    fn add_durable(&mut self, regions: impl IntoIterator<Item = u64>) -> Result<(), PersistError> {
         let mut changed_pages = BTreeSet::new();
         let mut grew = false;
-        for &r in regions {
+        for r in regions {
             if r >= self.region_count {
                 return Err(PersistError::OutOfRange {
                     region: r,
@@ -895,7 +895,8 @@ impl ActivityLog {
             }
         }
         for &g in regions.iter().chain(&ahead) {
-            if !self.index.contains_key(&g) || self.copied_only.contains(&g) {
+            // A region already logged for an op stays an op's; copied-only ones stay so.
+            if !self.index.contains_key(&g) {
                 self.copied_only.insert(g);
             }
         }
@@ -904,11 +905,7 @@ impl ActivityLog {
 
     /// Add `regions` and `unpinned` durably (one write), and pin `regions`.
     fn pin(&mut self, regions: &[u64], unpinned: &[u64]) -> Result<(), PersistError> {
-        let r = if unpinned.is_empty() {
-            self.add_durable(regions)
-        } else {
-            self.add_durable(&[regions, unpinned].concat())
-        };
+        let r = self.add_durable(regions.iter().chain(unpinned).copied());
         for &g in regions {
             *self.pins.entry(g).or_insert(0) += 1;
         }
