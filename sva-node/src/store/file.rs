@@ -659,7 +659,9 @@ mod tests {
         // Two whole stages and a page: three direct writes from one staging buffer, each
         // refilled, so a stale stage would show as a repeated 2 MiB piece.
         let len = 2 * STAGE_BYTES + DIRECT_ALIGN;
-        let data: Vec<u8> = (0..len).map(|i| (i / 4096 % 251) as u8 ^ (i as u8)).collect();
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i / 4096 % 251) as u8 ^ (i as u8))
+            .collect();
         b.write_at_uncached(&data, 1 << 20).unwrap();
         b.flush().unwrap();
         let mut got = vec![0u8; len];
