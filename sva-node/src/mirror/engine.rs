@@ -1494,6 +1494,17 @@ impl Engine {
         if !self.i_am_sequencer() {
             return;
         }
+        if let Some(l) = self.learners.get(&to) {
+            if start < l.start_seq {
+                // It asks for a seq of an older session: it never got the accept that
+                // restarted its session (after a late or duplicated `JoinRequest`), so it
+                // would wait for copies that session retired. The same accept again; a
+                // learner already in this session ignores it. (Sim seed 11422, copy window
+                // 16: the re-accept was lost and the learner asked for its old seqs forever.)
+                let start_seq = l.start_seq;
+                self.send_accept(to, start_seq);
+            }
+        }
         // A learner never gets ops before its start (the copies cover them).
         let start = self
             .learners
@@ -2467,12 +2478,8 @@ impl Engine {
         if let Some(l) = self.learners.get(&from) {
             if !l.heard {
                 // Our accept may be lost: the same answer again.
-                let m = Message::JoinAccept {
-                    membership: self.membership.clone(),
-                    start_seq: l.start_seq,
-                    dirty_regions: self.bitmaps.get(&from).map_or(0, |b| b.len() as u64),
-                };
-                self.send(from, m);
+                let start_seq = l.start_seq;
+                self.send_accept(from, start_seq);
                 return;
             }
             // It restarted: it lost what it applied as a learner.
@@ -2505,13 +2512,18 @@ impl Engine {
                 copied_bytes: 0,
             },
         );
+        self.send_accept(t, start_seq);
+        self.progress(now);
+    }
+
+    /// Tell learner `t` that its session starts at `start_seq`, with its dirty region count.
+    fn send_accept(&mut self, t: PlexId, start_seq: Seq) {
         let m = Message::JoinAccept {
             membership: self.membership.clone(),
             start_seq,
             dirty_regions: self.bitmaps.get(&t).map_or(0, |b| b.len() as u64),
         };
         self.send(t, m);
-        self.progress(now);
     }
 
     /// The learner may have missed any unsettled op: mark them all, stop its copies.
