@@ -22,7 +22,8 @@
 //!   DESIGN.md §5. The tests `sva-node/tests/sim_*.rs` run it, one file per invariant:
 //!
 //! ```text
-//! cargo test -p sva-node --test sim_insync_plexes_identical            # the default seed set
+//! cargo test -p sva-node --test sim_insync_plexes_identical            # the default seed set,
+//!                                 # with copy window 8 (the pinned seeds') and 16 (the product's)
 //! SVA_SIM_SEED=1234 cargo test -p sva-node --test sim_insync_plexes_identical -- --nocapture
 //!                                                                      # replay one seed exactly
 //! SVA_SIM_SEEDS=5000 cargo test -p sva-node --test sim_ -- --nocapture # a longer run

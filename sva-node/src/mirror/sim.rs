@@ -1557,7 +1557,9 @@ fn decode_region(data: &[u8], blocks: u32) -> Vec<Block> {
 }
 
 /// Run the seeds the environment asks for (`SVA_SIM_SEED=n`: that one seed;
-/// `SVA_SIM_SEEDS=n`: seeds 0..n, `SVA_SIM_SEEDS=a..b`: seeds a..b; else `0..default_seeds`) and panic, naming the seed, at the
+/// `SVA_SIM_SEEDS=n`: seeds 0..n, `SVA_SIM_SEEDS=a..b`: seeds a..b; else `0..default_seeds`,
+/// twice: with the configured copy window, then with the product's
+/// [`super::engine::COPY_WINDOW`], which found seed 11422) and panic, naming the seed, at the
 /// first violation of `invariant`.
 pub fn check(invariants: &[Invariant], default_seeds: u64) {
     let seeds: Vec<u64> = match (
@@ -1573,7 +1575,15 @@ pub fn check(invariants: &[Invariant], default_seeds: u64) {
     ) {
         (Some(seed), _) => vec![seed],
         (None, Some((a, b))) => (a..b).collect(),
-        (None, None) => (0..default_seeds).collect(),
+        (None, None) => {
+            check_seeds(invariants, &(0..default_seeds).collect::<Vec<_>>());
+            let product = (0..default_seeds).map(|seed| SimConfig {
+                copy_window: super::engine::COPY_WINDOW,
+                ..SimConfig::from_seed(seed)
+            });
+            check_configs(invariants, product);
+            return;
+        }
     };
     // `SVA_SIM_WIPE_HEAVY=1`: the seeds' `SimConfig::wipe_heavy` runs (to replay those).
     if std::env::var("SVA_SIM_WIPE_HEAVY").is_ok() {
