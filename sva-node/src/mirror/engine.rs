@@ -178,6 +178,14 @@ pub enum Command {
     /// The activity log regions handed in through `Recovered` are now covered by bitmaps or
     /// resynced: the driver may shrink the log to the regions of unsettled ops.
     ActivityLogAbsorbed,
+    /// This plex left the in-sync set with these regions written by ops its peers may lack
+    /// (they are in the log now, pinned by those ops): keep them, like the `Recovered` ones,
+    /// until `ActivityLogAbsorbed`. Once it learns or recovers, the ops count as settled
+    /// here and the log would drop them; a crash before the resync then forgot them, and a
+    /// source that never got this plex's `JoinRequest` had them nowhere (sim seed 44401).
+    KeepInActivityLog {
+        regions: Vec<u64>,
+    },
 }
 
 /// How the engine starts.
@@ -2082,6 +2090,11 @@ impl Engine {
             {
                 self.own_dirty.extend(rm.regions_of(&r));
             }
+        }
+        if !self.own_dirty.is_empty() {
+            self.cmds.push_back(Command::KeepInActivityLog {
+                regions: self.own_dirty.iter().copied().collect(),
+            });
         }
         // A bitmap is only valid while this node stays in sync (a fenced node keeps its
         // persisted ones: they were complete when it stopped).

@@ -4,6 +4,7 @@
 //!  driver (tokio, the lead's) ──submit/handle_message/handle_timeout/applied/witness_result──> Engine
 //!  Engine ──poll_command──> Send | Apply | Complete | WitnessCas | PathState | Settled
 //!                           | MarkDirtyRegions | ClearDirtyRegions | DropBitmap | ActivityLogAbsorbed
+//!                           | KeepInActivityLog
 //!                           | CopyOut | CopyIn | Checksum
 //! ```
 //!
@@ -39,7 +40,8 @@
 //!   `ClearDirtyRegions` may be persisted lazily; `DropBitmap` deletes `bitmap-<plex>`.
 //! - Activity log: before running an `Apply`/`CopyIn` whose regions are not all in the log,
 //!   add them durably; evict a region only when no op above the last `Settled` touches it; the
-//!   regions handed in through `Recovered::activity_log` stay until `ActivityLogAbsorbed`.
+//!   regions handed in through `Recovered::activity_log`, and those `KeepInActivityLog` names,
+//!   stay until `ActivityLogAbsorbed`.
 //!   (`node.rs` logs `Apply`s only: a `CopyIn` region stays dirty in the source's bitmap until
 //!   its durable write is acked, so logging it would only make a restart re-copy it.)
 //! - `CopyOut`: read the region (or the LU's reservation state) and call

@@ -460,6 +460,13 @@ impl MirrorNode {
                     tracing::warn!("activity log: {err}");
                 }
             }
+            Command::KeepInActivityLog { regions } => {
+                if let Err(err) = self.shared.state.keep_in_activity_log(&regions) {
+                    // The regions are still in this process's resync requests; only a crash
+                    // before the resync would forget them.
+                    tracing::error!("activity log: keeping {} regions: {err}", regions.len());
+                }
+            }
         }
     }
 

@@ -965,6 +965,17 @@ impl ActivityLog {
         }
     }
 
+    /// Keep `regions` until [`absorbed`](Self::absorbed), as if loaded at restart (the
+    /// engine's `KeepInActivityLog`): adds any that are missing, durably.
+    pub fn keep(&mut self, regions: &[u64]) -> Result<(), PersistError> {
+        self.add_durable(regions.iter().copied())?;
+        self.recovered.extend(regions.iter().copied());
+        for g in regions {
+            self.copied_only.remove(g);
+        }
+        Ok(())
+    }
+
     /// The engine took over the regions loaded at restart (they are in bitmaps now, or
     /// resynced): they may be evicted, and a `FULL` log becomes an ordinary one.
     pub fn absorbed(&mut self) -> Result<(), PersistError> {
@@ -1256,6 +1267,11 @@ impl StateFiles {
             .trim_idle(idle, std::time::Instant::now())
     }
 
+    /// `KeepInActivityLog`.
+    pub fn keep_in_activity_log(&self, regions: &[u64]) -> Result<(), PersistError> {
+        lock(&self.al).log.keep(regions)
+    }
+
     /// `ActivityLogAbsorbed`.
     pub fn absorbed(&self) -> Result<(), PersistError> {
         lock(&self.al).log.absorbed()
@@ -1485,6 +1501,34 @@ mod tests {
         assert_eq!(al.regions(), [3].into());
         let (_, l) = ActivityLog::load(&p, 1 << 20, 100, 16).expect("load");
         assert_eq!(l.regions, [3].into(), "trimmed durably");
+    }
+
+    /// `KeepInActivityLog` (sim seed 44401): kept regions outlive their ops' settling, idle
+    /// trims and a reopen, until the engine absorbed them.
+    #[test]
+    fn kept_regions_stay_until_absorbed() {
+        use std::time::{Duration, Instant};
+        let d = dir();
+        let p = ActivityLog::path(d.path());
+        let mut al = ActivityLog::create(&p, 1 << 20, 100, 16).expect("create");
+        al.ensure(&[1, 2]).expect("ensure");
+        // 7 was never logged here (a copy's region): kept means logged, durably.
+        al.keep(&[2, 7]).expect("keep");
+        al.release(&[1, 2]);
+        let later = Instant::now() + Duration::from_secs(10);
+        assert_eq!(
+            al.trim_idle(Duration::from_secs(5), later).expect("trim"),
+            1
+        );
+        assert_eq!(al.regions(), [2, 7].into());
+        let (mut al, l) = ActivityLog::load(&p, 1 << 20, 100, 16).expect("load");
+        assert_eq!(l.regions, [2, 7].into(), "kept durably");
+        al.absorbed().expect("absorbed");
+        assert_eq!(
+            al.trim_idle(Duration::from_secs(5), later).expect("trim"),
+            2
+        );
+        assert!(al.regions().is_empty());
     }
 
     #[test]

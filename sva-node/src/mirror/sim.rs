@@ -234,7 +234,8 @@ struct Node {
     /// Like the driver's bitmap `FILLED` flag: every region was set at once since created.
     bitmaps_filled: BTreeSet<PlexId>,
     /// Persisted activity log: regions of the ops this incarnation applies and has not seen
-    /// settled, plus what a previous incarnation left until `ActivityLogAbsorbed`.
+    /// settled, plus what a previous incarnation left or `KeepInActivityLog` named, until
+    /// `ActivityLogAbsorbed`.
     al_ops: BTreeMap<Seq, BTreeSet<u64>>,
     al_recovered: BTreeSet<u64>,
     /// The disk was wiped and no source accepted the plex yet: it asks every peer for a full
@@ -1072,6 +1073,9 @@ impl Sim {
                 }
                 Command::ActivityLogAbsorbed => {
                     self.nodes[n].al_recovered.clear();
+                }
+                Command::KeepInActivityLog { regions } => {
+                    self.nodes[n].al_recovered.extend(regions);
                 }
                 Command::CopyOut { seq, what } => {
                     let at = self.now + self.rng.gen_range(1..=4);
