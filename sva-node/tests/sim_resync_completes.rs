@@ -4,7 +4,6 @@
 //! seed with `SVA_SIM_SEED=n`, trace it with `SVA_SIM_TRACE=1`; run longer with
 //! `SVA_SIM_SEEDS=n` (see `sva_node::mirror`).
 
-use sva_node::mirror::engine::COPY_WINDOW;
 use sva_node::mirror::sim::{check, check_configs, check_seeds, Invariant, SimConfig};
 
 #[test]
@@ -27,15 +26,12 @@ fn sim_resync_completes_pinned() {
     );
 }
 
-/// Pinned seeds with the product's copy window ([`COPY_WINDOW`], 16). 11422: a late
+/// Pinned seeds with the product's copy window (`engine::COPY_WINDOW`, 16). 11422: a late
 /// `JoinRequest` made the source restart a learner's session, the new `JoinAccept` was lost,
 /// and the learner asked for seqs of its old session forever; the source now answers such a
 /// `Resend` with the accept again (`Engine::on_resend`).
 #[test]
 fn sim_resync_completes_pinned_product_window() {
-    let configs = [11422].map(|seed| SimConfig {
-        copy_window: COPY_WINDOW,
-        ..SimConfig::from_seed(seed)
-    });
+    let configs = [11422].map(|seed| SimConfig::from_seed(seed).with_product_copy_window());
     check_configs(&[Invariant::ResyncCompletes, Invariant::Liveness], configs);
 }

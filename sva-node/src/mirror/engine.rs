@@ -1502,22 +1502,19 @@ impl Engine {
         if !self.i_am_sequencer() {
             return;
         }
-        if let Some(l) = self.learners.get(&to) {
-            if start < l.start_seq {
+        let mut start = start;
+        if let Some(session) = self.learners.get(&to).map(|l| l.start_seq) {
+            if start < session {
                 // It asks for a seq of an older session: it never got the accept that
                 // restarted its session (after a late or duplicated `JoinRequest`), so it
                 // would wait for copies that session retired. The same accept again; a
                 // learner already in this session ignores it. (Sim seed 11422, copy window
                 // 16: the re-accept was lost and the learner asked for its old seqs forever.)
-                let start_seq = l.start_seq;
-                self.send_accept(to, start_seq);
+                self.send_accept(to, session);
+                // A learner never gets ops before its start (the copies cover them).
+                start = session;
             }
         }
-        // A learner never gets ops before its start (the copies cover them).
-        let start = self
-            .learners
-            .get(&to)
-            .map_or(start, |l| start.max(l.start_seq));
         let epoch = self.epoch();
         let out: Vec<Message> = self
             .log
@@ -2078,6 +2075,7 @@ impl Engine {
         // Ops this plex applied (or is applying) may be missing elsewhere: report them when
         // it asks to be resynced.
         let rm = self.region_map();
+        let mut new = Vec::new();
         for le in self.log.values() {
             // Copies it wrote count too: they may carry ops only the source applied.
             let writes = match Internal::of(&le.entry) {
@@ -2088,13 +2086,14 @@ impl Engine {
             if let (OpRange::Blocks(r), EntryState::Issued | EntryState::Applied, true) =
                 (le.entry.meta.range, le.state, writes)
             {
-                self.own_dirty.extend(rm.regions_of(&r));
+                new.extend(rm.regions_of(&r).filter(|g| self.own_dirty.insert(*g)));
             }
         }
-        if !self.own_dirty.is_empty() {
-            self.cmds.push_back(Command::KeepInActivityLog {
-                regions: self.own_dirty.iter().copied().collect(),
-            });
+        // Those already in `own_dirty` are kept already (by an earlier `go_out`, or loaded at
+        // restart).
+        if !new.is_empty() {
+            self.cmds
+                .push_back(Command::KeepInActivityLog { regions: new });
         }
         // A bitmap is only valid while this node stays in sync (a fenced node keeps its
         // persisted ones: they were complete when it stopped).

@@ -970,9 +970,6 @@ impl ActivityLog {
     pub fn keep(&mut self, regions: &[u64]) -> Result<(), PersistError> {
         self.add_durable(regions.iter().copied())?;
         self.recovered.extend(regions.iter().copied());
-        for g in regions {
-            self.copied_only.remove(g);
-        }
         Ok(())
     }
 

@@ -137,6 +137,14 @@ impl SimConfig {
 }
 
 impl SimConfig {
+    /// This configuration with the product's copy window ([`super::engine::COPY_WINDOW`]).
+    pub fn with_product_copy_window(self) -> SimConfig {
+        SimConfig {
+            copy_window: super::engine::COPY_WINDOW,
+            ..self
+        }
+    }
+
     /// A 3-way swarm tilted towards wiped plexes whose resync source changes: frequent
     /// crashes (a wiped disk in one restart of two), lossy links and partitions, so a
     /// wiped learner's `JoinRequest` often reaches only some in-sync peers.
@@ -1566,7 +1574,7 @@ fn decode_region(data: &[u8], blocks: u32) -> Vec<Block> {
 /// [`super::engine::COPY_WINDOW`], which found seed 11422) and panic, naming the seed, at the
 /// first violation of `invariant`.
 pub fn check(invariants: &[Invariant], default_seeds: u64) {
-    let seeds: Vec<u64> = match (
+    let (seeds, both_windows): (Vec<u64>, bool) = match (
         std::env::var("SVA_SIM_SEED")
             .ok()
             .and_then(|s| s.parse().ok()),
@@ -1577,23 +1585,25 @@ pub fn check(invariants: &[Invariant], default_seeds: u64) {
                 None => Some((0, s.parse().ok()?)),
             }),
     ) {
-        (Some(seed), _) => vec![seed],
-        (None, Some((a, b))) => (a..b).collect(),
-        (None, None) => {
-            check_seeds(invariants, &(0..default_seeds).collect::<Vec<_>>());
-            let product = (0..default_seeds).map(|seed| SimConfig {
-                copy_window: super::engine::COPY_WINDOW,
-                ..SimConfig::from_seed(seed)
-            });
-            check_configs(invariants, product);
-            return;
-        }
+        (Some(seed), _) => (vec![seed], false),
+        (None, Some((a, b))) => ((a..b).collect(), false),
+        (None, None) => ((0..default_seeds).collect(), true),
     };
     // `SVA_SIM_WIPE_HEAVY=1`: the seeds' `SimConfig::wipe_heavy` runs (to replay those).
-    if std::env::var("SVA_SIM_WIPE_HEAVY").is_ok() {
-        check_configs(invariants, seeds.iter().map(|&s| SimConfig::wipe_heavy(s)));
-    } else {
-        check_seeds(invariants, &seeds);
+    let wipe_heavy = std::env::var("SVA_SIM_WIPE_HEAVY").is_ok();
+    let config = |seed| {
+        if wipe_heavy {
+            SimConfig::wipe_heavy(seed)
+        } else {
+            SimConfig::from_seed(seed)
+        }
+    };
+    check_configs(invariants, seeds.iter().map(|&s| config(s)));
+    if both_windows {
+        check_configs(
+            invariants,
+            seeds.iter().map(|&s| config(s).with_product_copy_window()),
+        );
     }
 }
 
