@@ -200,11 +200,21 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
 /// `TOKIO_WORKER_THREADS` overrides it.
 const SERVE_WORKER_THREADS: usize = 1;
 
+/// Most threads in a serving node's blocking pool (disk I/O: applies, off-thread commands,
+/// resync copies), against tokio's default of 512. The pool starts a thread whenever none is
+/// idle at a spawn, so a burst of work grows it: in about one full resync in ten on the 2-vCPU
+/// test VM the learner reached 224–514 threads, each copy thread with its own 2 MiB staging
+/// buffer (up to 980 MiB resident), and the copy took 2.0–3.6 s instead of ~1.1 s; with this
+/// cap those runs took 1.4–2.0 s (README, "Resync and verify"). Above it, blocking work
+/// queues; 64 covers a QD32 initiator on each of two paths plus the resync window.
+const SERVE_BLOCKING_THREADS_MAX: usize = 64;
+
 fn serve_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     let mut b = tokio::runtime::Builder::new_multi_thread();
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
         b.worker_threads(SERVE_WORKER_THREADS);
     }
+    b.max_blocking_threads(SERVE_BLOCKING_THREADS_MAX);
     b.enable_all().build().context("starting tokio")
 }
 

@@ -498,8 +498,20 @@ fn local_sequential_write_rate(dir: &std::path::Path, bytes: u64, direct: bool) 
     .expect("dd");
     let took = start.elapsed();
     let _ = std::fs::remove_file(&file);
+    settle_filesystem(dir);
     assert!(out.success(), "dd failed: {}", out.describe());
     bytes as f64 / took.as_secs_f64()
+}
+
+/// Commit `dir`'s filesystem now (`sync -f`), so that deleting a 1 GiB file (a dd probe, a
+/// wiped plex) is finished before the next measurement: its blocks are freed at the next
+/// journal commit, and on a filesystem mounted with `discard` (this VM's root) that commit
+/// also discards them. Left to the periodic commit, that work lands in whatever runs next.
+fn settle_filesystem(dir: &std::path::Path) {
+    let dir = dir.display().to_string();
+    if let Err(e) = run_tool("sync", &["-f", &dir], Duration::from_secs(120)) {
+        eprintln!("sync -f {dir}: {e}");
+    }
 }
 
 fn mib_s(bytes_per_sec: f64) -> String {
@@ -672,6 +684,7 @@ fn full_resync_rate_against_local_sequential_writes() {
     fill(&v, 1, GIB, 0x5c);
     kill_and_wait_alone(&mut v, 2);
     v.wipe_plex(2).expect("wipe plex 2");
+    settle_filesystem(v.dir());
 
     // The bar's rate is `dd oflag=direct`, like the resync's own writes: past the page
     // cache, so it measures the disk. A buffered `dd conv=fdatasync` on this VM measures the

@@ -217,16 +217,25 @@ async fn mark_valid_once_accepted(node: MirrorNode, mut marker: Option<PathBuf>,
             .resync_views()
             .values()
             .any(|v| v.role == ResyncRole::Target);
-        if let Some(m) = marker.as_ref().filter(|_| target || serving) {
-            match write_marker(m) {
-                Ok(()) => tracing::info!("accepted for resync: {} written", m.display()),
-                Err(e) => tracing::error!("{e}"),
+        // The markers are written with `fsync`s, which wait behind the resync's own writes
+        // and journal commits; on the node's one async thread they would stop its link
+        // reads and acks meanwhile (this runs right as a full resync starts), so they run on
+        // a blocking thread.
+        if let Some(m) = marker.clone().filter(|_| target || serving) {
+            let written = tokio::task::spawn_blocking(move || write_marker(&m).map(|()| m)).await;
+            match written {
+                Ok(Ok(m)) => tracing::info!("accepted for resync: {} written", m.display()),
+                Ok(Err(e)) => tracing::error!("{e}"),
+                Err(e) => tracing::error!("writing the mirror-started marker: {e}"),
             }
             marker = None;
         }
         if serving && marker.is_none() {
-            if let Err(e) = remove_marker(&pending) {
-                tracing::error!("{e}");
+            let pending = pending.clone();
+            match tokio::task::spawn_blocking(move || remove_marker(&pending)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!("{e}"),
+                Err(e) => tracing::error!("removing the full-resync-pending marker: {e}"),
             }
             return;
         }
