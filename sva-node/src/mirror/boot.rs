@@ -217,27 +217,35 @@ async fn mark_valid_once_accepted(node: MirrorNode, mut marker: Option<PathBuf>,
             .resync_views()
             .values()
             .any(|v| v.role == ResyncRole::Target);
-        // The markers are written with `fsync`s, which wait behind the resync's own writes
-        // and journal commits; on the node's one async thread they would stop its link
-        // reads and acks meanwhile (this runs right as a full resync starts), so they run on
-        // a blocking thread.
-        if let Some(m) = marker.clone().filter(|_| target || serving) {
-            let written = tokio::task::spawn_blocking(move || write_marker(&m).map(|()| m)).await;
-            match written {
-                Ok(Ok(m)) => tracing::info!("accepted for resync: {} written", m.display()),
-                Ok(Err(e)) => tracing::error!("{e}"),
-                Err(e) => tracing::error!("writing the mirror-started marker: {e}"),
+        if target || serving {
+            if let Some(m) = marker.take() {
+                let shown = m.display().to_string();
+                if off_async_thread(move || write_marker(&m)).await {
+                    tracing::info!("accepted for resync: {shown} written");
+                }
             }
-            marker = None;
         }
         if serving && marker.is_none() {
-            let pending = pending.clone();
-            match tokio::task::spawn_blocking(move || remove_marker(&pending)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!("{e}"),
-                Err(e) => tracing::error!("removing the full-resync-pending marker: {e}"),
-            }
+            off_async_thread(move || remove_marker(&pending)).await;
             return;
+        }
+    }
+}
+
+/// Run a marker write or removal on a blocking thread and log its failure; `true` if it
+/// succeeded. Markers are made durable with `fsync`s, which wait behind a resync's own writes
+/// and journal commits: on the node's one async thread they would stop its link reads and
+/// acks meanwhile (and they run right as a full resync starts).
+async fn off_async_thread(f: impl FnOnce() -> Result<(), BootError> + Send + 'static) -> bool {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::error!("{e}");
+            false
+        }
+        Err(e) => {
+            tracing::error!("marker update: {e}");
+            false
         }
     }
 }
