@@ -16,7 +16,7 @@
 //! (witness with its records, every node from its `node-N.yaml`), and since restarted nodes
 //! come back out of sync, resync brings them back (DESIGN.md §6) before their paths serve.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -636,11 +636,11 @@ fn stop_all(nodes: &mut [Proc]) {
     }
 }
 
-/// A free loopback TCP port (bound and released; another process could take it in between,
-/// which the node then reports as a bind error).
+/// A free loopback TCP port below the ephemeral range (see `sva_node::port`), so the demo's
+/// outgoing connections cannot take it before its node binds it, nor on a later restart.
 fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
-    l.local_addr().context("finding a free loopback port")
+    let port = sva_node::port::free_loopback_port().context("finding a free loopback port")?;
+    Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
 }
 
 /// The volume's UID, created once per demo directory so identity (NAA, serial) survives restarts.

@@ -18,6 +18,8 @@
 //! - [`witness`]: compare-and-swap of a volume's membership record.
 //! - [`control`]: HTTP control API, `/metrics`, `/healthz`.
 //! - [`config`]: the YAML node configuration (`sva-node serve --config FILE`).
+//! - [`port`]: free loopback ports for listeners bound later (demo, tests), kept out of the
+//!   kernel's ephemeral range.
 //!
 //! ## Where this code refines DESIGN.md
 //!
@@ -44,6 +46,7 @@ pub mod config;
 pub mod control;
 pub mod iscsi;
 pub mod mirror;
+pub mod port;
 pub mod scsi;
 pub mod store;
 pub mod witness;

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -19,13 +19,13 @@ pub const PORTAL_READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a graceful stop (SIGTERM) may take before the guard escalates to SIGKILL.
 pub const GRACEFUL_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Returns a TCP port on 127.0.0.1 that was free a moment ago.
+/// Returns a TCP port on 127.0.0.1 that had no listener a moment ago.
 ///
-/// The port is found by binding port 0 and closing the listener again; another process could
-/// take it in between, which is acceptable for tests (the start then fails loudly).
+/// The port lies below the kernel's ephemeral range ([`sva_node::port`]): a port-0 port can
+/// be taken as the source port of any outgoing connection (a replication link, a witness
+/// client) before the target binds it, which failed a CI run with "Address already in use".
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    sva_node::port::free_loopback_port().context("finding a free loopback port")
 }
 
 /// A running target process (sva-node, tgtd). Killed with SIGKILL when dropped.
