@@ -514,6 +514,20 @@ fn settle_filesystem(dir: &std::path::Path) {
     }
 }
 
+/// `at` in seconds of CLOCK_MONOTONIC (what `Instant` reads on Linux), so a slow run can be
+/// found in a system trace taken beside the test.
+fn monotonic_secs(at: Instant) -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the place we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = Instant::now();
+    let now_secs = ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+    now_secs - now.saturating_duration_since(at).as_secs_f64()
+}
+
 fn mib_s(bytes_per_sec: f64) -> String {
     format!("{:.0} MiB/s", bytes_per_sec / MIB as f64)
 }
@@ -792,6 +806,8 @@ fn full_resync_rate_against_local_sequential_writes() {
     for r in failed.iter().take(5) {
         eprintln!("  failed write to block {}: {}", r.block, r.output.trim());
     }
+    let (from, to) = (monotonic_secs(first_progress), monotonic_secs(in_sync_at));
+    eprintln!("  copy phase on CLOCK_MONOTONIC {from:.3}..{to:.3} s (`perf record -k CLOCK_MONOTONIC` times)");
     assert!(
         full_seen,
         "no status sample of plex 1 reported full: true for plex 2's resync"
