@@ -446,7 +446,42 @@ impl Drop for MirroredVolume {
         for n in &mut self.nodes {
             n.kill9();
         }
+        if let Some(keep) = std::env::var_os(KEEP_LOGS_ENV) {
+            keep_logs(self.dir.path(), Path::new(&keep));
+        }
     }
+}
+
+/// `SVA_KEEP_LOGS=DIR`: every process log of a volume is copied into `DIR/<volume dir name>/`
+/// when the volume is dropped (its temporary directory goes with it), to read a slow or
+/// failed run's node logs in full.
+pub const KEEP_LOGS_ENV: &str = "SVA_KEEP_LOGS";
+
+fn keep_logs(dir: &Path, keep: &Path) {
+    let name = dir.file_name().unwrap_or(dir.as_os_str());
+    let to = keep.join(name);
+    let mut stack = vec![dir.to_owned()];
+    let mut copied = 0;
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "log") {
+                let rel = p.strip_prefix(dir).unwrap_or(&p);
+                let dst = to.join(rel);
+                let made = dst.parent().map_or(Ok(()), std::fs::create_dir_all);
+                match made.and_then(|()| std::fs::copy(&p, &dst)) {
+                    Ok(_) => copied += 1,
+                    Err(e) => eprintln!("{KEEP_LOGS_ENV}: copying {}: {e}", p.display()),
+                }
+            }
+        }
+    }
+    eprintln!("{KEEP_LOGS_ENV}: {copied} logs kept in {}", to.display());
 }
 
 /// `GET http://ADDR/v1/status` of a node's control API, parsed (usable from any thread).

@@ -528,6 +528,23 @@ fn monotonic_secs(at: Instant) -> f64 {
     now_secs - now.saturating_duration_since(at).as_secs_f64()
 }
 
+/// `at` as UTC time of day (`HH:MM:SS.mmm`), to find it in the node logs.
+fn utc(at: Instant) -> String {
+    let ago = Instant::now().saturating_duration_since(at);
+    let wall = std::time::SystemTime::now() - ago;
+    let ms = wall
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let day_ms = ms % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        day_ms / 3_600_000,
+        day_ms / 60_000 % 60,
+        day_ms / 1000 % 60,
+        day_ms % 1000
+    )
+}
+
 fn mib_s(bytes_per_sec: f64) -> String {
     format!("{:.0} MiB/s", bytes_per_sec / MIB as f64)
 }
@@ -807,7 +824,13 @@ fn full_resync_rate_against_local_sequential_writes() {
         eprintln!("  failed write to block {}: {}", r.block, r.output.trim());
     }
     let (from, to) = (monotonic_secs(first_progress), monotonic_secs(in_sync_at));
-    eprintln!("  copy phase on CLOCK_MONOTONIC {from:.3}..{to:.3} s (`perf record -k CLOCK_MONOTONIC` times)");
+    eprintln!(
+        "  copy phase on CLOCK_MONOTONIC {from:.3}..{to:.3} s (`perf record -k CLOCK_MONOTONIC` \
+         times); restart at {}, copy phase {} .. {} (UTC, as in the node logs)",
+        utc(restarted),
+        utc(first_progress),
+        utc(in_sync_at)
+    );
     assert!(
         full_seen,
         "no status sample of plex 1 reported full: true for plex 2's resync"

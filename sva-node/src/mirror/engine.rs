@@ -13,7 +13,8 @@
 //! result (`Sync`) so every member applies the same ops in the same order before the new epoch
 //! serves. A node that loses the CAS or cannot reach the witness fences (terminal here).
 //!
-//! Resync (RESYNC.md, `resync.rs`): a non-InSync plex asks every peer to `JoinRequest` it; the
+//! Resync (RESYNC.md, `resync.rs`): a non-InSync plex asks every peer to `JoinRequest` it (on
+//! a timer, and at once when the driver reports a link up: [`Engine::link_up`]); the
 //! sequencer adds it as a *learner* (it receives and applies every op from `start_seq` on, its
 //! acks count for log GC only) and orders one copy op per dirty region of its write-intent
 //! bitmap, ordered like a write; when the bitmap is empty it CASes the learner InSync and runs a
@@ -941,6 +942,57 @@ impl Engine {
                 }
             }
             Message::NewEpoch { .. } | Message::JoinRequest { .. } => {}
+        }
+    }
+
+    /// The driver's link to `peer` is connected (again): whatever was sent to it before was
+    /// dropped. A node out of the volume asks to join now rather than at its next
+    /// retransmission, and a source sends a learner again what it sent since the learner's
+    /// applied prefix (the accept, if unanswered; ops; copy data). A restarted node's first
+    /// `JoinRequest` goes out before its links are up, and the source accepts it (and reads
+    /// and sends its first window of copies) before its own link back is: waiting for the
+    /// timers cost a returning plex up to two `RETRANSMIT_MS` before its resync began
+    /// (issue 4).
+    pub fn link_up(&mut self, now: Millis, peer: PlexId) {
+        match self.role {
+            Role::Fenced => {}
+            Role::Out | Role::Recovering { .. } => {
+                self.next_join = self.next_join.min(now);
+                self.timeout_out(now);
+            }
+            Role::Active => {
+                let Some(l) = self.learners.get(&peer) else {
+                    return;
+                };
+                let (heard, start_seq, from) = (l.heard, l.start_seq, l.applied_prefix + 1);
+                if !heard {
+                    self.send_accept(peer, start_seq);
+                }
+                // Its ops and copy data sent meanwhile were dropped too: send them again
+                // now, not after a gap report or `RETRANSMIT_MS` (the copy window stalls
+                // until then).
+                self.on_resend(peer, from);
+                let epoch = self.epoch();
+                let mut out = Vec::new();
+                if let Some(l) = self.learners.get_mut(&peer) {
+                    for (s, c) in l.copies.iter_mut() {
+                        if let Some(d) = &c.data {
+                            if *s > l.applied_prefix {
+                                c.sent_at = now;
+                                out.push(Message::CopyData {
+                                    epoch,
+                                    seq: *s,
+                                    data: d.clone(),
+                                });
+                            }
+                        }
+                    }
+                }
+                for m in out {
+                    self.send(peer, m);
+                }
+            }
+            _ => {}
         }
     }
 

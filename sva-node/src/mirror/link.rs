@@ -9,7 +9,10 @@
 //!
 //! Each direction has its own connection: a node sends on the connection it dialled and
 //! receives on the ones it accepted, so no connection is ever shared between a reader and a
-//! writer.
+//! writer. A writer redials a lost peer every [`RECONNECT_DELAY`], and at once when that peer
+//! connects to us (it is back); once its connection is up it tells the node
+//! ([`Inbound::link_up`]), which says again what the peer missed (a restarted plex's resync
+//! starts without waiting for retransmission timers).
 //!
 //! Latency (issue 3: a mirrored write's ack waits for one round trip to the peer) decides the
 //! shape of both ends; a hop through another task costs a thread wake-up, which on a small VM
@@ -78,6 +81,9 @@ const ACCEPTOR_LABEL: &[u8] = b"sva-peer acceptor";
 /// decoded from one read, in the order the peer sent them.
 pub trait Inbound: Send + Sync + 'static {
     fn deliver(&self, from: PlexId, msgs: Vec<Message>);
+    /// This node's connection to `peer` is up (after its handshake): what was sent to it
+    /// before was dropped, and the receiver may want to say it again now.
+    fn link_up(&self, _peer: PlexId) {}
     /// The receiver is gone (the node shut down): stop reading.
     fn closed(&self) -> bool {
         false
@@ -90,6 +96,10 @@ struct PeerTx {
     state: std::sync::Mutex<TxState>,
     /// Wakes the writer task: bytes were left queued.
     wake: Notify,
+    /// Cuts a writer's wait between two dials short: the peer just connected to us, so it
+    /// is up (a restarted peer's link came up [`RECONNECT_DELAY`] late without it, and
+    /// whatever was sent to the peer meanwhile was dropped).
+    redial: Notify,
 }
 
 #[derive(Default)]
@@ -245,20 +255,30 @@ pub struct LinkConfig {
 pub fn start(cfg: LinkConfig, links: &Links, listener: TcpListener, inbound: Arc<dyn Inbound>) {
     for (id, addr) in &cfg.peers {
         if let Some(tx) = links.peers.get(id) {
-            tokio::spawn(writer(cfg.clone(), *id, addr.clone(), tx.clone()));
+            let up = inbound.clone();
+            tokio::spawn(writer(cfg.clone(), *id, addr.clone(), tx.clone(), up));
         }
     }
-    tokio::spawn(accept_loop(cfg, listener, inbound));
+    tokio::spawn(accept_loop(cfg, listener, inbound, links.peers.clone()));
 }
 
 /// Keep the link to `peer` connected and write what [`Links::send`] could not.
-async fn writer(cfg: LinkConfig, peer: PlexId, addr: String, tx: Arc<PeerTx>) {
+async fn writer(
+    cfg: LinkConfig,
+    peer: PlexId,
+    addr: String,
+    tx: Arc<PeerTx>,
+    inbound: Arc<dyn Inbound>,
+) {
     loop {
         let stream = match dial(&cfg, &addr).await {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 tracing::debug!(peer, %addr, "replication link: {e}");
-                tokio::time::sleep(RECONNECT_DELAY).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(RECONNECT_DELAY) => {}
+                    _ = tx.redial.notified() => {}
+                }
                 continue;
             }
         };
@@ -268,6 +288,8 @@ async fn writer(cfg: LinkConfig, peer: PlexId, addr: String, tx: Arc<PeerTx>) {
             st.clear();
             st.stream = Some(stream.clone());
         }
+        // Without the buffer's lock: the receiver may send right away.
+        inbound.link_up(peer);
         let err = loop {
             // Take the queue out and write it without the lock: senders keep appending
             // meanwhile, and `writing` keeps them from writing ahead of it.
@@ -369,7 +391,12 @@ async fn dialer_handshake(cfg: &LinkConfig, s: &mut TcpStream) -> std::io::Resul
     Ok(())
 }
 
-async fn accept_loop(cfg: LinkConfig, listener: TcpListener, inbound: Arc<dyn Inbound>) {
+async fn accept_loop(
+    cfg: LinkConfig,
+    listener: TcpListener,
+    inbound: Arc<dyn Inbound>,
+    peers: Arc<HashMap<PlexId, Arc<PeerTx>>>,
+) {
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(x) => x,
@@ -384,8 +411,9 @@ async fn accept_loop(cfg: LinkConfig, listener: TcpListener, inbound: Arc<dyn In
         }
         let cfg = cfg.clone();
         let inbound = inbound.clone();
+        let peers = peers.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_peer(&cfg, stream, &inbound).await {
+            if let Err(e) = serve_peer(&cfg, stream, &inbound, &peers).await {
                 tracing::info!(%from, "replication connection closed: {e}");
             }
         });
@@ -396,11 +424,17 @@ async fn serve_peer(
     cfg: &LinkConfig,
     mut s: TcpStream,
     inbound: &Arc<dyn Inbound>,
+    peers: &HashMap<PlexId, Arc<PeerTx>>,
 ) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor_handshake(cfg, &mut s))
         .await
         .map_err(|_| bad("handshake timed out"))??;
+    if let Some(tx) = peers.get(&peer) {
+        // A writer between two dials (it is not waiting otherwise) dials now; a stored
+        // permit makes its next wait return at once, which costs one early dial at most.
+        tx.redial.notify_one();
+    }
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         let mut msgs = Vec::new();

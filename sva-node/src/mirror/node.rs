@@ -825,6 +825,12 @@ impl Inbound for EngineInbound {
         }
     }
 
+    fn link_up(&self, peer: PlexId) {
+        if let Some(shared) = self.0.upgrade() {
+            MirrorNode { shared }.with_engine(|e, now| e.link_up(now, peer));
+        }
+    }
+
     fn closed(&self) -> bool {
         self.0.strong_count() == 0
     }

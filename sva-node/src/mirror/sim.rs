@@ -448,6 +448,7 @@ impl Sim {
             }
             self.deliver_due();
             self.restarts();
+            self.links_healed();
             for n in 0..self.nodes.len() {
                 let due = self.nodes[n]
                     .engine
@@ -672,8 +673,44 @@ impl Sim {
         }
     }
 
+    /// Partitions that ended: the dialer of each healed direction reconnects, and its
+    /// driver reports the link up (`Engine::link_up`).
+    fn links_healed(&mut self) {
+        let now = self.now;
+        let healed: Vec<(PlexId, PlexId)> = self
+            .down
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for (from, to) in healed {
+            self.down.remove(&(from, to));
+            self.report_link_up(from, to);
+        }
+    }
+
+    /// The driver of `from` reports its link to `to` up (if `from` runs).
+    fn report_link_up(&mut self, from: PlexId, to: PlexId) {
+        let Some(n) = self.nodes.iter().position(|nd| nd.id == from) else {
+            return;
+        };
+        if self.nodes[n].engine.is_none() {
+            return;
+        }
+        self.trace(|| format!("LINK UP {from} -> {to}"));
+        let now = self.now;
+        if let Some(e) = self.nodes[n].engine.as_mut() {
+            e.link_up(now, to);
+        }
+        self.drain(n);
+    }
+
     fn heal_all(&mut self) {
-        self.down.clear();
+        let cut: Vec<(PlexId, PlexId)> = self.down.keys().copied().collect();
+        for (from, to) in cut {
+            self.down.remove(&(from, to));
+            self.report_link_up(from, to);
+        }
         self.witness_cut.clear();
         for n in &mut self.nodes {
             if n.engine.is_none() {
@@ -720,6 +757,22 @@ impl Sim {
                     Start::Restart(recovered),
                 ));
                 self.drain(n);
+                // Its links to the running peers, and theirs to it, connect (where no
+                // partition cuts them), after its first messages went out unconnected.
+                let peers: Vec<PlexId> = self
+                    .nodes
+                    .iter()
+                    .filter(|p| p.id != id && p.engine.is_some())
+                    .map(|p| p.id)
+                    .collect();
+                for p in peers {
+                    if self.link_up(id, p) {
+                        self.report_link_up(id, p);
+                    }
+                    if self.link_up(p, id) {
+                        self.report_link_up(p, id);
+                    }
+                }
             }
         }
     }

@@ -1270,3 +1270,97 @@ fn logs_settle_between_heartbeats_whichever_plex_originates() {
         );
     }
 }
+
+/// A restarted plex's first `JoinRequest`, and the source's answer with its first copies, go
+/// out before the links between them are up and are dropped. The links coming up must send
+/// them again at once: before, the resync waited for two retransmission timers (issue 4, about
+/// 0.2 s of every full resync's ~1 s).
+#[test]
+fn links_coming_up_resend_the_join_the_accept_and_the_copies_at_once() {
+    let (mut p1, t) = survivor_with_dirty_region_0();
+    let recovered = Recovered {
+        activity_log: BTreeSet::from([3]),
+        bitmaps: BTreeMap::new(),
+        data_valid: true,
+        full_pending: false,
+        filled: BTreeSet::new(),
+    };
+    let mut p2 = Engine::new(small_cfg(2), stale_two(2), t, Start::Restart(recovered));
+    drain(&mut p2);
+    p2.handle_timeout(t);
+    let first = drain(&mut p2);
+    assert!(
+        matches!(
+            first.as_slice(),
+            [Command::Send {
+                to: 1,
+                msg: Message::JoinRequest { .. }
+            }]
+        ),
+        "{first:?}"
+    );
+    // Dropped: p2's link to p1 is not up yet. It comes up well before the next retry.
+    assert!(p2.next_timeout().is_some_and(|n| n >= t + RETRANSMIT_MS));
+    p2.link_up(t + 5, 1);
+    let again = drain(&mut p2);
+    assert_eq!(
+        again, first,
+        "the join goes out again when the link comes up"
+    );
+
+    // p1 accepts and reads the copies, but its link to p2 is still down: every send is lost.
+    let Command::Send { msg: join, .. } = again[0].clone() else {
+        unreachable!()
+    };
+    p1.handle_message(t + 6, 2, join);
+    let mut lost = Vec::new();
+    let mut reads = 0;
+    while let Some(c) = p1.poll_command() {
+        match c {
+            Command::CopyOut { seq, what } => {
+                reads += 1;
+                let data = match what {
+                    CopyWhat::Region { index, .. } => Bytes::from(format!("region {index}")),
+                    CopyWhat::LuState => Bytes::from_static(b"pr"),
+                };
+                p1.copied_out(t + 7, seq, data);
+            }
+            Command::Send { to: 2, msg } => lost.push(msg),
+            _ => {}
+        }
+    }
+    assert_eq!(reads, 3, "the LU state and regions 0 and 3 were read");
+    assert!(lost.iter().any(|m| matches!(m, Message::CopyData { .. })));
+
+    // p1's link to p2 comes up: everything p2 needs goes out again, without a timer.
+    p1.link_up(t + 8, 2);
+    let resent: Vec<Message> = drain(&mut p1)
+        .into_iter()
+        .filter_map(|c| match c {
+            Command::Send { to: 2, msg } => Some(msg),
+            _ => None,
+        })
+        .collect();
+    assert!(matches!(
+        resent.first(),
+        Some(Message::JoinAccept { start_seq: 2, .. })
+    ));
+    for m in resent {
+        p2.handle_message(t + 9, 1, m);
+    }
+    // The learner writes each copy as it becomes ready (the LU state is a barrier): no
+    // timer runs, so everything it writes came with the link-up resend.
+    let mut copy_ins = Vec::new();
+    while let Some(c) = p2.poll_command() {
+        if let Command::CopyIn { seq, what, .. } = c {
+            copy_ins.push(what);
+            p2.applied(t + 10, seq, Bytes::new());
+        }
+    }
+    assert_eq!(
+        copy_ins.len(),
+        3,
+        "every copy reached the learner: {copy_ins:?}"
+    );
+    assert_eq!(copy_ins[0], CopyWhat::LuState);
+}
