@@ -485,6 +485,10 @@ pub struct Engine {
     target: Option<ResyncInfo>,
     /// Source side: a learner caught up; new ops are held until it applied everything.
     rejoin: Option<(PlexId, Millis)>,
+    /// Learner side: the source's `seq_high` in its last heartbeat; once applied up to it,
+    /// say so at once (`Progress`) instead of at the next heartbeat. The source sends one
+    /// as it starts a rejoin: its CAS waits for exactly this report.
+    prefix_wanted: Option<Seq>,
     rejoin_retry_at: Millis,
     rate: u64,
     tokens: i64,
@@ -537,6 +541,7 @@ impl Engine {
             target: None,
             rejoin: None,
             rejoin_retry_at: now,
+            prefix_wanted: None,
             rate: 0,
             tokens: 0,
             tokens_at: now,
@@ -1026,17 +1031,7 @@ impl Engine {
             }
             let ids: Vec<PlexId> = self.learners.keys().copied().collect();
             for id in ids {
-                // To a learner the source reports its *settled* prefix: the learner's log GC
-                // (and the activity log behind it) must not pass what every in-sync plex
-                // applied, or a copy of an op only the source applied could go unrecorded.
-                let m = Message::Heartbeat {
-                    epoch: self.epoch(),
-                    applied_prefix: self.settled,
-                    seq_high: self.seq_high,
-                    ts: now,
-                    echo: NO_ECHO,
-                };
-                self.send(id, m);
+                self.heartbeat_learner(now, id);
             }
         }
         self.resend_copy_data(now);
@@ -1262,6 +1257,20 @@ impl Engine {
         self.report_progress();
     }
 
+    fn heartbeat_learner(&mut self, now: Millis, t: PlexId) {
+        // To a learner the source reports its *settled* prefix: the learner's log GC (and
+        // the activity log behind it) must not pass what every in-sync plex applied, or a
+        // copy of an op only the source applied could go unrecorded.
+        let m = Message::Heartbeat {
+            epoch: self.epoch(),
+            applied_prefix: self.settled,
+            seq_high: self.seq_high,
+            ts: now,
+            echo: NO_ECHO,
+        };
+        self.send(t, m);
+    }
+
     /// Send `Progress` to every peer (and learner) that is [`PROGRESS_STEP`] behind on my
     /// applied (to a learner: settled) prefix.
     fn report_progress(&mut self) {
@@ -1273,10 +1282,16 @@ impl Engine {
         }
         let epoch = self.epoch();
         let mine = self.applied_prefix;
+        // A learner applied what its source's last heartbeat asked for (see `prefix_wanted`).
+        let wanted = matches!(self.role, Role::Learning { .. })
+            && self.prefix_wanted.is_some_and(|w| mine >= w);
+        if wanted {
+            self.prefix_wanted = None;
+        }
         let behind: Vec<PlexId> = self
             .peers
             .iter()
-            .filter(|(_, p)| mine >= p.told + PROGRESS_STEP)
+            .filter(|(_, p)| mine >= p.told + PROGRESS_STEP || (wanted && mine > p.told))
             .map(|(id, _)| *id)
             .collect();
         for id in behind {
@@ -1400,6 +1415,9 @@ impl Engine {
         if from == self.membership.sequencer && matches!(self.role, Role::Joining { .. }) {
             // Still waiting for the coordinator's `Sync` while it serves: it was lost.
             self.send_state();
+        }
+        if from == self.membership.sequencer && matches!(self.role, Role::Learning { .. }) {
+            self.prefix_wanted = Some(self.prefix_wanted.unwrap_or(0).max(seq_high));
         }
         if from == self.membership.sequencer
             && matches!(
@@ -2426,6 +2444,7 @@ impl Engine {
         self.drop_recovered_bitmaps();
         self.membership = m;
         self.role = Role::Learning { source, start_seq };
+        self.prefix_wanted = None;
         self.log.clear();
         self.copy_data.clear();
         self.settled = start_seq.saturating_sub(1);
@@ -2982,7 +3001,12 @@ impl Engine {
                 && self.bitmaps.get(t).is_none_or(|b| b.is_empty())
         });
         if let Some((t, _)) = ready {
-            self.rejoin = Some((*t, now));
+            let t = *t;
+            self.rejoin = Some((t, now));
+            // New ops are held from now on: ask the learner to report as soon as it applied
+            // everything ordered so far, or the CAS waits for its next heartbeat (up to
+            // HEARTBEAT_INTERVAL_MS, a tenth of a 1 GiB full resync).
+            self.heartbeat_learner(now, t);
             self.maybe_rejoin(now);
         }
     }

@@ -338,6 +338,7 @@ impl MirrorNode {
                 expected_epoch,
                 record,
             } => {
+                tracing::debug!(expected_epoch, "witness CAS");
                 let node = self.clone();
                 tokio::spawn(async move {
                     let volume = node.shared.volume.clone();
@@ -409,7 +410,10 @@ impl MirrorNode {
                             .map_err(std::io::Error::other),
                     };
                     match result {
-                        Ok(()) => node.feed_copy(|e, now| e.applied(now, seq, Bytes::new())),
+                        Ok(()) => {
+                            tracing::debug!(seq, "resync copy written");
+                            node.feed_copy(|e, now| e.applied(now, seq, Bytes::new()))
+                        }
                         // Never claim a copy that is not on disk: the copy stays unapplied and
                         // the source keeps the region dirty.
                         Err(err) => tracing::error!("resync copy {seq} ({what:?}): write: {err}"),

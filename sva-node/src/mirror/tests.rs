@@ -1364,3 +1364,80 @@ fn links_coming_up_resend_the_join_the_accept_and_the_copies_at_once() {
     );
     assert_eq!(copy_ins[0], CopyWhat::LuState);
 }
+
+/// At a rejoin the source holds new ops and waits for the learner to report that it applied
+/// everything ordered. A learner reports ops (not copies) only every `PROGRESS_STEP` or in
+/// its heartbeat, so the source asks with a heartbeat of its own, and the learner answers as
+/// soon as it applied up to that heartbeat's `seq_high` — not at its next heartbeat, up to
+/// `HEARTBEAT_INTERVAL_MS` later (about a tenth of a 1 GiB full resync, issue 4).
+#[test]
+fn a_learner_reports_its_prefix_once_it_applied_what_the_source_heartbeat_names() {
+    let (_, t) = survivor_with_dirty_region_0();
+    let recovered = Recovered {
+        activity_log: BTreeSet::new(),
+        bitmaps: BTreeMap::new(),
+        data_valid: true,
+        full_pending: false,
+        filled: BTreeSet::new(),
+    };
+    let mut p2 = Engine::new(small_cfg(2), stale_two(2), t, Start::Restart(recovered));
+    drain(&mut p2);
+    let accept = Message::JoinAccept {
+        membership: stale_two(2),
+        start_seq: 2,
+        dirty_regions: 0,
+    };
+    p2.handle_message(t, 1, accept);
+    assert_eq!(p2.role(), RoleKind::Learning);
+    drain(&mut p2);
+    // A foreground write ordered at seq 2 reaches the learner; the source's heartbeat names
+    // it as its highest seq before the learner applied it.
+    let entry = Entry {
+        seq: 2,
+        tag: 2,
+        origin: 1,
+        fwd: 1,
+        meta: write(16, 8),
+    };
+    p2.handle_message(t + 1, 1, Message::Apply { epoch: 2, entry });
+    let cmds = drain(&mut p2);
+    assert!(
+        cmds.iter()
+            .any(|c| matches!(c, Command::Apply { seq: 2, .. })),
+        "{cmds:?}"
+    );
+    p2.handle_message(
+        t + 2,
+        1,
+        Message::Heartbeat {
+            epoch: 2,
+            applied_prefix: 1,
+            seq_high: 2,
+            ts: t + 2,
+            echo: NO_ECHO,
+        },
+    );
+    let before = drain(&mut p2);
+    assert!(
+        !before.iter().any(|c| matches!(
+            c,
+            Command::Send {
+                msg: Message::Progress { .. },
+                ..
+            }
+        )),
+        "nothing to report before the write is applied: {before:?}"
+    );
+    p2.applied(t + 3, 2, Bytes::new());
+    assert_eq!(
+        drain(&mut p2),
+        vec![Command::Send {
+            to: 1,
+            msg: Message::Progress {
+                epoch: 2,
+                applied_prefix: 2
+            }
+        }],
+        "applied up to the heartbeat's seq_high: reported at once"
+    );
+}
