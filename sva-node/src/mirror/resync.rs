@@ -25,7 +25,10 @@
 //! - A learner silent for `PEER_TIMEOUT_MS`, a repeated `JoinRequest` from a learner already
 //!   heard (it restarted) or any view change drops it: every unsettled op is marked dirty.
 //! - Rejoin: bitmap empty and every copy acked ⇒ hold new ops until everything ordered is
-//!   applied on the learner and settled ⇒ CAS epoch+1 with it InSync ⇒ view change.
+//!   applied on the learner and settled ⇒ CAS epoch+1 with it InSync ⇒ view change. The
+//!   source asks for the learner's prefix with a heartbeat, answered once applied.
+//! - A link coming up (`Engine::link_up`) re-sends at once what went out while it was down:
+//!   the plex's `JoinRequest`, the source's accept, ops and copy data for the learner.
 //! - Every in-sync node adds a stale plex's reported activity log (and `full`) to its bitmap,
 //!   so any of them can become the source. A node that came back in sync through resync has
 //!   no bitmap for plexes that were stale meanwhile: if it must be their source, they get a
