@@ -204,9 +204,11 @@ const SERVE_WORKER_THREADS: usize = 1;
 /// resync copies), against tokio's default of 512. The pool starts a thread whenever none is
 /// idle at a spawn, so a burst of work grows it: in about one full resync in ten on the 2-vCPU
 /// test VM the learner reached 224–514 threads, each copy thread with its own 2 MiB staging
-/// buffer (up to 980 MiB resident), and the copy took 2.0–3.6 s instead of ~1.1 s; with this
-/// cap those runs took 1.4–2.0 s (README, "Resync and verify"). Above it, blocking work
-/// queues; 64 covers a QD32 initiator on each of two paths plus the resync window.
+/// buffer (up to 980 MiB resident). Those were most likely the runs whose first copies were
+/// dropped on a link not yet up and came back in one retransmitted burst (fixed since by
+/// `Engine::link_up`; README, "Resync and verify"); the cap bounds any such burst. Above it,
+/// blocking work queues; 64 covers a QD32 initiator on each of two paths plus the resync
+/// window.
 const SERVE_BLOCKING_THREADS_MAX: usize = 64;
 
 fn serve_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
