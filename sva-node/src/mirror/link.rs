@@ -55,6 +55,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use super::msg::{self, Message, PlexId};
+use crate::store::hugebuf::HugeBuf;
 
 /// Encoded bytes buffered per peer (not yet taken by its socket) before new frames are
 /// dropped: a few resync windows of 1 MiB copies.
@@ -438,7 +439,14 @@ async fn serve_peer(
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         let mut msgs = Vec::new();
+        let mut huge = None;
         loop {
+            if let Some((frame, at)) = msg::huge_copy_frame(&buf) {
+                if buf.len() < frame {
+                    huge = Some((frame, at));
+                    break;
+                }
+            }
             match msg::decode(&mut buf) {
                 Ok(Some(m)) => msgs.push(m),
                 Ok(None) => break,
@@ -451,10 +459,65 @@ async fn serve_peer(
             }
             inbound.deliver(peer, msgs);
         }
+        if let Some((frame, at)) = huge {
+            let m = read_huge_frame(&mut s, &mut buf, frame, at)
+                .await?
+                .map_err(|e| bad(&format!("peer {peer} sent a bad frame: {e}")))?;
+            if inbound.closed() {
+                return Ok(());
+            }
+            inbound.deliver(peer, vec![m]);
+            continue;
+        }
         if s.read_buf(&mut buf).await? == 0 {
             return Err(bad("peer closed the connection"));
         }
     }
+}
+
+/// A received frame in a [`HugeBuf`]: `len` bytes at `at`.
+struct HugeFrame {
+    buf: HugeBuf,
+    at: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for HugeFrame {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf.as_slice()[self.at..self.at + self.len]
+    }
+}
+
+/// Receive the `frame`-byte frame that `buf` starts with into a [`HugeBuf`] at `at` (what
+/// `buf` holds of it first, then straight from the socket, never past the frame's end) and
+/// decode it. The buffer goes back to its pool when the last slice of the frame is dropped.
+async fn read_huge_frame(
+    s: &mut TcpStream,
+    buf: &mut BytesMut,
+    frame: usize,
+    at: usize,
+) -> std::io::Result<Result<Message, msg::CodecError>> {
+    let mut hb = HugeBuf::take()?;
+    let have = buf.len().min(frame);
+    let Some(dst) = hb.as_mut_slice().get_mut(at..at + frame) else {
+        return Err(bad("frame does not fit a huge buffer"));
+    };
+    dst[..have].copy_from_slice(&buf[..have]);
+    buf.advance(have);
+    let mut filled = have;
+    while filled < frame {
+        let n = s.read(&mut dst[filled..]).await?;
+        if n == 0 {
+            return Err(bad("peer closed the connection"));
+        }
+        filled += n;
+    }
+    let bytes = Bytes::from_owner(HugeFrame {
+        buf: hb,
+        at,
+        len: frame,
+    });
+    Ok(msg::decode_frame(bytes))
 }
 
 async fn acceptor_handshake(cfg: &LinkConfig, s: &mut TcpStream) -> std::io::Result<PlexId> {
@@ -585,7 +648,9 @@ mod tests {
     }
 
     /// Small frames written inline and big ones the socket only takes in part (the writer
-    /// task finishes those) arrive whole and in the order sent.
+    /// task finishes those) arrive whole and in the order sent; the big copies arrive in
+    /// huge buffers (`read_huge_frame`), page-aligned, while the small frames around them
+    /// go through the ordinary receive buffer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_burst_of_small_and_large_frames_arrives_in_order() {
         let (a, _ra, mut rb) = pair(b"secret-0123456789").await;
@@ -617,6 +682,12 @@ mod tests {
                 Message::CopyData { seq, data, .. } => {
                     assert_eq!(seq, i);
                     assert!(data.len() == 1 << 20 && data.iter().all(|&b| b == i as u8));
+                    // Received into a huge buffer, ready for a direct write as it is.
+                    assert!(
+                        crate::store::hugebuf::holds(&data),
+                        "copy {i} in a huge buffer"
+                    );
+                    assert_eq!(data.as_ptr() as usize % msg::COPY_DATA_ALIGN, 0);
                 }
                 Message::Resend { from, .. } => assert_eq!(from, i),
                 other => panic!("unexpected {other:?}"),

@@ -9,7 +9,10 @@
 //! [`FRAME_OWN_BUFFER_BYTES`] it makes the receive buffer hold the whole frame in one
 //! allocation (no growth copies while it arrives), and a `CopyData` payload starts on a
 //! [`COPY_DATA_ALIGN`] boundary there, so the resync target writes it with `O_DIRECT` straight
-//! from the receive buffer (`store::file`): the payload is never copied in user space.
+//! from the receive buffer (`store::file`): the payload is never copied in user space. A
+//! `CopyData` frame that fits in a 2 MiB [`HugeBuf`](crate::store::hugebuf::HugeBuf) is
+//! received into one instead ([`huge_copy_frame`], [`decode_frame`]): reused memory, no page
+//! faults, and one physically contiguous piece for the direct write (no staging copy).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -430,6 +433,40 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, CodecError> {
         return Err(CodecError::Trailing(body.remaining()));
     }
     Ok(Some(msg))
+}
+
+/// If `buf` starts with the header of a large `CopyData` frame that fits in a
+/// [`HugeBuf`](crate::store::hugebuf::HugeBuf): the frame's length (prefix included) and
+/// the offset in the buffer where it goes so that its payload is [`COPY_DATA_ALIGN`]ed. The
+/// link reader then receives it there instead of through [`decode`] (see the module doc).
+pub fn huge_copy_frame(buf: &[u8]) -> Option<(usize, usize)> {
+    let (Some(len), Some(&kind)) = (buf.get(..4), buf.get(4)) else {
+        return None;
+    };
+    let body = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if kind != K_COPY_DATA || !(FRAME_OWN_BUFFER_BYTES..=FRAME_BYTES_MAX).contains(&body) {
+        return None;
+    }
+    let frame = 4 + body;
+    let at = COPY_DATA_PAYLOAD_OFFSET.wrapping_neg() % COPY_DATA_ALIGN;
+    (at + frame <= crate::store::hugebuf::HUGE_BYTES).then_some((frame, at))
+}
+
+/// Decode one whole frame (length prefix included), as [`decode`] does; its byte fields
+/// (a `CopyData` payload) are slices of `frame`.
+pub fn decode_frame(mut frame: Bytes) -> Result<Message, CodecError> {
+    if frame.len() < 4 {
+        return Err(CodecError::Truncated);
+    }
+    let len = frame.get_u32() as usize;
+    if len != frame.len() {
+        return Err(CodecError::Invalid("frame length"));
+    }
+    let msg = parse(&mut frame)?;
+    if frame.has_remaining() {
+        return Err(CodecError::Trailing(frame.remaining()));
+    }
+    Ok(msg)
 }
 
 /// `buf` holds the start of a frame with a `body`-byte body (already checked against

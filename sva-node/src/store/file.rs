@@ -14,8 +14,9 @@
 //!   back, and the read buffer is not zero-filled first. A read of a range wholly in the page
 //!   cache (`cachestat`) copies it from there instead: a direct read would write it back and
 //!   read it from the device. A direct write is copied first into a per-thread staging
-//!   buffer backed by a transparent huge page ([`Stage`]: the device then gets one
-//!   physically contiguous piece); unaligned ranges, or a filesystem that refuses direct
+//!   buffer backed by a transparent huge page (a [`HugeBuf`]: the device then gets one
+//!   physically contiguous piece), unless it already lies in one (a resync copy received
+//!   into one, [`hugebuf::holds`]); unaligned ranges, or a filesystem that refuses direct
 //!   I/O, take the buffered path.
 //! - `flush` is a group commit: concurrent callers share one `fdatasync`. A caller needs a
 //!   sync that *started after* it called (earlier syncs may miss its writes); whoever finds
@@ -31,6 +32,7 @@ use std::sync::{Condvar, Mutex};
 
 use bytes::Bytes;
 
+use super::hugebuf::{self, HugeBuf, HUGE_BYTES};
 use super::{check_range, BlockBackend, Mapping};
 
 /// Largest zero buffer written at once when punching holes is not supported.
@@ -42,73 +44,10 @@ const DIRECT_ALIGN: usize = 4096;
 /// Page size for `cachestat` counts (x86-64, aarch64 4K kernels; a larger page only makes
 /// `all_cached` answer no more often, which costs a direct read, never correctness).
 const PAGE_BYTES: u64 = 4096;
-/// Bytes staged at once for a direct write: one x86-64 / aarch64-4K transparent huge page,
-/// and at least a default resync region (1 MiB).
-const STAGE_BYTES: usize = 2 << 20;
-
 thread_local! {
-    /// This thread's staging buffer for `write_at_uncached` (created on first use; the
-    /// threads that write resync copies are the blocking pool's, few, and exit when idle).
-    static STAGE: RefCell<Option<Stage>> = const { RefCell::new(None) };
-}
-
-/// A `STAGE_BYTES` buffer aligned to `STAGE_BYTES` in its own anonymous mapping, which the
-/// kernel is asked to back with one transparent huge page (`MADV_HUGEPAGE`).
-///
-/// Why stage at all: a direct write moves the data from the buffer's physical pages. A
-/// received 1 MiB copy lies in freshly allocated memory, 256 scattered pages: the block layer
-/// splits it at the device's segment limit (254 on virtio-blk) and the device walks 256
-/// pieces. From one huge page it is one physically contiguous piece, the memory is reused
-/// (no page faults, no zeroing) and the copy into it costs ~0.1 ms of CPU. Measured on the
-/// 2-vCPU test VM (2026-12-04, `resync` test `full_resync`, six runs alternated): full resync
-/// 1249-1442 MiB/s staged against 1124-1269 MiB/s written from the receive buffer. Without
-/// huge pages (THP off) the stage is still a reused aligned buffer.
-struct Stage {
-    map: *mut libc::c_void,
-    map_len: usize,
-    buf: *mut u8,
-}
-
-impl Stage {
-    fn new() -> io::Result<Stage> {
-        // Twice the size, so a STAGE_BYTES-aligned STAGE_BYTES lies inside.
-        let map_len = 2 * STAGE_BYTES;
-        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let skew = (map as usize).wrapping_neg() % STAGE_BYTES;
-        // SAFETY: skew < STAGE_BYTES, so buf..buf+STAGE_BYTES lies within the mapping.
-        let buf = unsafe { map.cast::<u8>().add(skew) };
-        // SAFETY: advice on memory this mapping owns. Failure (THP off or unsupported) only
-        // means small pages: still correct.
-        unsafe { libc::madvise(buf.cast(), STAGE_BYTES, libc::MADV_HUGEPAGE) };
-        Ok(Stage { map, map_len, buf })
-    }
-
-    /// The first `n` (≤ `STAGE_BYTES`) bytes.
-    fn get_mut(&mut self, n: usize) -> Option<&mut [u8]> {
-        // SAFETY: buf..buf+STAGE_BYTES is mapped read-write and only reachable through
-        // `&mut self` (the Stage lives in one thread's RefCell).
-        (n <= STAGE_BYTES).then(|| unsafe { std::slice::from_raw_parts_mut(self.buf, n) })
-    }
-}
-
-impl Drop for Stage {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping `new` created; no slice of it outlives `self`.
-        unsafe { libc::munmap(self.map, self.map_len) };
-    }
+    /// This thread's staging buffer for `write_at_uncached` (taken on first use; the threads
+    /// that write resync copies are the blocking pool's, few, and give it back when they exit).
+    static STAGE: RefCell<Option<HugeBuf>> = const { RefCell::new(None) };
 }
 
 /// `cachestat(2)`'s number; since Linux 5.x new system calls have one number on every
@@ -296,19 +235,26 @@ impl FileBackend {
     }
 
     /// Write `buf` (aligned offset and length) through the `O_DIRECT` descriptor, copied
-    /// through this thread's [`Stage`] (`STAGE_BYTES` at a time). `Ok(false)`: direct I/O was
-    /// refused; nothing is known about the range, rewrite it.
+    /// through this thread's staging [`HugeBuf`] (`HUGE_BYTES` at a time) unless it lies in
+    /// one already. `Ok(false)`: direct I/O was refused; nothing is known about the range,
+    /// rewrite it.
     fn write_direct(&self, direct: &File, buf: &[u8], offset: u64) -> io::Result<bool> {
+        // Received straight into a huge buffer (a resync copy): one contiguous piece already.
+        if hugebuf::holds(buf) && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
+            return refused_is_false(direct.write_all_at(buf, offset));
+        }
         STAGE.with(|cell| {
             let mut slot = cell.borrow_mut();
             let stage = match slot.as_mut() {
                 Some(stage) => stage,
-                None => slot.insert(Stage::new()?),
+                None => slot.insert(HugeBuf::take()?),
             };
             let mut done = 0usize;
             while done < buf.len() {
-                let n = (buf.len() - done).min(STAGE_BYTES);
-                let (Some(staged), Some(src)) = (stage.get_mut(n), buf.get(done..done + n)) else {
+                let n = (buf.len() - done).min(HUGE_BYTES);
+                let (Some(staged), Some(src)) =
+                    (stage.as_mut_slice().get_mut(..n), buf.get(done..done + n))
+                else {
                     return Ok(false);
                 };
                 staged.copy_from_slice(src);
@@ -658,7 +604,7 @@ mod tests {
         let b = FileBackend::open(&dir.path().join("v"), 8 << 20, true).unwrap();
         // Two whole stages and a page: three direct writes from one staging buffer, each
         // refilled, so a stale stage would show as a repeated 2 MiB piece.
-        let len = 2 * STAGE_BYTES + DIRECT_ALIGN;
+        let len = 2 * HUGE_BYTES + DIRECT_ALIGN;
         let data: Vec<u8> = (0..len)
             .map(|i| (i / 4096 % 251) as u8 ^ (i as u8))
             .collect();
@@ -667,6 +613,27 @@ mod tests {
         let mut got = vec![0u8; len];
         b.read_at(&mut got, 1 << 20).unwrap();
         assert!(got == data, "a write spanning three stages reads back");
+    }
+
+    #[test]
+    fn uncached_writes_from_a_huge_buffer_land_without_staging() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBackend::open(&dir.path().join("v"), 4 << 20, true).unwrap();
+        let mut hb = HugeBuf::take().unwrap();
+        let data = &mut hb.as_mut_slice()[DIRECT_ALIGN..DIRECT_ALIGN + (1 << 20)];
+        for (i, x) in data.iter_mut().enumerate() {
+            *x = (i % 241) as u8;
+        }
+        let data = &hb.as_slice()[DIRECT_ALIGN..DIRECT_ALIGN + (1 << 20)];
+        assert!(hugebuf::holds(data));
+        b.write_at_uncached(data, 2 << 20).unwrap();
+        b.flush().unwrap();
+        let mut got = vec![0u8; 1 << 20];
+        b.read_at(&mut got, 2 << 20).unwrap();
+        assert!(
+            got[..] == data[..],
+            "a write straight from a huge buffer reads back"
+        );
     }
 
     #[test]

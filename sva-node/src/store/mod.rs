@@ -66,6 +66,7 @@ pub trait BlockBackend: Send + Sync + 'static {
 
 pub mod fault;
 pub mod file;
+pub mod hugebuf;
 pub mod mem;
 pub mod region;
 
