@@ -696,18 +696,24 @@ fn survivor_with_dirty_region_0() -> (Engine, Millis) {
     (p1, t + 3)
 }
 
-#[test]
-fn a_restarted_plex_joins_as_learner_gets_its_dirty_regions_copied_and_rejoins_in_sync() {
-    let (mut p1, t) = survivor_with_dirty_region_0();
-    // Plex 2 restarts; its activity log says it may differ in region 3.
+/// Plex 2 restarted with valid data, no bitmaps, and `activity_log` recovered, in the epoch
+/// where plex 1 serves alone.
+fn restarted_plex_2(t: Millis, activity_log: &[u64]) -> Engine {
     let recovered = Recovered {
-        activity_log: BTreeSet::from([3]),
+        activity_log: activity_log.iter().copied().collect(),
         bitmaps: BTreeMap::new(),
         data_valid: true,
         full_pending: false,
         filled: BTreeSet::new(),
     };
-    let mut p2 = Engine::new(small_cfg(2), stale_two(2), t, Start::Restart(recovered));
+    Engine::new(small_cfg(2), stale_two(2), t, Start::Restart(recovered))
+}
+
+#[test]
+fn a_restarted_plex_joins_as_learner_gets_its_dirty_regions_copied_and_rejoins_in_sync() {
+    let (mut p1, t) = survivor_with_dirty_region_0();
+    // Plex 2 restarts; its activity log says it may differ in region 3.
+    let mut p2 = restarted_plex_2(t, &[3]);
     assert_eq!(
         drain(&mut p2),
         vec![Command::PathState(PathState::Unavailable)]
@@ -1278,14 +1284,7 @@ fn logs_settle_between_heartbeats_whichever_plex_originates() {
 #[test]
 fn links_coming_up_resend_the_join_the_accept_and_the_copies_at_once() {
     let (mut p1, t) = survivor_with_dirty_region_0();
-    let recovered = Recovered {
-        activity_log: BTreeSet::from([3]),
-        bitmaps: BTreeMap::new(),
-        data_valid: true,
-        full_pending: false,
-        filled: BTreeSet::new(),
-    };
-    let mut p2 = Engine::new(small_cfg(2), stale_two(2), t, Start::Restart(recovered));
+    let mut p2 = restarted_plex_2(t, &[3]);
     drain(&mut p2);
     p2.handle_timeout(t);
     let first = drain(&mut p2);
@@ -1373,14 +1372,7 @@ fn links_coming_up_resend_the_join_the_accept_and_the_copies_at_once() {
 #[test]
 fn a_learner_reports_its_prefix_once_it_applied_what_the_source_heartbeat_names() {
     let (_, t) = survivor_with_dirty_region_0();
-    let recovered = Recovered {
-        activity_log: BTreeSet::new(),
-        bitmaps: BTreeMap::new(),
-        data_valid: true,
-        full_pending: false,
-        filled: BTreeSet::new(),
-    };
-    let mut p2 = Engine::new(small_cfg(2), stale_two(2), t, Start::Restart(recovered));
+    let mut p2 = restarted_plex_2(t, &[]);
     drain(&mut p2);
     let accept = Message::JoinAccept {
         membership: stale_two(2),
