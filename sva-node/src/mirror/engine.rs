@@ -977,25 +977,7 @@ impl Engine {
                 // now, not after a gap report or `RETRANSMIT_MS` (the copy window stalls
                 // until then).
                 self.on_resend(peer, from);
-                let epoch = self.epoch();
-                let mut out = Vec::new();
-                if let Some(l) = self.learners.get_mut(&peer) {
-                    for (s, c) in l.copies.iter_mut() {
-                        if let Some(d) = &c.data {
-                            if *s > l.applied_prefix {
-                                c.sent_at = now;
-                                out.push(Message::CopyData {
-                                    epoch,
-                                    seq: *s,
-                                    data: d.clone(),
-                                });
-                            }
-                        }
-                    }
-                }
-                for m in out {
-                    self.send(peer, m);
-                }
+                self.resend_copy_data(now, Some(peer), 0);
             }
             _ => {}
         }
@@ -1034,7 +1016,7 @@ impl Engine {
                 self.heartbeat_learner(now, id);
             }
         }
-        self.resend_copy_data(now);
+        self.resend_copy_data(now, None, RETRANSMIT_MS);
         // Retransmit forwards not yet ordered.
         if matches!(self.role, Role::Active) && !self.i_am_sequencer() {
             let seqr = self.membership.sequencer;
@@ -2700,13 +2682,18 @@ impl Engine {
         }
     }
 
-    fn resend_copy_data(&mut self, now: Millis) {
+    /// Send again the copy data the learners (or just `only`) have not applied, where it was
+    /// last sent at least `min_age` ago.
+    fn resend_copy_data(&mut self, now: Millis, only: Option<PlexId>, min_age: Millis) {
         let epoch = self.epoch();
         let mut out = Vec::new();
         for (t, l) in self.learners.iter_mut() {
+            if only.is_some_and(|o| o != *t) {
+                continue;
+            }
             for (s, c) in l.copies.iter_mut() {
                 if let Some(d) = &c.data {
-                    if now >= c.sent_at + RETRANSMIT_MS && *s > l.applied_prefix {
+                    if now >= c.sent_at + min_age && *s > l.applied_prefix {
                         c.sent_at = now;
                         out.push((
                             *t,

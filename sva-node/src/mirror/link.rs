@@ -460,9 +460,7 @@ async fn serve_peer(
             inbound.deliver(peer, msgs);
         }
         if let Some((frame, at)) = huge {
-            let m = read_huge_frame(&mut s, &mut buf, frame, at)
-                .await?
-                .map_err(|e| bad(&format!("peer {peer} sent a bad frame: {e}")))?;
+            let m = read_huge_frame(&mut s, &mut buf, frame, at, peer).await?;
             if inbound.closed() {
                 return Ok(());
             }
@@ -496,7 +494,8 @@ async fn read_huge_frame(
     buf: &mut BytesMut,
     frame: usize,
     at: usize,
-) -> std::io::Result<Result<Message, msg::CodecError>> {
+    peer: PlexId,
+) -> std::io::Result<Message> {
     let mut hb = HugeBuf::take()?;
     let have = buf.len().min(frame);
     let Some(dst) = hb.as_mut_slice().get_mut(at..at + frame) else {
@@ -517,7 +516,7 @@ async fn read_huge_frame(
         at,
         len: frame,
     });
-    Ok(msg::decode_frame(bytes))
+    msg::decode_frame(bytes).map_err(|e| bad(&format!("peer {peer} sent a bad frame: {e}")))
 }
 
 async fn acceptor_handshake(cfg: &LinkConfig, s: &mut TcpStream) -> std::io::Result<PlexId> {

@@ -427,12 +427,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, CodecError> {
         return Ok(None);
     }
     buf.advance(4);
-    let mut body = buf.split_to(len).freeze();
-    let msg = parse(&mut body)?;
-    if body.has_remaining() {
-        return Err(CodecError::Trailing(body.remaining()));
-    }
-    Ok(Some(msg))
+    parse_body(buf.split_to(len).freeze()).map(Some)
 }
 
 /// If `buf` starts with the header of a large `CopyData` frame that fits in a
@@ -444,7 +439,8 @@ pub fn huge_copy_frame(buf: &[u8]) -> Option<(usize, usize)> {
         return None;
     };
     let body = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    if kind != K_COPY_DATA || !(FRAME_OWN_BUFFER_BYTES..=FRAME_BYTES_MAX).contains(&body) {
+    // Larger than a huge buffer (beyond FRAME_BYTES_MAX too): `decode`'s to take or refuse.
+    if kind != K_COPY_DATA || body < FRAME_OWN_BUFFER_BYTES {
         return None;
     }
     let frame = 4 + body;
@@ -462,9 +458,14 @@ pub fn decode_frame(mut frame: Bytes) -> Result<Message, CodecError> {
     if len != frame.len() {
         return Err(CodecError::Invalid("frame length"));
     }
-    let msg = parse(&mut frame)?;
-    if frame.has_remaining() {
-        return Err(CodecError::Trailing(frame.remaining()));
+    parse_body(frame)
+}
+
+/// One frame's body, wholly: a message with no bytes left over.
+fn parse_body(mut body: Bytes) -> Result<Message, CodecError> {
+    let msg = parse(&mut body)?;
+    if body.has_remaining() {
+        return Err(CodecError::Trailing(body.remaining()));
     }
     Ok(msg)
 }

@@ -691,12 +691,10 @@ impl Sim {
 
     /// The driver of `from` reports its link to `to` up (if `from` runs).
     fn report_link_up(&mut self, from: PlexId, to: PlexId) {
-        let Some(n) = self.nodes.iter().position(|nd| nd.id == from) else {
+        let running = |nd: &Node| nd.id == from && nd.engine.is_some();
+        let Some(n) = self.nodes.iter().position(running) else {
             return;
         };
-        if self.nodes[n].engine.is_none() {
-            return;
-        }
         self.trace(|| format!("LINK UP {from} -> {to}"));
         let now = self.now;
         if let Some(e) = self.nodes[n].engine.as_mut() {
@@ -706,11 +704,11 @@ impl Sim {
     }
 
     fn heal_all(&mut self) {
-        let cut: Vec<(PlexId, PlexId)> = self.down.keys().copied().collect();
-        for (from, to) in cut {
-            self.down.remove(&(from, to));
-            self.report_link_up(from, to);
+        let now = self.now;
+        for until in self.down.values_mut() {
+            *until = now;
         }
+        self.links_healed();
         self.witness_cut.clear();
         for n in &mut self.nodes {
             if n.engine.is_none() {
