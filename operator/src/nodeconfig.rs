@@ -251,6 +251,7 @@ pub fn config(
             region_bytes: None,
             resync_bytes_per_sec: None,
             activity_log_regions: None,
+            ack_spin_micros: None,
         }),
     })
 }

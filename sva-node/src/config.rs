@@ -156,6 +156,12 @@ pub struct MirrorSection {
     /// regions: fewer log writes under scattered writes, more to resync after a crash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activity_log_regions: Option<u64>,
+    /// How long, in microseconds, a node whose only write in flight waits on its peers'
+    /// acks by polling the links itself before it sleeps (default [`ACK_SPIN_MICROS_DEFAULT`];
+    /// 0: never). Polling saves the wake-up of a sleeping thread, about half a round trip
+    /// on a VM, at the price of that much CPU per write; see the README.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack_spin_micros: Option<u64>,
 }
 
 /// Default `mirror.regionBytes`: 1 MiB (DESIGN.md §6).
@@ -164,6 +170,11 @@ pub const REGION_BYTES_DEFAULT: u64 = 1 << 20;
 pub const REGION_BYTES_MAX: u64 = 1 << 30;
 /// Default `mirror.activityLogRegions`.
 pub const ACTIVITY_LOG_REGIONS_DEFAULT: u64 = 1024;
+/// Default `mirror.ackSpinMicros`: above a cross-CPU loopback round trip plus a peer's
+/// write on a small VM (about 60 µs; see the README), below a write-through flush.
+pub const ACK_SPIN_MICROS_DEFAULT: u64 = 200;
+/// Largest `mirror.ackSpinMicros`: beyond this a sleep costs less than the CPU spent.
+pub const ACK_SPIN_MICROS_MAX: u64 = 10_000;
 /// Largest `mirror.activityLogRegions` (the log is read whole at start).
 pub const ACTIVITY_LOG_REGIONS_MAX: u64 = 1 << 20;
 
@@ -180,6 +191,10 @@ impl MirrorSection {
     pub fn activity_log_regions(&self) -> usize {
         self.activity_log_regions
             .unwrap_or(ACTIVITY_LOG_REGIONS_DEFAULT) as usize
+    }
+    /// `ackSpinMicros` or its default.
+    pub fn ack_spin(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.ack_spin_micros.unwrap_or(ACK_SPIN_MICROS_DEFAULT))
     }
 }
 
@@ -493,6 +508,14 @@ impl Config {
                 return Err(invalid(
                     "mirror.activityLogRegions",
                     format!("{n} must be between 1 and {ACTIVITY_LOG_REGIONS_MAX}"),
+                ));
+            }
+        }
+        if let Some(us) = m.ack_spin_micros {
+            if us > ACK_SPIN_MICROS_MAX {
+                return Err(invalid(
+                    "mirror.ackSpinMicros",
+                    format!("{us} exceeds {ACK_SPIN_MICROS_MAX} (0 turns polling off)"),
                 ));
             }
         }
@@ -873,6 +896,7 @@ stateDir: /tmp/state
         assert_eq!(m.region_bytes(), 1 << 20);
         assert_eq!(m.resync_bytes_per_sec(), 0);
         assert_eq!(m.activity_log_regions(), 1024);
+        assert_eq!(m.ack_spin(), std::time::Duration::from_micros(200));
         let with = |extra: &str| Config::parse(&format!("{}{extra}", mirrored(w)));
         let m =
             with("  regionBytes: 65536\n  resyncBytesPerSec: 1000000\n  activityLogRegions: 64\n")
@@ -887,6 +911,8 @@ stateDir: /tmp/state
             ),
             (65536, 1_000_000, 64)
         );
+        let m = with("  ackSpinMicros: 0\n").unwrap().mirror.unwrap();
+        assert_eq!(m.ack_spin(), std::time::Duration::ZERO);
         for (extra, want) in [
             ("  regionBytes: 1000000\n", "mirror.regionBytes"),
             (
@@ -895,6 +921,7 @@ stateDir: /tmp/state
             ),
             ("  regionBytes: 4294967296\n", "mirror.regionBytes"),
             ("  activityLogRegions: 0\n", "mirror.activityLogRegions"),
+            ("  ackSpinMicros: 10001\n", "mirror.ackSpinMicros"),
             (
                 "  resyncBytesPerSec: 1000000000000000\n",
                 "mirror.resyncBytesPerSec",

@@ -236,6 +236,7 @@ fn start_all(
             region_bytes: None,
             resync_bytes_per_sec: None,
             activity_log_regions: None,
+            ack_spin_micros: None,
         })
     } else {
         None

@@ -100,6 +100,8 @@ pub struct MirrorTuning {
     pub resync_bytes_per_sec: Option<u64>,
     /// `mirror.activityLogRegions`: activity log capacity (node default 1024).
     pub activity_log_regions: Option<u64>,
+    /// `mirror.ackSpinMicros`: how long a lone write polls for its acks (node default 200).
+    pub ack_spin_micros: Option<u64>,
 }
 
 impl Default for SvaNodeOptions {
@@ -183,6 +185,7 @@ pub fn render_config(opts: &SvaNodeOptions, portal: SocketAddr, paths: &NodePath
             ("regionBytes", t.region_bytes),
             ("resyncBytesPerSec", t.resync_bytes_per_sec),
             ("activityLogRegions", t.activity_log_regions),
+            ("ackSpinMicros", t.ack_spin_micros),
         ] {
             if let Some(v) = v {
                 value["mirror"][key] = serde_json::json!(v);

@@ -274,6 +274,10 @@ pub struct Metrics {
     /// Online verify of the last (or running) pass: regions compared, regions that differed.
     verify_regions_done: AtomicU64,
     verify_mismatched_regions: AtomicU64,
+    /// Lone mirrored ops whose submitter polled for the acks: acked while polling, or
+    /// gave up and slept (`mirror.ackSpinMicros`).
+    ack_polls_acked: AtomicU64,
+    ack_polls_slept: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -293,6 +297,8 @@ impl Metrics {
             plexes: RwLock::new(BTreeMap::new()),
             verify_regions_done: AtomicU64::new(0),
             verify_mismatched_regions: AtomicU64::new(0),
+            ack_polls_acked: AtomicU64::new(0),
+            ack_polls_slept: AtomicU64::new(0),
         }
     }
 
@@ -302,6 +308,16 @@ impl Metrics {
             .store(regions_done, Ordering::Relaxed);
         self.verify_mismatched_regions
             .store(mismatched_regions, Ordering::Relaxed);
+    }
+
+    /// A lone op's submitter polled for its acks: `acked` if they came while it polled.
+    pub fn ack_polled(&self, acked: bool) {
+        let c = if acked {
+            &self.ack_polls_acked
+        } else {
+            &self.ack_polls_slept
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     fn op(&self, class: OpClass) -> &OpStats {
@@ -628,6 +644,22 @@ impl Metrics {
             "sva_verify_mismatched_regions {}",
             self.verify_mismatched_regions.load(Ordering::Relaxed)
         );
+        header(
+            w,
+            "sva_mirror_ack_polls_total",
+            "counter",
+            "Lone mirrored ops whose node polled the links for their acks: acked while polling, or slept after mirror.ackSpinMicros.",
+        );
+        for (result, c) in [
+            ("acked", &self.ack_polls_acked),
+            ("slept", &self.ack_polls_slept),
+        ] {
+            let _ = writeln!(
+                w,
+                "sva_mirror_ack_polls_total{{result=\"{result}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
         out
     }
 }
@@ -801,6 +833,9 @@ mod tests {
         p2.add_resync_copied(4096);
         p2.add_resync_copied(8192);
         m.set_verify(12, 2);
+        m.ack_polled(true);
+        m.ack_polled(true);
+        m.ack_polled(false);
         m.plex(1, PlexState::InSync).expect("room for plex");
 
         let text = m.render();
@@ -852,6 +887,15 @@ mod tests {
         );
         assert_eq!(value(&s, "sva_verify_regions_done", &[]), 12.0);
         assert_eq!(value(&s, "sva_verify_mismatched_regions", &[]), 2.0);
+        assert_eq!(types["sva_mirror_ack_polls_total"], "counter");
+        assert_eq!(
+            value(&s, "sva_mirror_ack_polls_total", &[("result", "acked")]),
+            2.0
+        );
+        assert_eq!(
+            value(&s, "sva_mirror_ack_polls_total", &[("result", "slept")]),
+            1.0
+        );
 
         for op in ["read", "write", "other"] {
             let buckets: Vec<(f64, f64)> = s

@@ -184,6 +184,7 @@ pub async fn start(
         listener,
         state: Arc::new(state),
         resync_bytes_per_sec: m.resync_bytes_per_sec(),
+        ack_spin: m.ack_spin(),
         metrics,
     });
     if defer_marker || full_pending {

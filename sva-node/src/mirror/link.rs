@@ -30,6 +30,12 @@
 //! - **Receive**: the reader task of an accepted connection decodes every whole frame it has
 //!   and hands them, in order, to the [`Inbound`] sink on its own thread (the node feeds its
 //!   engine there), instead of queueing them for another task.
+//! - **Receive while waiting**: a node whose only write in flight waits for its peers' acks
+//!   receives on their connections itself ([`Links::poll_received`], polled by the node for
+//!   at most `mirror.ackSpinMicros`). It does not sleep, so the ack needs no wake-up: on a
+//!   VM, waking an idle vCPU costs about half a loopback round trip. The connection's
+//!   receive buffer sits behind a lock that whoever reads holds while it decodes and
+//!   delivers, so frames still arrive whole, once and in order.
 //!
 //! Handshake (DESIGN.md §9: an unauthenticated replication port would let anyone write the
 //! volume). Both sides prove knowledge of the volume's replication secret over fresh nonces:
@@ -64,6 +70,10 @@ pub const SEND_BUFFER_MAX: usize = 32 << 20;
 /// writer task. Above this a frame's copy into the socket takes longer than the writer
 /// task's wake-up, and it would be taken with the engine lock held.
 pub const INLINE_FRAME_BYTES_MAX: usize = 64 << 10;
+/// Receive buffer of a connection, grown by this much when it runs low.
+const RX_BUFFER_BYTES: usize = 64 << 10;
+/// Least free space in the receive buffer before a read.
+const RX_READ_MIN: usize = 16 << 10;
 /// Delay between connection attempts to an unreachable peer.
 pub const RECONNECT_DELAY: Duration = Duration::from_millis(100);
 /// A handshake must finish within this time.
@@ -101,6 +111,8 @@ struct PeerTx {
     /// is up (a restarted peer's link came up [`RECONNECT_DELAY`] late without it, and
     /// whatever was sent to the peer meanwhile was dropped).
     redial: Notify,
+    /// The connection this peer dialled to us, while it is up.
+    rx: std::sync::Mutex<Option<Arc<RxConn>>>,
 }
 
 #[derive(Default)]
@@ -234,6 +246,32 @@ impl Links {
             Ok(false) | Err(_) => tx.wake.notify_one(),
         }
     }
+}
+
+impl Links {
+    /// Receive on this thread what the peers sent so far and deliver it to `inbound`
+    /// without waiting: for a sender whose reply is due within a round trip, so that it
+    /// need not sleep and be woken for it (see the module doc). A connection whose reader
+    /// task is busy is left to it.
+    pub fn poll_received(&self, inbound: &dyn Inbound) {
+        for tx in self.peers.values() {
+            let Some(conn) = lock_rx(&tx.rx).clone() else {
+                continue;
+            };
+            let Ok(mut buf) = conn.buf.try_lock() else {
+                continue;
+            };
+            // An error or a closed connection is the reader task's to handle: it finds the
+            // same when it reads next.
+            let _ = pump(&conn, &mut buf, inbound, Read::Direct);
+        }
+    }
+}
+
+fn lock_rx(
+    m: &std::sync::Mutex<Option<Arc<RxConn>>>,
+) -> std::sync::MutexGuard<'_, Option<Arc<RxConn>>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn lock(m: &std::sync::Mutex<TxState>) -> std::sync::MutexGuard<'_, TxState> {
@@ -431,44 +469,150 @@ async fn serve_peer(
     let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor_handshake(cfg, &mut s))
         .await
         .map_err(|_| bad("handshake timed out"))??;
-    if let Some(tx) = peers.get(&peer) {
+    let conn = Arc::new(RxConn {
+        stream: s,
+        peer,
+        buf: tokio::sync::Mutex::new(BytesMut::with_capacity(RX_BUFFER_BYTES)),
+    });
+    let tx = peers.get(&peer);
+    if let Some(tx) = tx {
         // A writer between two dials (it is not waiting otherwise) dials now; a stored
         // permit makes its next wait return at once, which costs one early dial at most.
         tx.redial.notify_one();
+        *lock_rx(&tx.rx) = Some(conn.clone());
     }
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let result = receive(&conn, inbound).await;
+    if let Some(tx) = tx {
+        let mut rx = lock_rx(&tx.rx);
+        if rx.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+            *rx = None;
+        }
+    }
+    result
+}
+
+/// The reader task of one accepted connection: deliver what arrives until it closes. A
+/// sender waiting for a reply may receive on the connection meanwhile
+/// ([`Links::poll_received`]); the buffer's lock keeps frames whole and in order.
+async fn receive(conn: &RxConn, inbound: &Arc<dyn Inbound>) -> std::io::Result<()> {
+    loop {
+        let mut buf = conn.buf.lock().await;
+        match pump(conn, &mut buf, inbound.as_ref(), Read::Tokio)? {
+            Pumped::Drained => {
+                drop(buf);
+                conn.stream.readable().await?;
+            }
+            Pumped::Huge { frame, at } => {
+                let m = read_huge_frame(&conn.stream, &mut buf, frame, at, conn.peer).await?;
+                if inbound.closed() {
+                    return Ok(());
+                }
+                inbound.deliver(conn.peer, vec![m]);
+            }
+            Pumped::Closed => return Ok(()),
+        }
+    }
+}
+
+/// One accepted connection's receiving side.
+struct RxConn {
+    stream: TcpStream,
+    peer: PlexId,
+    /// Bytes read and not yet decoded. Whoever holds it reads the socket and delivers.
+    buf: tokio::sync::Mutex<BytesMut>,
+}
+
+/// How [`pump`] reads the socket.
+#[derive(Clone, Copy)]
+enum Read {
+    /// Through tokio, which clears the socket's readiness when it runs dry: for the reader
+    /// task, which then waits for it.
+    Tokio,
+    /// Straight from the kernel. Tokio answers a read with "would block" until its driver
+    /// has seen the socket readable, which it cannot while this thread spins; the extra
+    /// wake-up of the reader task this leaves behind comes after the reply, not before.
+    Direct,
+}
+
+/// One non-blocking `recv` into `buf`'s spare capacity.
+fn recv_now(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: the kernel writes at most `spare.len()` bytes into the spare capacity, and
+    // exactly the `n` it reports are then marked initialised.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: see above.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+/// How [`pump`] stopped.
+enum Pumped {
+    /// The socket has nothing more now.
+    Drained,
+    /// A resync copy's frame of `frame` bytes starts the buffer, not all of it read: it is
+    /// to be received into a huge buffer at `at` (the reader task's job).
+    Huge { frame: usize, at: usize },
+    /// The receiver is gone.
+    Closed,
+}
+
+/// Deliver every whole frame in `buf`, read what the socket has (never blocking), and
+/// repeat until it has nothing more or a resync copy is to be received whole.
+fn pump(
+    conn: &RxConn,
+    buf: &mut BytesMut,
+    inbound: &dyn Inbound,
+    read: Read,
+) -> std::io::Result<Pumped> {
     loop {
         let mut msgs = Vec::new();
         let mut huge = None;
         loop {
-            if let Some((frame, at)) = msg::huge_copy_frame(&buf) {
+            if let Some((frame, at)) = msg::huge_copy_frame(buf) {
                 if buf.len() < frame {
-                    huge = Some((frame, at));
+                    huge = Some(Pumped::Huge { frame, at });
                     break;
                 }
             }
-            match msg::decode(&mut buf) {
+            match msg::decode(buf) {
                 Ok(Some(m)) => msgs.push(m),
                 Ok(None) => break,
-                Err(e) => return Err(bad(&format!("peer {peer} sent a bad frame: {e}"))),
+                Err(e) => return Err(bad(&format!("peer {} sent a bad frame: {e}", conn.peer))),
             }
+        }
+        if inbound.closed() {
+            return Ok(Pumped::Closed);
         }
         if !msgs.is_empty() {
-            if inbound.closed() {
-                return Ok(());
-            }
-            inbound.deliver(peer, msgs);
+            inbound.deliver(conn.peer, msgs);
         }
-        if let Some((frame, at)) = huge {
-            let m = read_huge_frame(&mut s, &mut buf, frame, at, peer).await?;
-            if inbound.closed() {
-                return Ok(());
-            }
-            inbound.deliver(peer, vec![m]);
-            continue;
+        if let Some(huge) = huge {
+            return Ok(huge);
         }
-        if s.read_buf(&mut buf).await? == 0 {
-            return Err(bad("peer closed the connection"));
+        if buf.capacity() - buf.len() < RX_READ_MIN {
+            buf.reserve(RX_BUFFER_BYTES);
+        }
+        let got = match read {
+            Read::Tokio => conn.stream.try_read_buf(buf),
+            Read::Direct => recv_now(&conn.stream, buf),
+        };
+        match got {
+            Ok(0) => return Err(bad("peer closed the connection")),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Pumped::Drained),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -490,7 +634,7 @@ impl AsRef<[u8]> for HugeFrame {
 /// `buf` holds of it first, then straight from the socket, never past the frame's end) and
 /// decode it. The buffer goes back to its pool when the last slice of the frame is dropped.
 async fn read_huge_frame(
-    s: &mut TcpStream,
+    s: &TcpStream,
     buf: &mut BytesMut,
     frame: usize,
     at: usize,
@@ -505,11 +649,12 @@ async fn read_huge_frame(
     buf.advance(have);
     let mut filled = have;
     while filled < frame {
-        let n = s.read(&mut dst[filled..]).await?;
-        if n == 0 {
-            return Err(bad("peer closed the connection"));
+        match s.try_read(&mut dst[filled..]) {
+            Ok(0) => return Err(bad("peer closed the connection")),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => s.readable().await?,
+            Err(e) => return Err(e),
         }
-        filled += n;
     }
     let bytes = Bytes::from_owner(HugeFrame {
         buf: hb,
@@ -609,6 +754,20 @@ mod tests {
     }
 
     async fn pair(secret_b: &[u8]) -> (Links, Received, Received) {
+        let p = pair_of(secret_b).await;
+        (p.a, p.ra, p.rb)
+    }
+
+    /// Node 1 (`a`) and node 2 (`b`), with what each received and node 2's sink.
+    struct Pair {
+        a: Links,
+        b: Links,
+        ra: Received,
+        rb: Received,
+        tb: Arc<dyn Inbound>,
+    }
+
+    async fn pair_of(secret_b: &[u8]) -> Pair {
         let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (aa, ab) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
@@ -619,8 +778,8 @@ mod tests {
         start(ca, &a, la, ta);
         let cb = cfg(2, vec![(1, aa.to_string())], secret_b);
         let b = Links::new(&cb);
-        start(cb, &b, lb, tb);
-        (a, ra, rb)
+        start(cb, &b, lb, tb.clone());
+        Pair { a, b, ra, rb, tb }
     }
 
     /// Resend `m` until it arrives (the link comes up asynchronously, as the engine copes).
@@ -652,12 +811,37 @@ mod tests {
     /// go through the ordinary receive buffer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_burst_of_small_and_large_frames_arrives_in_order() {
-        let (a, _ra, mut rb) = pair(b"secret-0123456789").await;
+        burst(false).await;
+    }
+
+    /// The same while another thread keeps receiving on the connection as well (as a
+    /// sender waiting for its acks does): every frame arrives once, whole, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_arrives_in_order_while_a_waiting_sender_receives_too() {
+        burst(true).await;
+    }
+
+    async fn burst(poll_beside: bool) {
+        let Pair {
+            a, b, mut rb, tb, ..
+        } = pair_of(b"secret-0123456789").await;
         first_through(&a, &mut rb, Message::Resend { epoch: 0, from: 0 }).await;
         while tokio::time::timeout(Duration::from_millis(200), rb.recv())
             .await
             .is_ok()
         {}
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let poller = poll_beside.then(|| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut polls = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    b.poll_received(tb.as_ref());
+                    polls += 1;
+                }
+                polls
+            })
+        });
         let n = 200u64;
         for i in 0..n {
             let m = if i % 10 == 0 {
@@ -681,17 +865,56 @@ mod tests {
                 Message::CopyData { seq, data, .. } => {
                     assert_eq!(seq, i);
                     assert!(data.len() == 1 << 20 && data.iter().all(|&b| b == i as u8));
-                    // Received into a huge buffer, ready for a direct write as it is.
-                    assert!(
-                        crate::store::hugebuf::holds(&data),
-                        "copy {i} in a huge buffer"
-                    );
-                    assert_eq!(data.as_ptr() as usize % msg::COPY_DATA_ALIGN, 0);
+                    if !poll_beside {
+                        // Received into a huge buffer, ready for a direct write as it is
+                        // (a poller may have read a copy whole into the ordinary buffer).
+                        assert!(
+                            crate::store::hugebuf::holds(&data),
+                            "copy {i} in a huge buffer"
+                        );
+                        assert_eq!(data.as_ptr() as usize % msg::COPY_DATA_ALIGN, 0);
+                    }
                 }
                 Message::Resend { from, .. } => assert_eq!(from, i),
                 other => panic!("unexpected {other:?}"),
             }
         }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(p) = poller {
+            assert!(p.join().unwrap() > 0);
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), rb.recv())
+                .await
+                .is_err(),
+            "a frame arrived twice"
+        );
+    }
+
+    /// A sender waiting for its ack receives it on its own thread: the reader task cannot
+    /// run here (one thread, never yielded to), so only `poll_received` can deliver it. It
+    /// reads the socket itself: tokio would answer "would block" until its driver, which
+    /// runs on this same thread, has seen the socket readable.
+    #[tokio::test]
+    async fn a_waiting_sender_receives_its_reply_on_its_own_thread() {
+        let Pair { a, b, mut rb, .. } = pair_of(b"secret-0123456789").await;
+        first_through(&a, &mut rb, Message::Resend { epoch: 0, from: 0 }).await;
+        let (probe, mut got) = sink();
+        let reply = Message::Resend { epoch: 7, from: 42 };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut received = None;
+        while received.is_none() && std::time::Instant::now() < deadline {
+            a.send(2, reply.clone());
+            for _ in 0..1000 {
+                b.poll_received(probe.as_ref());
+                if let Ok(m) = got.try_recv() {
+                    received = Some(m);
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        assert_eq!(received, Some((1, reply)));
     }
 
     #[tokio::test]

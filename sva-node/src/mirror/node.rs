@@ -25,7 +25,10 @@
 //! commands it emits in order while still holding the lock; each of those is non-blocking
 //! (write or buffer a message, spawn the apply or the CAS, answer a waiting initiator), so the
 //! lock is held for microseconds. No input hops through another task on its way in or out:
-//! each hop is a thread wake-up on the write's critical path.
+//! each hop is a thread wake-up on the write's critical path. An op that is the node's only
+//! one in flight goes further: its submitter polls the links for the acks itself (up to
+//! `mirror.ackSpinMicros`, and only while acks lately came within that), so the thread
+//! never sleeps between sending the op and answering the initiator (`receive_acks_until`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -134,6 +137,41 @@ struct Shared {
     monitor: Mutex<Monitor>,
     /// `Engine::reads_allowed_until` as of the last engine call (see `publish_lease`).
     read_lease_until: AtomicU64,
+    /// Longest a lone op's submitter polls for its acks (`mirror.ackSpinMicros`).
+    ack_spin: Duration,
+    ack_wait: AckWait,
+}
+
+/// How long lone ops waited for their acks lately, to poll only where it pays: a
+/// write-through volume's ack waits for the peer's flush (about a millisecond), and
+/// polling through all of it would only burn CPU.
+#[derive(Debug, Default)]
+struct AckWait {
+    /// Moving average of the last waits, in nanoseconds (0: none yet).
+    avg_nanos: AtomicU64,
+}
+
+impl AckWait {
+    /// Weight of the newest wait in the average: 1/8.
+    const SHIFT: u32 = 3;
+
+    fn record(&self, waited: Duration) {
+        let w = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        let old = self.avg_nanos.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            w
+        } else {
+            old - (old >> Self::SHIFT) + (w >> Self::SHIFT)
+        };
+        self.avg_nanos.store(new, Ordering::Relaxed);
+    }
+
+    /// Whether a lone op should poll for its acks, polling at most `spin`: yes when waits
+    /// lately ended within it. Waits recorded after a poll gave up keep the average honest,
+    /// so polling resumes once acks come fast again.
+    fn spin_now(&self, spin: Duration) -> bool {
+        !spin.is_zero() && self.avg_nanos.load(Ordering::Relaxed) <= spin.as_nanos() as u64
+    }
 }
 
 /// A running mirror node; clone-cheap handle.
@@ -157,6 +195,8 @@ pub struct MirrorSetup {
     pub state: Arc<StateFiles>,
     /// Resync throttle at start (0: unlimited).
     pub resync_bytes_per_sec: u64,
+    /// Longest a lone op's submitter polls the links for its acks (0: never).
+    pub ack_spin: Duration,
     pub metrics: Arc<Metrics>,
 }
 
@@ -187,6 +227,8 @@ impl MirrorNode {
                 metrics: s.metrics,
                 monitor: Mutex::new(Monitor::default()),
                 read_lease_until: AtomicU64::new(0),
+                ack_spin: s.ack_spin,
+                ack_wait: AckWait::default(),
             }),
         };
         // Run what the engine emitted at construction (its first path state).
@@ -758,10 +800,52 @@ impl MirrorNode {
                 .next_op
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         );
-        let (tx, rx) = oneshot::channel();
-        lock(&self.shared.waiting).insert(id, tx);
+        let (tx, mut rx) = oneshot::channel();
+        let alone = {
+            let mut waiting = lock(&self.shared.waiting);
+            waiting.insert(id, tx);
+            waiting.len() == 1
+        };
+        let started = Instant::now();
         self.with_engine(|e, now| e.submit(now, id, meta));
-        rx.await.unwrap_or(Outcome::Retry)
+        if alone && self.shared.ack_wait.spin_now(self.shared.ack_spin) {
+            let polled = self.receive_acks_until(&mut rx, started + self.shared.ack_spin);
+            self.shared.metrics.ack_polled(polled.is_some());
+            if let Some(outcome) = polled {
+                self.shared.ack_wait.record(started.elapsed());
+                return outcome;
+            }
+        }
+        let outcome = rx.await.unwrap_or(Outcome::Retry);
+        if alone {
+            self.shared.ack_wait.record(started.elapsed());
+        }
+        outcome
+    }
+
+    /// Receive the peers' messages on this thread until op `rx` is complete or `until`
+    /// passes (`None`). The node's only write in flight would otherwise sleep until the
+    /// link's reader task is woken for the ack: on a VM that wake-up of an idle vCPU is
+    /// about half a loopback round trip (README, "Mirrored writes"). Yielding between polls
+    /// lets a peer or initiator that shares this CPU run.
+    fn receive_acks_until(
+        &self,
+        rx: &mut oneshot::Receiver<Outcome>,
+        until: Instant,
+    ) -> Option<Outcome> {
+        let inbound = EngineInbound(Arc::downgrade(&self.shared));
+        loop {
+            match rx.try_recv() {
+                Ok(outcome) => return Some(outcome),
+                Err(oneshot::error::TryRecvError::Closed) => return Some(Outcome::Retry),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            self.shared.links.poll_received(&inbound);
+            std::thread::yield_now();
+        }
     }
 
     /// The sense for a command this node cannot complete now: Transitioning makes the
@@ -1018,6 +1102,34 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lone ops poll for their acks while acks come within the poll; a run of slow ones
+    /// (a write-through flush on the peer) stops it, and fast ones bring it back.
+    #[test]
+    fn ack_polling_follows_how_long_acks_take() {
+        let spin = Duration::from_micros(200);
+        let w = AckWait::default();
+        assert!(w.spin_now(spin), "polls until it knows better");
+        assert!(!w.spin_now(Duration::ZERO), "0 turns polling off");
+        for _ in 0..20 {
+            w.record(Duration::from_micros(80));
+        }
+        assert!(w.spin_now(spin));
+        for _ in 0..20 {
+            w.record(Duration::from_millis(1));
+        }
+        assert!(
+            !w.spin_now(spin),
+            "acks that wait for a flush are slept for"
+        );
+        let mut fast = 0;
+        while !w.spin_now(spin) {
+            w.record(Duration::from_micros(80));
+            fast += 1;
+            assert!(fast < 100, "polling never came back");
+        }
+        assert!(fast > 1, "one fast ack is not a trend");
+    }
 
     #[test]
     fn progress_line_reads_like_the_design() {

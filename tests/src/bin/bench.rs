@@ -26,8 +26,8 @@ use clap::Parser;
 
 use sva_tests::tools::{parse_bench_seconds, qemu_img_bench, BenchCase, BENCH_CASES};
 use sva_tests::{
-    have_tools, CacheMode, IscsiTarget, MirroredVolume, MirroredVolumeOptions, SvaNode,
-    SvaNodeOptions, Tgtd, TgtdOptions,
+    have_tools, CacheMode, IscsiTarget, MirrorTuning, MirroredVolume, MirroredVolumeOptions,
+    SvaNode, SvaNodeOptions, Tgtd, TgtdOptions,
 };
 
 #[derive(Parser, Debug)]
@@ -40,7 +40,8 @@ struct Args {
     /// base-wb, base-wt: sva-node from `$SVA_BENCH_BASE_BIN` (an older build, to compare a
     /// change side by side in one run); mirror-wb, mirror-wt: a 2-plex mirrored volume
     /// through path 1 (the sequencer), mirror-wb-p2, mirror-wt-p2: its own such volume
-    /// through path 2 (writes forwarded to the sequencer).
+    /// through path 2 (writes forwarded to the sequencer); any of these with `-nopoll`: the
+    /// same with `mirror.ackSpinMicros: 0` (a lone write sleeps until its acks arrive).
     #[arg(long, default_value = "sva-wb,sva-wt,tgt", value_delimiter = ',')]
     targets: Vec<String>,
     /// Runs per case and target; the median is reported.
@@ -155,6 +156,7 @@ impl IscsiTarget for MirrorPath {
 /// whose path is benchmarked.
 fn parse_mirror(name: &str) -> Option<(CacheMode, u16)> {
     let rest = name.strip_prefix("mirror-")?;
+    let rest = rest.strip_suffix("-nopoll").unwrap_or(rest);
     let (mode, plex) = match rest.split_once("-p") {
         Some((mode, plex)) => (mode, plex.parse::<u16>().ok()?),
         None => (rest, 1),
@@ -214,6 +216,10 @@ fn start_target(name: &str, args: &Args) -> Result<Box<dyn IscsiTarget>> {
             cache_mode: mode,
             size_bytes: args.size,
             base_dir: args.dir.clone(),
+            tuning: MirrorTuning {
+                ack_spin_micros: name.ends_with("-nopoll").then_some(0),
+                ..MirrorTuning::default()
+            },
             ..MirroredVolumeOptions::default()
         })?;
         Ok(Box::new(MirrorPath { volume, plex, mode }))
@@ -227,7 +233,7 @@ fn start_target(name: &str, args: &Args) -> Result<Box<dyn IscsiTarget>> {
             Some((mode, plex)) => mirror(mode, plex),
             None => bail!(
                 "unknown target {other} (sva-wb, sva-wt, tgt, tgt-wt, base-wb, base-wt, \
-                 mirror-wb, mirror-wt, mirror-wb-p2, mirror-wt-p2)"
+                 mirror-wb, mirror-wt, mirror-wb-p2, mirror-wt-p2, each mirror-* with -nopoll)"
             ),
         },
     }
@@ -617,6 +623,10 @@ mod tests {
         assert_eq!(
             parse_mirror("mirror-wt-p2"),
             Some((CacheMode::WriteThrough, 2))
+        );
+        assert_eq!(
+            parse_mirror("mirror-wb-p2-nopoll"),
+            Some((CacheMode::WriteBack, 2))
         );
         assert_eq!(parse_mirror("mirror-wb-p3"), None);
         assert_eq!(parse_mirror("mirror-wb-p0"), None);
