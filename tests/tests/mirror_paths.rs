@@ -112,20 +112,18 @@ fn lone_writes_are_acked_while_the_origin_polls() {
     })
     .expect("start mirrored volume");
     const WRITES: u64 = 300;
-    let pattern = |i: u64| 1 + (i % 250) as u8;
-    let cmds: Vec<String> = (0..WRITES)
-        .map(|i| format!("write -P {:#x} {} 4k", pattern(i), i * 4096))
-        .collect();
-    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    let out = tools::qemu_io(&v.url(1), &refs).expect("qemu-io write");
-    assert!(out.success(), "writes via plex 1: {}", out.describe());
-    let cmds: Vec<String> = (0..WRITES)
-        .map(|i| format!("read -P {:#x} {} 4k", pattern(i), i * 4096))
-        .collect();
-    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    let out = tools::qemu_io(&v.url(2), &refs).expect("qemu-io read");
-    assert!(out.success(), "reads via plex 2: {}", out.describe());
-    assert!(!out.stdout.contains("failed"), "{}", out.describe());
+    // 4 KiB block i, each with its own pattern: `VERB -P PATTERN OFFSET 4k`.
+    let run = |plex: u16, verb: &str| {
+        let cmds: Vec<String> = (0..WRITES)
+            .map(|i| format!("{verb} -P {:#x} {} 4k", 1 + (i % 250), i * 4096))
+            .collect();
+        let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        let out = tools::qemu_io(&v.url(plex), &refs).expect("qemu-io");
+        assert!(out.success(), "{verb}s via plex {plex}: {}", out.describe());
+        assert!(!out.stdout.contains("failed"), "{}", out.describe());
+    };
+    run(1, "write");
+    run(2, "read");
 
     let text = v.metrics(1).expect("metrics of plex 1");
     let polls = |result: &str| -> u64 {
