@@ -73,7 +73,7 @@ pub const INLINE_FRAME_BYTES_MAX: usize = 64 << 10;
 /// Receive buffer of a connection, grown by this much when it runs low.
 const RX_BUFFER_BYTES: usize = 64 << 10;
 /// Least free space in the receive buffer before a read.
-const RX_READ_MIN: usize = 16 << 10;
+const RX_READ_BYTES_MIN: usize = 16 << 10;
 /// Delay between connection attempts to an unreachable peer.
 pub const RECONNECT_DELAY: Duration = Duration::from_millis(100);
 /// A handshake must finish within this time.
@@ -601,7 +601,7 @@ fn pump(
         if let Some(huge) = huge {
             return Ok(huge);
         }
-        if buf.capacity() - buf.len() < RX_READ_MIN {
+        if buf.capacity() - buf.len() < RX_READ_BYTES_MIN {
             buf.reserve(RX_BUFFER_BYTES);
         }
         let got = match read {
