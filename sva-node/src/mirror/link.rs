@@ -246,16 +246,14 @@ impl Links {
             Ok(false) | Err(_) => tx.wake.notify_one(),
         }
     }
-}
 
-impl Links {
     /// Receive on this thread what the peers sent so far and deliver it to `inbound`
     /// without waiting: for a sender whose reply is due within a round trip, so that it
     /// need not sleep and be woken for it (see the module doc). A connection whose reader
     /// task is busy is left to it.
     pub fn poll_received(&self, inbound: &dyn Inbound) {
         for tx in self.peers.values() {
-            let Some(conn) = lock_rx(&tx.rx).clone() else {
+            let Some(conn) = lock(&tx.rx).clone() else {
                 continue;
             };
             let Ok(mut buf) = conn.buf.try_lock() else {
@@ -268,15 +266,10 @@ impl Links {
     }
 }
 
-fn lock_rx(
-    m: &std::sync::Mutex<Option<Arc<RxConn>>>,
-) -> std::sync::MutexGuard<'_, Option<Arc<RxConn>>> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn lock(m: &std::sync::Mutex<TxState>) -> std::sync::MutexGuard<'_, TxState> {
-    // A panic while holding it leaves bytes of a half-encoded frame at worst; the writer
-    // task's next write error resets the connection.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a send queue leaves bytes of a half-encoded frame at worst (the
+    // writer task's next write error resets the connection); the receive slot holds no
+    // half-done state.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -479,11 +472,11 @@ async fn serve_peer(
         // A writer between two dials (it is not waiting otherwise) dials now; a stored
         // permit makes its next wait return at once, which costs one early dial at most.
         tx.redial.notify_one();
-        *lock_rx(&tx.rx) = Some(conn.clone());
+        *lock(&tx.rx) = Some(conn.clone());
     }
     let result = receive(&conn, inbound).await;
     if let Some(tx) = tx {
-        let mut rx = lock_rx(&tx.rx);
+        let mut rx = lock(&tx.rx);
         if rx.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
             *rx = None;
         }

@@ -808,15 +808,15 @@ impl MirrorNode {
         };
         let started = Instant::now();
         self.with_engine(|e, now| e.submit(now, id, meta));
+        let mut polled = None;
         if alone && self.shared.ack_wait.spin_now(self.shared.ack_spin) {
-            let polled = self.receive_acks_until(&mut rx, started + self.shared.ack_spin);
+            polled = self.receive_acks_until(&mut rx, started + self.shared.ack_spin);
             self.shared.metrics.ack_polled(polled.is_some());
-            if let Some(outcome) = polled {
-                self.shared.ack_wait.record(started.elapsed());
-                return outcome;
-            }
         }
-        let outcome = rx.await.unwrap_or(Outcome::Retry);
+        let outcome = match polled {
+            Some(outcome) => outcome,
+            None => rx.await.unwrap_or(Outcome::Retry),
+        };
         if alone {
             self.shared.ack_wait.record(started.elapsed());
         }
