@@ -252,6 +252,7 @@ pub fn config(
             resync_bytes_per_sec: None,
             activity_log_regions: None,
             ack_spin_micros: None,
+            op_spin_micros: None,
         }),
     })
 }

@@ -162,6 +162,13 @@ pub struct MirrorSection {
     /// on a VM, at the price of that much CPU per write; see the README.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ack_spin_micros: Option<u64>,
+    /// How long, in microseconds, a replication link polls for the peer's next op after
+    /// one arrived, before it sleeps (default [`OP_SPIN_MICROS_DEFAULT`], or 0 on a VM guest
+    /// with halt polling on; 0: never); only while ops lately came within that of each other. Saves the receiving node's wake-up
+    /// on every mirrored write under a steady load, at the price of up to a CPU while that
+    /// load runs; see the README.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op_spin_micros: Option<u64>,
 }
 
 /// Default `mirror.regionBytes`: 1 MiB (DESIGN.md §6).
@@ -173,8 +180,13 @@ pub const ACTIVITY_LOG_REGIONS_DEFAULT: u64 = 1024;
 /// Default `mirror.ackSpinMicros`: above a cross-CPU loopback round trip plus a peer's
 /// write on a small VM (about 60 µs; see the README), below a write-through flush.
 pub const ACK_SPIN_MICROS_DEFAULT: u64 = 200;
-/// Largest `mirror.ackSpinMicros`: beyond this a sleep costs less than the CPU spent.
-pub const ACK_SPIN_MICROS_MAX: u64 = 10_000;
+/// Largest `mirror.ackSpinMicros` and `mirror.opSpinMicros`: beyond this a sleep costs
+/// less than the CPU spent.
+pub const SPIN_MICROS_MAX: u64 = 10_000;
+/// Default `mirror.opSpinMicros`: above the time between two ops of one QD1 initiator (the
+/// origin's answer and the initiator's next command: about 100 µs on a small VM). Zero on a
+/// VM guest whose idle loop polls already (`mirror::spin::op_spin_default`).
+pub const OP_SPIN_MICROS_DEFAULT: u64 = 200;
 /// Largest `mirror.activityLogRegions` (the log is read whole at start).
 pub const ACTIVITY_LOG_REGIONS_MAX: u64 = 1 << 20;
 
@@ -195,6 +207,11 @@ impl MirrorSection {
     /// `ackSpinMicros` or its default.
     pub fn ack_spin(&self) -> std::time::Duration {
         std::time::Duration::from_micros(self.ack_spin_micros.unwrap_or(ACK_SPIN_MICROS_DEFAULT))
+    }
+    /// `opSpinMicros`, or `default` (which depends on the machine: `mirror::spin`).
+    pub fn op_spin(&self, default: std::time::Duration) -> std::time::Duration {
+        self.op_spin_micros
+            .map_or(default, std::time::Duration::from_micros)
     }
 }
 
@@ -511,11 +528,14 @@ impl Config {
                 ));
             }
         }
-        if let Some(us) = m.ack_spin_micros {
-            if us > ACK_SPIN_MICROS_MAX {
+        for (key, us) in [
+            ("mirror.ackSpinMicros", m.ack_spin_micros),
+            ("mirror.opSpinMicros", m.op_spin_micros),
+        ] {
+            if let Some(us) = us.filter(|us| *us > SPIN_MICROS_MAX) {
                 return Err(invalid(
-                    "mirror.ackSpinMicros",
-                    format!("{us} exceeds {ACK_SPIN_MICROS_MAX} (0 turns polling off)"),
+                    key,
+                    format!("{us} exceeds {SPIN_MICROS_MAX} (0 turns polling off)"),
                 ));
             }
         }
@@ -897,6 +917,8 @@ stateDir: /tmp/state
         assert_eq!(m.resync_bytes_per_sec(), 0);
         assert_eq!(m.activity_log_regions(), 1024);
         assert_eq!(m.ack_spin(), std::time::Duration::from_micros(200));
+        let unset = std::time::Duration::from_micros(123);
+        assert_eq!(m.op_spin(unset), unset);
         let with = |extra: &str| Config::parse(&format!("{}{extra}", mirrored(w)));
         let m =
             with("  regionBytes: 65536\n  resyncBytesPerSec: 1000000\n  activityLogRegions: 64\n")
@@ -911,8 +933,12 @@ stateDir: /tmp/state
             ),
             (65536, 1_000_000, 64)
         );
-        let m = with("  ackSpinMicros: 0\n").unwrap().mirror.unwrap();
+        let m = with("  ackSpinMicros: 0\n  opSpinMicros: 0\n")
+            .unwrap()
+            .mirror
+            .unwrap();
         assert_eq!(m.ack_spin(), std::time::Duration::ZERO);
+        assert_eq!(m.op_spin(unset), std::time::Duration::ZERO);
         for (extra, want) in [
             ("  regionBytes: 1000000\n", "mirror.regionBytes"),
             (
@@ -922,6 +948,7 @@ stateDir: /tmp/state
             ("  regionBytes: 4294967296\n", "mirror.regionBytes"),
             ("  activityLogRegions: 0\n", "mirror.activityLogRegions"),
             ("  ackSpinMicros: 10001\n", "mirror.ackSpinMicros"),
+            ("  opSpinMicros: 10001\n", "mirror.opSpinMicros"),
             (
                 "  resyncBytesPerSec: 1000000000000000\n",
                 "mirror.resyncBytesPerSec",

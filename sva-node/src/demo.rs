@@ -237,6 +237,7 @@ fn start_all(
             resync_bytes_per_sec: None,
             activity_log_regions: None,
             ack_spin_micros: None,
+            op_spin_micros: None,
         })
     } else {
         None

@@ -102,6 +102,8 @@ pub struct MirrorTuning {
     pub activity_log_regions: Option<u64>,
     /// `mirror.ackSpinMicros`: how long a lone write polls for its acks (node default 200).
     pub ack_spin_micros: Option<u64>,
+    /// `mirror.opSpinMicros`: how long a link polls for the peer's next op (node default 200).
+    pub op_spin_micros: Option<u64>,
 }
 
 impl Default for SvaNodeOptions {
@@ -186,6 +188,7 @@ pub fn render_config(opts: &SvaNodeOptions, portal: SocketAddr, paths: &NodePath
             ("resyncBytesPerSec", t.resync_bytes_per_sec),
             ("activityLogRegions", t.activity_log_regions),
             ("ackSpinMicros", t.ack_spin_micros),
+            ("opSpinMicros", t.op_spin_micros),
         ] {
             if let Some(v) = v {
                 value["mirror"][key] = serde_json::json!(v);

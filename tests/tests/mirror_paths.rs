@@ -93,7 +93,9 @@ fn cross_path_write_back() {
 /// (`mirror.ackSpinMicros`, README "Mirrored writes"), and what they wrote is on the other
 /// plex: a QD1 run through path 1, read back through path 2. Polling only pays if the ack is
 /// read without the link's reader task; with tokio's own read the ack was never seen while
-/// polling (every poll slept), which the counter catches.
+/// polling (every poll slept), which the counter catches. The peer's link polls for the
+/// next op meanwhile (`mirror.opSpinMicros`), so that the ops of a steady QD1 run arrive
+/// while it polls rather than after it slept.
 #[test]
 fn lone_writes_are_acked_while_the_origin_polls() {
     if !have_tools("lone_writes_are_acked_while_the_origin_polls", &["qemu-io"]) {
@@ -106,6 +108,7 @@ fn lone_writes_are_acked_while_the_origin_polls() {
         // this one still come within it.
         tuning: MirrorTuning {
             ack_spin_micros: Some(5_000),
+            op_spin_micros: Some(5_000),
             ..MirrorTuning::default()
         },
         ..MirroredVolumeOptions::default()
@@ -125,15 +128,16 @@ fn lone_writes_are_acked_while_the_origin_polls() {
     run(1, "write");
     run(2, "read");
 
-    let text = v.metrics(1).expect("metrics of plex 1");
-    let polls = |result: &str| -> u64 {
-        let key = format!("sva_mirror_ack_polls_total{{result=\"{result}\"}} ");
+    let polls = |plex: u16, counter: &str, result: &str| -> u64 {
+        let text = v.metrics(plex).expect("metrics");
+        let key = format!("{counter}{{result=\"{result}\"}} ");
         text.lines()
             .find_map(|l| l.strip_prefix(&key))
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in the metrics:\n{text}"))
+            .unwrap_or_else(|| panic!("no {key} in plex {plex}'s metrics:\n{text}"))
     };
-    let (acked, slept) = (polls("acked"), polls("slept"));
+    let acks = "sva_mirror_ack_polls_total";
+    let (acked, slept) = (polls(1, acks, "acked"), polls(1, acks, "slept"));
     eprintln!("{WRITES} QD1 writes: {acked} acked while polling, {slept} slept after polling");
     // Polling stops while acks take longer than the limit (a loaded machine), so not every
     // write polls; but a run of lone writes on a fresh volume starts polling, and an ack
@@ -141,5 +145,13 @@ fn lone_writes_are_acked_while_the_origin_polls() {
     assert!(
         acked > 0,
         "no write was acked while polling ({slept} slept)"
+    );
+    let ops = "sva_mirror_op_polls_total";
+    let (received, op_slept) = (polls(2, ops, "received"), polls(2, ops, "slept"));
+    eprintln!("plex 2 received {received} ops while polling, {op_slept} after sleeping");
+    // As above: a loaded machine can stretch the gaps past the limit, but not all of them.
+    assert!(
+        received > 0,
+        "no op reached plex 2 while its link polled ({op_slept} slept)"
     );
 }

@@ -274,10 +274,25 @@ pub struct Metrics {
     /// Online verify of the last (or running) pass: regions compared, regions that differed.
     verify_regions_done: AtomicU64,
     verify_mismatched_regions: AtomicU64,
-    /// Lone mirrored ops whose submitter polled for the acks: acked while polling, or
-    /// gave up and slept (`mirror.ackSpinMicros`).
-    ack_polls_acked: AtomicU64,
-    ack_polls_slept: AtomicU64,
+    /// Lone mirrored ops whose submitter polled for the acks (`mirror.ackSpinMicros`).
+    ack_polls: PollCounts,
+    /// Ops a replication link's reader waited for (`mirror.opSpinMicros`).
+    op_polls: PollCounts,
+}
+
+/// Waits that could poll instead of sleeping (`mirror::spin`): how many ended while
+/// polling, and how many slept (the poll gave up, or was not tried).
+#[derive(Debug, Default)]
+struct PollCounts {
+    polled: AtomicU64,
+    slept: AtomicU64,
+}
+
+impl PollCounts {
+    fn add(&self, polled: bool) {
+        let c = if polled { &self.polled } else { &self.slept };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Default for Metrics {
@@ -297,8 +312,8 @@ impl Metrics {
             plexes: RwLock::new(BTreeMap::new()),
             verify_regions_done: AtomicU64::new(0),
             verify_mismatched_regions: AtomicU64::new(0),
-            ack_polls_acked: AtomicU64::new(0),
-            ack_polls_slept: AtomicU64::new(0),
+            ack_polls: PollCounts::default(),
+            op_polls: PollCounts::default(),
         }
     }
 
@@ -312,12 +327,13 @@ impl Metrics {
 
     /// A lone op's submitter polled for its acks: `acked` if they came while it polled.
     pub fn ack_polled(&self, acked: bool) {
-        let c = if acked {
-            &self.ack_polls_acked
-        } else {
-            &self.ack_polls_slept
-        };
-        c.fetch_add(1, Ordering::Relaxed);
+        self.ack_polls.add(acked);
+    }
+
+    /// A replication link delivered an op its reader waited for: `received` if it was
+    /// polling then, not sleeping.
+    pub fn op_polled(&self, received: bool) {
+        self.op_polls.add(received);
     }
 
     fn op(&self, class: OpClass) -> &OpStats {
@@ -644,21 +660,29 @@ impl Metrics {
             "sva_verify_mismatched_regions {}",
             self.verify_mismatched_regions.load(Ordering::Relaxed)
         );
-        header(
-            w,
-            "sva_mirror_ack_polls_total",
-            "counter",
-            "Lone mirrored ops whose node polled the links for their acks: acked while polling, or slept after mirror.ackSpinMicros.",
-        );
-        for (result, c) in [
-            ("acked", &self.ack_polls_acked),
-            ("slept", &self.ack_polls_slept),
-        ] {
-            let _ = writeln!(
-                w,
-                "sva_mirror_ack_polls_total{{result=\"{result}\"}} {}",
-                c.load(Ordering::Relaxed)
-            );
+        let polls = [
+            (
+                "sva_mirror_ack_polls_total",
+                "Lone mirrored ops whose node polled the links for their acks: acked while polling, or slept after mirror.ackSpinMicros.",
+                "acked",
+                &self.ack_polls,
+            ),
+            (
+                "sva_mirror_op_polls_total",
+                "Ops received from a peer after the link waited for them: received while polling (mirror.opSpinMicros), or slept.",
+                "received",
+                &self.op_polls,
+            ),
+        ];
+        for (name, help, polled, c) in polls {
+            header(w, name, "counter", help);
+            for (result, n) in [(polled, &c.polled), ("slept", &c.slept)] {
+                let _ = writeln!(
+                    w,
+                    "{name}{{result=\"{result}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
         }
         out
     }
@@ -836,6 +860,10 @@ mod tests {
         m.ack_polled(true);
         m.ack_polled(true);
         m.ack_polled(false);
+        m.op_polled(false);
+        m.op_polled(true);
+        m.op_polled(true);
+        m.op_polled(true);
         m.plex(1, PlexState::InSync).expect("room for plex");
 
         let text = m.render();
@@ -896,6 +924,8 @@ mod tests {
             value(&s, "sva_mirror_ack_polls_total", &[("result", "slept")]),
             1.0
         );
+        let op_polls = |r| value(&s, "sva_mirror_op_polls_total", &[("result", r)]);
+        assert_eq!((op_polls("received"), op_polls("slept")), (3.0, 1.0));
 
         for op in ["read", "write", "other"] {
             let buckets: Vec<(f64, f64)> = s

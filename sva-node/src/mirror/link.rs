@@ -30,6 +30,14 @@
 //! - **Receive**: the reader task of an accepted connection decodes every whole frame it has
 //!   and hands them, in order, to the [`Inbound`] sink on its own thread (the node feeds its
 //!   engine there), instead of queueing them for another task.
+//! - **Wait for the next op by polling**: after the reader delivers an op (a write to order
+//!   or apply: [`Message::carries_op`]), it polls the socket for the next one for up to
+//!   [`LinkConfig::op_spin`] (`mirror.opSpinMicros`), yielding to the node's other tasks
+//!   between polls, while ops lately came within that of each other ([`RecentWaits`]).
+//!   Under a steady load the peer's reader is then never asleep when the origin's write
+//!   arrives, which saves the one wake-up of an idle vCPU a mirrored write would add; an
+//!   idle or lightly loaded link sleeps as before. The price is CPU on the receiving node
+//!   for as long as such a load runs (README, "Mirrored writes").
 //! - **Receive while waiting**: a node whose only write in flight waits for its peers' acks
 //!   receives on their connections itself ([`Links::poll_received`], polled by the node for
 //!   at most `mirror.ackSpinMicros`). It does not sleep, so the ack needs no wake-up: on a
@@ -51,7 +59,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use hmac::{Hmac, Mac};
@@ -61,6 +69,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use super::msg::{self, Message, PlexId};
+use super::spin::RecentWaits;
 use crate::store::hugebuf::HugeBuf;
 
 /// Encoded bytes buffered per peer (not yet taken by its socket) before new frames are
@@ -99,6 +108,8 @@ pub trait Inbound: Send + Sync + 'static {
     fn closed(&self) -> bool {
         false
     }
+    /// An op arrived that the reader waited for: `polled` if it was polling, not asleep.
+    fn op_polled(&self, _polled: bool) {}
 }
 
 /// The sending side of one peer's link.
@@ -280,6 +291,9 @@ pub struct LinkConfig {
     pub volume: String,
     pub secret: Arc<Vec<u8>>,
     pub peers: Vec<(PlexId, String)>,
+    /// Longest a reader polls for a peer's next op before it sleeps (`mirror.opSpinMicros`;
+    /// zero: never).
+    pub op_spin: Duration,
 }
 
 /// Start the accept loop on `listener` (received messages go to `inbound`) and one writer per
@@ -474,7 +488,7 @@ async fn serve_peer(
         tx.redial.notify_one();
         *lock(&tx.rx) = Some(conn.clone());
     }
-    let result = receive(&conn, inbound).await;
+    let result = receive(&conn, inbound, cfg.op_spin).await;
     if let Some(tx) = tx {
         let mut rx = lock(&tx.rx);
         if rx.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
@@ -486,16 +500,52 @@ async fn serve_peer(
 
 /// The reader task of one accepted connection: deliver what arrives until it closes. A
 /// sender waiting for a reply may receive on the connection meanwhile
-/// ([`Links::poll_received`]); the buffer's lock keeps frames whole and in order.
-async fn receive(conn: &RxConn, inbound: &Arc<dyn Inbound>) -> std::io::Result<()> {
+/// ([`Links::poll_received`]); the buffer's lock keeps frames whole and in order. After an
+/// op, the reader polls for the next one for up to `op_spin` while ops lately came within
+/// that of each other (module doc).
+async fn receive(
+    conn: &RxConn,
+    inbound: &Arc<dyn Inbound>,
+    op_spin: Duration,
+) -> std::io::Result<()> {
+    let gaps = RecentWaits::default();
+    // Since when the reader waits for the peer's next op (the socket ran dry after one).
+    let mut awaiting_op: Option<Instant> = None;
+    let mut polling = false;
     loop {
         let mut buf = conn.buf.lock().await;
-        match pump(conn, &mut buf, inbound.as_ref(), Read::Tokio)? {
-            Pumped::Drained => {
-                drop(buf);
-                conn.stream.readable().await?;
+        let read_at = Instant::now();
+        // Tokio sees the socket readable only when its driver runs; a polling reader reads
+        // the kernel's socket itself (see `Read`).
+        let read = if polling { Read::Direct } else { Read::Tokio };
+        let pumped = pump(conn, &mut buf, inbound.as_ref(), read)?;
+        if pumped.delivered_ops() {
+            if let Some(since) = awaiting_op.take() {
+                // An idle spell counts as twice the limit, so that polling resumes a few
+                // ops into the next burst rather than dozens.
+                gaps.record(read_at.saturating_duration_since(since).min(2 * op_spin));
+                if !op_spin.is_zero() {
+                    inbound.op_polled(polling);
+                }
             }
-            Pumped::Huge { frame, at } => {
+        }
+        match pumped {
+            Pumped::Drained { ops } => {
+                drop(buf);
+                if ops {
+                    awaiting_op = Some(Instant::now());
+                }
+                polling = gaps.poll_now(op_spin)
+                    && awaiting_op.is_some_and(|since| since.elapsed() < op_spin);
+                if polling {
+                    // Runs the node's other tasks, and its I/O driver without waiting.
+                    tokio::task::yield_now().await;
+                } else {
+                    conn.stream.readable().await?;
+                }
+            }
+            Pumped::Huge { frame, at, .. } => {
+                polling = false;
                 let m = read_huge_frame(&conn.stream, &mut buf, frame, at, conn.peer).await?;
                 if inbound.closed() {
                     return Ok(());
@@ -524,6 +574,7 @@ enum Read {
     /// Straight from the kernel. Tokio answers a read with "would block" until its driver
     /// has seen the socket readable, which it cannot while this thread spins; the extra
     /// wake-up of the reader task this leaves behind comes after the reply, not before.
+    /// Tokio's stale readiness is cleared at the reader's next `Tokio` read.
     Direct,
 }
 
@@ -550,15 +601,24 @@ fn recv_now(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// How [`pump`] stopped.
+/// How [`pump`] stopped; `ops`: it delivered an op ([`Message::carries_op`]).
 enum Pumped {
     /// The socket has nothing more now.
-    Drained,
+    Drained { ops: bool },
     /// A resync copy's frame of `frame` bytes starts the buffer, not all of it read: it is
     /// to be received into a huge buffer at `at` (the reader task's job).
-    Huge { frame: usize, at: usize },
+    Huge { frame: usize, at: usize, ops: bool },
     /// The receiver is gone.
     Closed,
+}
+
+impl Pumped {
+    fn delivered_ops(&self) -> bool {
+        match self {
+            Pumped::Drained { ops } | Pumped::Huge { ops, .. } => *ops,
+            Pumped::Closed => false,
+        }
+    }
 }
 
 /// Deliver every whole frame in `buf`, read what the socket has (never blocking), and
@@ -569,13 +629,14 @@ fn pump(
     inbound: &dyn Inbound,
     read: Read,
 ) -> std::io::Result<Pumped> {
+    let mut ops = false;
     loop {
         let mut msgs = Vec::new();
         let mut huge = None;
         loop {
             if let Some((frame, at)) = msg::huge_copy_frame(buf) {
                 if buf.len() < frame {
-                    huge = Some(Pumped::Huge { frame, at });
+                    huge = Some((frame, at));
                     break;
                 }
             }
@@ -589,10 +650,11 @@ fn pump(
             return Ok(Pumped::Closed);
         }
         if !msgs.is_empty() {
+            ops |= msgs.iter().any(Message::carries_op);
             inbound.deliver(conn.peer, msgs);
         }
-        if let Some(huge) = huge {
-            return Ok(huge);
+        if let Some((frame, at)) = huge {
+            return Ok(Pumped::Huge { frame, at, ops });
         }
         if buf.capacity() - buf.len() < RX_READ_BYTES_MIN {
             buf.reserve(RX_BUFFER_BYTES);
@@ -604,7 +666,9 @@ fn pump(
         match got {
             Ok(0) => return Err(bad("peer closed the connection")),
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Pumped::Drained),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Ok(Pumped::Drained { ops })
+            }
             Err(e) => return Err(e),
         }
     }
@@ -720,30 +784,66 @@ mod tests {
     use super::*;
     use crate::mirror::msg::Message;
 
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     fn cfg(me: PlexId, peers: Vec<(PlexId, String)>, secret: &[u8]) -> LinkConfig {
         LinkConfig {
             me,
             volume: "vol1".into(),
             secret: Arc::new(secret.to_vec()),
             peers,
+            op_spin: Duration::ZERO,
         }
     }
 
     type Received = tokio::sync::mpsc::UnboundedReceiver<(PlexId, Message)>;
 
-    struct Sink(tokio::sync::mpsc::UnboundedSender<(PlexId, Message)>);
+    /// Ops a reader waited for: received while polling, and after sleeping.
+    #[derive(Default)]
+    struct Polls {
+        polled: AtomicU64,
+        slept: AtomicU64,
+    }
+
+    impl Polls {
+        fn get(&self) -> (u64, u64) {
+            let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+            (n(&self.polled), n(&self.slept))
+        }
+    }
+
+    struct Sink {
+        tx: tokio::sync::mpsc::UnboundedSender<(PlexId, Message)>,
+        polls: Arc<Polls>,
+    }
 
     impl Inbound for Sink {
         fn deliver(&self, from: PlexId, msgs: Vec<Message>) {
             for m in msgs {
-                let _ = self.0.send((from, m));
+                let _ = self.tx.send((from, m));
             }
+        }
+
+        fn op_polled(&self, polled: bool) {
+            let p = &self.polls;
+            let c = if polled { &p.polled } else { &p.slept };
+            c.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     fn sink() -> (Arc<dyn Inbound>, Received) {
+        let (s, rx, _) = sink_counting();
+        (s, rx)
+    }
+
+    fn sink_counting() -> (Arc<dyn Inbound>, Received, Arc<Polls>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        (Arc::new(Sink(tx)), rx)
+        let polls = Arc::new(Polls::default());
+        let s = Sink {
+            tx,
+            polls: polls.clone(),
+        };
+        (Arc::new(s), rx, polls)
     }
 
     async fn pair(secret_b: &[u8]) -> (Links, Received, Received) {
@@ -751,28 +851,45 @@ mod tests {
         (p.a, p.ra, p.rb)
     }
 
-    /// Node 1 (`a`) and node 2 (`b`), with what each received and node 2's sink.
+    /// Node 1 (`a`) and node 2 (`b`), with what each received, node 2's sink and the ops
+    /// node 2 waited for.
     struct Pair {
         a: Links,
         b: Links,
         ra: Received,
         rb: Received,
         tb: Arc<dyn Inbound>,
+        polls_b: Arc<Polls>,
     }
 
     async fn pair_of(secret_b: &[u8]) -> Pair {
+        pair_polling(secret_b, Duration::ZERO).await
+    }
+
+    /// As [`pair_of`], node 2 polling `op_spin_b` for node 1's next op.
+    async fn pair_polling(secret_b: &[u8], op_spin_b: Duration) -> Pair {
         let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (aa, ab) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
         let (ta, ra) = sink();
-        let (tb, rb) = sink();
+        let (tb, rb, polls_b) = sink_counting();
         let ca = cfg(1, vec![(2, ab.to_string())], b"secret-0123456789");
         let a = Links::new(&ca);
         start(ca, &a, la, ta);
-        let cb = cfg(2, vec![(1, aa.to_string())], secret_b);
+        let cb = LinkConfig {
+            op_spin: op_spin_b,
+            ..cfg(2, vec![(1, aa.to_string())], secret_b)
+        };
         let b = Links::new(&cb);
         start(cb, &b, lb, tb.clone());
-        Pair { a, b, ra, rb, tb }
+        Pair {
+            a,
+            b,
+            ra,
+            rb,
+            tb,
+            polls_b,
+        }
     }
 
     /// Resend `m` until it arrives (the link comes up asynchronously, as the engine copes).
@@ -908,6 +1025,58 @@ mod tests {
             }
         }
         assert_eq!(received, Some((1, reply)));
+    }
+
+    /// While ops come closer together than `op_spin`, the receiving reader polls for the
+    /// next one and each arrives while it polls, whole and in order; once they come further
+    /// apart, the reader sleeps for them again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_polls_for_the_next_op_while_ops_come_close_together() {
+        let spin = Duration::from_millis(20);
+        let Pair {
+            a, mut rb, polls_b, ..
+        } = pair_polling(b"secret-0123456789", spin).await;
+        first_through(&a, &mut rb, Message::Resend { epoch: 0, from: 0 }).await;
+        let op = |fwd| Message::Forward {
+            epoch: 1,
+            fwd,
+            floor: 0,
+            meta: msg::OpMeta {
+                range: msg::OpRange::Barrier,
+                payload: Bytes::from(vec![fwd as u8; 4096]),
+            },
+        };
+        let mut send_apart = async |ops: std::ops::Range<u64>, gap: Duration| {
+            for i in ops {
+                a.send(2, op(i));
+                let got = tokio::time::timeout(Duration::from_secs(5), rb.recv()).await;
+                assert_eq!(got.ok().flatten(), Some((1, op(i))));
+                tokio::time::sleep(gap).await;
+            }
+        };
+        let close = 50;
+        send_apart(0..close, Duration::from_millis(2)).await;
+        let (polled, slept) = polls_b.get();
+        assert_eq!(
+            polled + slept,
+            close - 1,
+            "every op after the first was waited for"
+        );
+        assert!(
+            polled >= close - 3,
+            "{polled} of {} ops 2 ms apart arrived while the reader polled",
+            close - 1
+        );
+        let far = 8;
+        send_apart(close..close + far, 3 * spin).await;
+        let (_, slept_far) = polls_b.get();
+        assert!(
+            slept_far - slept >= far - 1,
+            "{} of {} ops {:?} apart arrived while the reader slept",
+            slept_far - slept,
+            far - 1,
+            3 * spin
+        );
     }
 
     #[tokio::test]

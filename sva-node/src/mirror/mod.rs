@@ -16,6 +16,7 @@
 //! - [`boot`]: starting a mirrored node from its config (witness record, restart detection).
 //! - [`op`]: what is replicated (state-changing commands, resets, nexus loss) and its codec.
 //! - [`link`]: authenticated TCP replication links between nodes.
+//! - [`spin`]: when a waiter polls instead of sleeping (the moving average of its waits).
 //! - [`node`]: the tokio driver of the engine and [`node::MirroredTarget`], the `ScsiTarget`
 //!   of a mirrored node.
 //! - [`sim`]: a seeded deterministic simulation (tigerbeetle VOPR style) of N engines with a
@@ -72,6 +73,7 @@ pub mod op;
 pub mod persist;
 pub mod resync;
 pub mod sim;
+pub mod spin;
 
 pub use dirty::DirtyMap;
 pub use engine::{

@@ -197,6 +197,12 @@ pub enum Message {
 }
 
 impl Message {
+    /// Whether this is an op for the receiver to order or apply, on a write's critical path
+    /// (the receiver's link polls for the next one; `link` module doc).
+    pub fn carries_op(&self) -> bool {
+        matches!(self, Message::Forward { .. } | Message::Apply { .. })
+    }
+
     pub fn epoch(&self) -> Epoch {
         match self {
             Message::Forward { epoch, .. }

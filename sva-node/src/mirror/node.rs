@@ -29,6 +29,9 @@
 //! one in flight goes further: its submitter polls the links for the acks itself (up to
 //! `mirror.ackSpinMicros`, and only while acks lately came within that), so the thread
 //! never sleeps between sending the op and answering the initiator (`receive_acks_until`).
+//! On the peer, the link's reader task polls for the next op the same way
+//! (`mirror.opSpinMicros`; `link` module doc), so under a steady load no thread on either
+//! node sleeps on a mirrored write's path.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +49,7 @@ use super::msg::{Message, OpMeta, OpRange, PlexId, PAYLOAD_BYTES_MAX};
 use super::op::{self, ReplicatedOp};
 use super::persist::StateFiles;
 use super::resync::{CopyWhat, ResyncInfo, ResyncRole, VerifyInfo};
+use super::spin::RecentWaits;
 use crate::control::Metrics;
 use crate::scsi::alua::{AluaState, PortGroup, PortGroups};
 use crate::scsi::cdb::Opcode;
@@ -139,39 +143,7 @@ struct Shared {
     read_lease_until: AtomicU64,
     /// Longest a lone op's submitter polls for its acks (`mirror.ackSpinMicros`).
     ack_spin: Duration,
-    ack_wait: AckWait,
-}
-
-/// How long lone ops waited for their acks lately, to poll only where it pays: a
-/// write-through volume's ack waits for the peer's flush (about a millisecond), and
-/// polling through all of it would only burn CPU.
-#[derive(Debug, Default)]
-struct AckWait {
-    /// Moving average of the last waits, in nanoseconds (0: none yet).
-    avg_nanos: AtomicU64,
-}
-
-impl AckWait {
-    /// Weight of the newest wait in the average: 1/8.
-    const SHIFT: u32 = 3;
-
-    fn record(&self, waited: Duration) {
-        let w = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
-        let old = self.avg_nanos.load(Ordering::Relaxed);
-        let new = if old == 0 {
-            w
-        } else {
-            old - (old >> Self::SHIFT) + (w >> Self::SHIFT)
-        };
-        self.avg_nanos.store(new, Ordering::Relaxed);
-    }
-
-    /// Whether a lone op should poll for its acks, polling at most `spin`: yes when waits
-    /// lately ended within it. Waits recorded after a poll gave up keep the average honest,
-    /// so polling resumes once acks come fast again.
-    fn spin_now(&self, spin: Duration) -> bool {
-        !spin.is_zero() && self.avg_nanos.load(Ordering::Relaxed) <= spin.as_nanos() as u64
-    }
+    ack_wait: RecentWaits,
 }
 
 /// A running mirror node; clone-cheap handle.
@@ -228,7 +200,7 @@ impl MirrorNode {
                 monitor: Mutex::new(Monitor::default()),
                 read_lease_until: AtomicU64::new(0),
                 ack_spin: s.ack_spin,
-                ack_wait: AckWait::default(),
+                ack_wait: RecentWaits::default(),
             }),
         };
         // Run what the engine emitted at construction (its first path state).
@@ -809,7 +781,7 @@ impl MirrorNode {
         let started = Instant::now();
         self.with_engine(|e, now| e.submit(now, id, meta));
         let mut polled = None;
-        if alone && self.shared.ack_wait.spin_now(self.shared.ack_spin) {
+        if alone && self.shared.ack_wait.poll_now(self.shared.ack_spin) {
             polled = self.receive_acks_until(&mut rx, started + self.shared.ack_spin);
             self.shared.metrics.ack_polled(polled.is_some());
         }
@@ -921,6 +893,12 @@ impl Inbound for EngineInbound {
 
     fn closed(&self) -> bool {
         self.0.strong_count() == 0
+    }
+
+    fn op_polled(&self, polled: bool) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.metrics.op_polled(polled);
+        }
     }
 }
 
@@ -1102,34 +1080,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Lone ops poll for their acks while acks come within the poll; a run of slow ones
-    /// (a write-through flush on the peer) stops it, and fast ones bring it back.
-    #[test]
-    fn ack_polling_follows_how_long_acks_take() {
-        let spin = Duration::from_micros(200);
-        let w = AckWait::default();
-        assert!(w.spin_now(spin), "polls until it knows better");
-        assert!(!w.spin_now(Duration::ZERO), "0 turns polling off");
-        for _ in 0..20 {
-            w.record(Duration::from_micros(80));
-        }
-        assert!(w.spin_now(spin));
-        for _ in 0..20 {
-            w.record(Duration::from_millis(1));
-        }
-        assert!(
-            !w.spin_now(spin),
-            "acks that wait for a flush are slept for"
-        );
-        let mut fast = 0;
-        while !w.spin_now(spin) {
-            w.record(Duration::from_micros(80));
-            fast += 1;
-            assert!(fast < 100, "polling never came back");
-        }
-        assert!(fast > 1, "one fast ack is not a trend");
-    }
 
     #[test]
     fn progress_line_reads_like_the_design() {

@@ -40,8 +40,9 @@ struct Args {
     /// base-wb, base-wt: sva-node from `$SVA_BENCH_BASE_BIN` (an older build, to compare a
     /// change side by side in one run); mirror-wb, mirror-wt: a 2-plex mirrored volume
     /// through path 1 (the sequencer), mirror-wb-p2, mirror-wt-p2: its own such volume
-    /// through path 2 (writes forwarded to the sequencer); any of these with `-nopoll`: the
-    /// same with `mirror.ackSpinMicros: 0` (a lone write sleeps until its acks arrive).
+    /// through path 2 (writes forwarded to the sequencer); any of these with `-ackpoll`: the
+    /// same with `mirror.opSpinMicros: 0` (the peer sleeps between ops; only a lone write's
+    /// origin polls, for its acks), or with `-nopoll`: both 0 (nothing polls).
     #[arg(long, default_value = "sva-wb,sva-wt,tgt", value_delimiter = ',')]
     targets: Vec<String>,
     /// Runs per case and target; the median is reported.
@@ -156,7 +157,7 @@ impl IscsiTarget for MirrorPath {
 /// whose path is benchmarked.
 fn parse_mirror(name: &str) -> Option<(CacheMode, u16)> {
     let rest = name.strip_prefix("mirror-")?;
-    let rest = rest.strip_suffix("-nopoll").unwrap_or(rest);
+    let rest = rest.strip_suffix(polling_suffix(name)).unwrap_or(rest);
     let (mode, plex) = match rest.split_once("-p") {
         Some((mode, plex)) => (mode, plex.parse::<u16>().ok()?),
         None => (rest, 1),
@@ -167,6 +168,14 @@ fn parse_mirror(name: &str) -> Option<(CacheMode, u16)> {
         _ => return None,
     };
     (1..=MIRROR_PLEXES).contains(&plex).then_some((mode, plex))
+}
+
+/// A mirror target name's polling suffix: "", "-ackpoll" or "-nopoll".
+fn polling_suffix(name: &str) -> &'static str {
+    ["-ackpoll", "-nopoll"]
+        .into_iter()
+        .find(|s| name.ends_with(s))
+        .unwrap_or("")
 }
 
 /// The single-node target a mirrored one is compared with: `sva-wb` for `mirror-wb-p2`.
@@ -217,7 +226,8 @@ fn start_target(name: &str, args: &Args) -> Result<Box<dyn IscsiTarget>> {
             size_bytes: args.size,
             base_dir: args.dir.clone(),
             tuning: MirrorTuning {
-                ack_spin_micros: name.ends_with("-nopoll").then_some(0),
+                ack_spin_micros: (polling_suffix(name) == "-nopoll").then_some(0),
+                op_spin_micros: (!polling_suffix(name).is_empty()).then_some(0),
                 ..MirrorTuning::default()
             },
             ..MirroredVolumeOptions::default()
@@ -233,7 +243,7 @@ fn start_target(name: &str, args: &Args) -> Result<Box<dyn IscsiTarget>> {
             Some((mode, plex)) => mirror(mode, plex),
             None => bail!(
                 "unknown target {other} (sva-wb, sva-wt, tgt, tgt-wt, base-wb, base-wt, \
-                 mirror-wb, mirror-wt, mirror-wb-p2, mirror-wt-p2, each mirror-* with -nopoll)"
+                 mirror-wb, mirror-wt, mirror-wb-p2, mirror-wt-p2, each mirror-* with -ackpoll or -nopoll)"
             ),
         },
     }
@@ -628,6 +638,12 @@ mod tests {
             parse_mirror("mirror-wb-p2-nopoll"),
             Some((CacheMode::WriteBack, 2))
         );
+        assert_eq!(
+            parse_mirror("mirror-wt-ackpoll"),
+            Some((CacheMode::WriteThrough, 1))
+        );
+        assert_eq!(polling_suffix("mirror-wt-ackpoll"), "-ackpoll");
+        assert_eq!(polling_suffix("mirror-wb"), "");
         assert_eq!(parse_mirror("mirror-wb-p3"), None);
         assert_eq!(parse_mirror("mirror-wb-p0"), None);
         assert_eq!(parse_mirror("mirror-xx"), None);
