@@ -1505,9 +1505,7 @@ impl Engine {
             return;
         }
         if entry.origin == self.cfg.me {
-            if let Some(p) = self.pending.get_mut(&entry.fwd) {
-                p.seq = Some(entry.seq);
-            }
+            self.seq_known(entry.fwd, entry.seq);
         }
         self.log.insert(
             entry.seq,
@@ -1532,13 +1530,14 @@ impl Engine {
         if p.seq.is_some() {
             return;
         }
-        p.seq = Some(seq);
+        let meta = p.meta.clone();
+        self.seq_known(fwd, seq);
         let entry = Entry {
             seq,
             tag: self.membership.epoch,
             origin: self.cfg.me,
             fwd,
-            meta: p.meta.clone(),
+            meta,
         };
         self.log.insert(
             seq,
@@ -1727,6 +1726,23 @@ impl Engine {
             p += 1;
         }
         self.applied_prefix = p;
+    }
+
+    /// This plex's op `fwd` got `seq`. A peer's ack can come before that (in a 3-way
+    /// mirror, a third plex applies the sequencer's `Apply` and acks this origin before the
+    /// sequencer's `Ordered` arrives here), and `ack_from` could not match it then: count
+    /// every peer whose applied prefix already covers `seq`, as a heartbeat would a moment
+    /// later.
+    fn seq_known(&mut self, fwd: u64, seq: Seq) {
+        let Some(p) = self.pending.get_mut(&fwd) else {
+            return;
+        };
+        p.seq = Some(seq);
+        for (id, peer) in &self.peers {
+            if peer.applied_prefix >= seq {
+                p.acks.insert(*id);
+            }
+        }
     }
 
     fn ack_from(&mut self, from: PlexId, applies: impl Fn(Seq) -> bool) {

@@ -32,8 +32,8 @@
 //!   engine there), instead of queueing them for another task.
 //! - **Wait for the next op by polling**: after the reader delivers an op (a write to order
 //!   or apply: [`Message::carries_op`]), it polls the socket for the next one for up to
-//!   [`LinkConfig::op_spin`] (`mirror.opSpinMicros`), yielding to the node's other tasks
-//!   between polls, while ops lately came within that of each other ([`RecentWaits`]).
+//!   [`LinkConfig::op_spin`] (`mirror.opSpinMicros`), yielding the CPU and then to the
+//!   node's other tasks between polls, while ops lately came within that of each other ([`RecentWaits`]).
 //!   Under a steady load the peer's reader is then never asleep when the origin's write
 //!   arrives, which saves the one wake-up of an idle vCPU a mirrored write would add; an
 //!   idle or lightly loaded link sleeps as before. The price is CPU on the receiving node
@@ -538,7 +538,9 @@ async fn receive(
                 polling = gaps.poll_now(op_spin)
                     && awaiting_op.is_some_and(|since| since.elapsed() < op_spin);
                 if polling {
-                    // Runs the node's other tasks, and its I/O driver without waiting.
+                    // Lets a process that shares this CPU run (an initiator, another node
+                    // on one machine), then the node's other tasks and its I/O driver.
+                    std::thread::yield_now();
                     tokio::task::yield_now().await;
                 } else {
                     conn.stream.readable().await?;

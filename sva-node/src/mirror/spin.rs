@@ -10,8 +10,8 @@
 //!
 //! A VM guest whose idle loop already polls (the `haltpoll` cpuidle driver with
 //! `guest_halt_poll_ns` above 0) wakes cheaply, and there a link that polls for the next op
-//! only takes CPU from the initiator and the origin: on the 2-vCPU test VM it added about
-//! 7 µs per QD1 write. So the op poll's default is off on such a guest ([`op_spin_default`]).
+//! only takes CPU from the initiator and the origin: on the 2-vCPU test VM it added 6–13 µs
+//! per QD1 write (2 and 3 plexes). So the op poll's default is off on such a guest ([`op_spin_default`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

@@ -42,7 +42,8 @@ struct Args {
     /// through path 1 (the sequencer), mirror-wb-p2, mirror-wt-p2: its own such volume
     /// through path 2 (writes forwarded to the sequencer); any of these with `-ackpoll`: the
     /// same with `mirror.opSpinMicros: 0` (the peer sleeps between ops; only a lone write's
-    /// origin polls, for its acks), or with `-nopoll`: both 0 (nothing polls).
+    /// origin polls, for its acks), or with `-nopoll`: both 0 (nothing polls); `mirror3-*`:
+    /// the same on a 3-plex volume (`mirror3-wb-p3`: through plex 3).
     #[arg(long, default_value = "sva-wb,sva-wt,tgt", value_delimiter = ',')]
     targets: Vec<String>,
     /// Runs per case and target; the median is reported.
@@ -119,7 +120,17 @@ fn median(v: &mut [f64]) -> f64 {
 const BASE_BIN_ENV: &str = "SVA_BENCH_BASE_BIN";
 
 /// Plexes of the volume behind every `mirror-*` target.
+/// Plexes of a `mirror-*` target's volume; `mirror3-*` targets have 3.
 const MIRROR_PLEXES: u16 = 2;
+
+/// How many plexes target `name`'s mirrored volume has.
+fn plexes_of(name: &str) -> u16 {
+    if name.starts_with("mirror3-") {
+        3
+    } else {
+        MIRROR_PLEXES
+    }
+}
 
 /// One path of a mirrored volume as a benchmark target; the volume (witness and every node)
 /// lives as long as the target.
@@ -153,10 +164,12 @@ impl IscsiTarget for MirrorPath {
     }
 }
 
-/// `mirror-MODE[-pN]` (MODE `wb` | `wt`, N a plex id, default 1): cache mode and the plex
-/// whose path is benchmarked.
+/// `mirror-MODE[-pN]` or `mirror3-MODE[-pN]` (MODE `wb` | `wt`, N a plex id, default 1):
+/// cache mode and the plex whose path is benchmarked.
 fn parse_mirror(name: &str) -> Option<(CacheMode, u16)> {
-    let rest = name.strip_prefix("mirror-")?;
+    let rest = name
+        .strip_prefix("mirror-")
+        .or_else(|| name.strip_prefix("mirror3-"))?;
     let rest = rest.strip_suffix(polling_suffix(name)).unwrap_or(rest);
     let (mode, plex) = match rest.split_once("-p") {
         Some((mode, plex)) => (mode, plex.parse::<u16>().ok()?),
@@ -167,7 +180,9 @@ fn parse_mirror(name: &str) -> Option<(CacheMode, u16)> {
         "wt" => CacheMode::WriteThrough,
         _ => return None,
     };
-    (1..=MIRROR_PLEXES).contains(&plex).then_some((mode, plex))
+    (1..=plexes_of(name))
+        .contains(&plex)
+        .then_some((mode, plex))
 }
 
 /// A mirror target name's polling suffix: "", "-ackpoll" or "-nopoll".
@@ -221,7 +236,7 @@ fn start_target(name: &str, args: &Args) -> Result<Box<dyn IscsiTarget>> {
     let mirror = |mode, plex| -> Result<Box<dyn IscsiTarget>> {
         // start() returns once every path is ActiveOptimized and readable.
         let volume = MirroredVolume::start(MirroredVolumeOptions {
-            plexes: MIRROR_PLEXES,
+            plexes: plexes_of(name),
             cache_mode: mode,
             size_bytes: args.size,
             base_dir: args.dir.clone(),
@@ -243,7 +258,8 @@ fn start_target(name: &str, args: &Args) -> Result<Box<dyn IscsiTarget>> {
             Some((mode, plex)) => mirror(mode, plex),
             None => bail!(
                 "unknown target {other} (sva-wb, sva-wt, tgt, tgt-wt, base-wb, base-wt, \
-                 mirror-wb, mirror-wt, mirror-wb-p2, mirror-wt-p2, each mirror-* with -ackpoll or -nopoll)"
+                 mirror-wb, mirror-wt, mirror-wb-p2, mirror-wt-p2, mirror3-* alike, each with -ackpoll or \
+                 -nopoll)"
             ),
         },
     }
@@ -645,6 +661,12 @@ mod tests {
         assert_eq!(polling_suffix("mirror-wt-ackpoll"), "-ackpoll");
         assert_eq!(polling_suffix("mirror-wb"), "");
         assert_eq!(parse_mirror("mirror-wb-p3"), None);
+        assert_eq!(
+            parse_mirror("mirror3-wb-p3"),
+            Some((CacheMode::WriteBack, 3))
+        );
+        assert_eq!(plexes_of("mirror3-wt"), 3);
+        assert_eq!(parse_mirror("mirror3-wb-p4"), None);
         assert_eq!(parse_mirror("mirror-wb-p0"), None);
         assert_eq!(parse_mirror("mirror-xx"), None);
         assert_eq!(parse_mirror("sva-wb"), None);
