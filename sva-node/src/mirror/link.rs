@@ -33,7 +33,8 @@
 //! - **Wait for the next op by polling**: after the reader delivers an op (a write to order
 //!   or apply: [`Message::carries_op`]), it polls the socket for the next one for up to
 //!   [`LinkConfig::op_spin`] (`mirror.opSpinMicros`), yielding the CPU and then to the
-//!   node's other tasks between polls, while ops lately came within that of each other ([`RecentWaits`]).
+//!   node's other tasks between polls, while ops lately came within that of each other
+//!   ([`RecentWaits`]).
 //!   Under a steady load the peer's reader is then never asleep when the origin's write
 //!   arrives, which saves the one wake-up of an idle vCPU a mirrored write would add; an
 //!   idle or lightly loaded link sleeps as before. The price is CPU on the receiving node
