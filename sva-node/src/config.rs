@@ -163,10 +163,10 @@ pub struct MirrorSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ack_spin_micros: Option<u64>,
     /// How long, in microseconds, a replication link polls for the peer's next op after
-    /// one arrived, before it sleeps (default [`OP_SPIN_MICROS_DEFAULT`], or 0 on a VM guest
-    /// with halt polling on; 0: never); only while ops lately came within that of each other. Saves the receiving node's wake-up
-    /// on every mirrored write under a steady load, at the price of up to a CPU while that
-    /// load runs; see the README.
+    /// one arrived, before it sleeps (default [`OP_SPIN_MICROS_DEFAULT`], or 0 on a VM
+    /// guest with halt polling on; 0: never); only while ops lately came within that of
+    /// each other. Saves the receiving node's wake-up on every mirrored write under a
+    /// steady load, at the price of up to a CPU while that load runs; see the README.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub op_spin_micros: Option<u64>,
 }
@@ -208,10 +208,11 @@ impl MirrorSection {
     pub fn ack_spin(&self) -> std::time::Duration {
         std::time::Duration::from_micros(self.ack_spin_micros.unwrap_or(ACK_SPIN_MICROS_DEFAULT))
     }
-    /// `opSpinMicros`, or `default` (which depends on the machine: `mirror::spin`).
-    pub fn op_spin(&self, default: std::time::Duration) -> std::time::Duration {
+    /// `opSpinMicros`, or `default()` when unset (it depends on the machine, and is only
+    /// looked up then: `mirror::spin::op_spin_default`).
+    pub fn op_spin(&self, default: impl FnOnce() -> std::time::Duration) -> std::time::Duration {
         self.op_spin_micros
-            .map_or(default, std::time::Duration::from_micros)
+            .map_or_else(default, std::time::Duration::from_micros)
     }
 }
 
@@ -918,7 +919,7 @@ stateDir: /tmp/state
         assert_eq!(m.activity_log_regions(), 1024);
         assert_eq!(m.ack_spin(), std::time::Duration::from_micros(200));
         let unset = std::time::Duration::from_micros(123);
-        assert_eq!(m.op_spin(unset), unset);
+        assert_eq!(m.op_spin(|| unset), unset);
         let with = |extra: &str| Config::parse(&format!("{}{extra}", mirrored(w)));
         let m =
             with("  regionBytes: 65536\n  resyncBytesPerSec: 1000000\n  activityLogRegions: 64\n")
@@ -938,7 +939,7 @@ stateDir: /tmp/state
             .mirror
             .unwrap();
         assert_eq!(m.ack_spin(), std::time::Duration::ZERO);
-        assert_eq!(m.op_spin(unset), std::time::Duration::ZERO);
+        assert_eq!(m.op_spin(|| unset), std::time::Duration::ZERO);
         for (extra, want) in [
             ("  regionBytes: 1000000\n", "mirror.regionBytes"),
             (

@@ -180,9 +180,7 @@ pub async fn start(
                 .filter(|p| p.id != me)
                 .map(|p| (p.id, p.peer_addr.clone()))
                 .collect(),
-            op_spin: m.op_spin(super::spin::op_spin_default(Duration::from_micros(
-                crate::config::OP_SPIN_MICROS_DEFAULT,
-            ))),
+            op_spin: m.op_spin(super::spin::op_spin_default),
         },
         listener,
         state: Arc::new(state),

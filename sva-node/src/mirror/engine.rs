@@ -431,6 +431,22 @@ struct Pending {
     last_sent: Millis,
 }
 
+impl Pending {
+    /// This plex's op got `seq`. A peer's ack can come before that (in a 3-way mirror, a
+    /// third plex applies the sequencer's `Apply` and acks this origin before the
+    /// sequencer's `Ordered` arrives here), and `ack_from` could not match it then: count
+    /// every peer whose applied prefix already covers `seq`, as a heartbeat would a moment
+    /// later.
+    fn seq_known(&mut self, seq: Seq, peers: &BTreeMap<PlexId, Peer>) {
+        self.seq = Some(seq);
+        for (id, peer) in peers {
+            if peer.applied_prefix >= seq {
+                self.acks.insert(*id);
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct FwdSeen {
     floor: u64,
@@ -1505,7 +1521,9 @@ impl Engine {
             return;
         }
         if entry.origin == self.cfg.me {
-            self.seq_known(entry.fwd, entry.seq);
+            if let Some(p) = self.pending.get_mut(&entry.fwd) {
+                p.seq_known(entry.seq, &self.peers);
+            }
         }
         self.log.insert(
             entry.seq,
@@ -1530,14 +1548,13 @@ impl Engine {
         if p.seq.is_some() {
             return;
         }
-        let meta = p.meta.clone();
-        self.seq_known(fwd, seq);
+        p.seq_known(seq, &self.peers);
         let entry = Entry {
             seq,
             tag: self.membership.epoch,
             origin: self.cfg.me,
             fwd,
-            meta,
+            meta: p.meta.clone(),
         };
         self.log.insert(
             seq,
@@ -1726,23 +1743,6 @@ impl Engine {
             p += 1;
         }
         self.applied_prefix = p;
-    }
-
-    /// This plex's op `fwd` got `seq`. A peer's ack can come before that (in a 3-way
-    /// mirror, a third plex applies the sequencer's `Apply` and acks this origin before the
-    /// sequencer's `Ordered` arrives here), and `ack_from` could not match it then: count
-    /// every peer whose applied prefix already covers `seq`, as a heartbeat would a moment
-    /// later.
-    fn seq_known(&mut self, fwd: u64, seq: Seq) {
-        let Some(p) = self.pending.get_mut(&fwd) else {
-            return;
-        };
-        p.seq = Some(seq);
-        for (id, peer) in &self.peers {
-            if peer.applied_prefix >= seq {
-                p.acks.insert(*id);
-            }
-        }
     }
 
     fn ack_from(&mut self, from: PlexId, applies: impl Fn(Seq) -> bool) {

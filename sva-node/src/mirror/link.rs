@@ -510,7 +510,8 @@ async fn receive(
     op_spin: Duration,
 ) -> std::io::Result<()> {
     let gaps = RecentWaits::default();
-    // Since when the reader waits for the peer's next op (the socket ran dry after one).
+    // Since when the reader waits for the peer's next op (the socket ran dry after one);
+    // never set when `op_spin` is zero.
     let mut awaiting_op: Option<Instant> = None;
     let mut polling = false;
     loop {
@@ -525,19 +526,17 @@ async fn receive(
                 // An idle spell counts as twice the limit, so that polling resumes a few
                 // ops into the next burst rather than dozens.
                 gaps.record(read_at.saturating_duration_since(since).min(2 * op_spin));
-                if !op_spin.is_zero() {
-                    inbound.op_polled(polling);
-                }
+                inbound.op_polled(polling);
             }
         }
         match pumped {
             Pumped::Drained { ops } => {
                 drop(buf);
-                if ops {
+                if ops && !op_spin.is_zero() {
                     awaiting_op = Some(Instant::now());
                 }
-                polling = gaps.poll_now(op_spin)
-                    && awaiting_op.is_some_and(|since| since.elapsed() < op_spin);
+                polling = awaiting_op.is_some_and(|since| since.elapsed() < op_spin)
+                    && gaps.poll_now(op_spin);
                 if polling {
                     // Lets a process that shares this CPU run (an initiator, another node
                     // on one machine), then the node's other tasks and its I/O driver.

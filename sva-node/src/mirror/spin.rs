@@ -16,6 +16,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::config::OP_SPIN_MICROS_DEFAULT;
+
 /// Moving average of recent waits, shared between threads.
 #[derive(Debug, Default)]
 pub struct RecentWaits {
@@ -50,10 +52,10 @@ impl RecentWaits {
 /// Where a VM guest's halt-polling window is set.
 const GUEST_HALT_POLL_NS: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
 
-/// `mirror.opSpinMicros` when the config does not say: `default`, or zero when this guest's
-/// idle loop already polls (module doc). Read once at start; the setting is the host
-/// admin's and rarely changes.
-pub fn op_spin_default(default: Duration) -> Duration {
+/// `mirror.opSpinMicros` when the config does not say: [`OP_SPIN_MICROS_DEFAULT`], or zero
+/// when this guest's idle loop already polls (module doc). Read once at start; the setting
+/// is the host admin's and rarely changes.
+pub fn op_spin_default() -> Duration {
     let halt_poll_ns = std::fs::read_to_string(GUEST_HALT_POLL_NS)
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
@@ -66,7 +68,7 @@ pub fn op_spin_default(default: Duration) -> Duration {
         );
         Duration::ZERO
     } else {
-        default
+        Duration::from_micros(OP_SPIN_MICROS_DEFAULT)
     }
 }
 

@@ -140,25 +140,26 @@ fn with_lease_then_expect_order(p1: &mut Engine) {
     );
 }
 
-#[test]
-fn origin_forwards_once_and_acks_after_the_sequencer_applied() {
-    let mut p2 = engine(2, two_plexes());
-    with_lease(&mut p2, 1);
-    p2.submit(1_006, OpId(3), write(16, 4));
+/// A non-sequencer origin submits its first op (at 1_006) and forwards it to plex 1.
+fn submit_expect_forward(e: &mut Engine, op: OpId, meta: OpMeta) {
+    e.submit(1_006, op, meta.clone());
     assert_eq!(
-        drain(&mut p2),
+        drain(e),
         vec![Command::Send {
             to: 1,
             msg: Message::Forward {
                 epoch: 1,
                 fwd: 1,
                 floor: 0,
-                meta: write(16, 4)
+                meta
             }
         }]
     );
-    // The sequencer answers with the seq only: the payload travelled once.
-    p2.handle_message(
+}
+
+/// The sequencer (plex 1) orders that op as seq 1 (at 1_008): `origin` applies it.
+fn ordered_expect_apply(e: &mut Engine, origin: PlexId, op: OpMeta) {
+    e.handle_message(
         1_008,
         1,
         Message::Ordered {
@@ -168,14 +169,23 @@ fn origin_forwards_once_and_acks_after_the_sequencer_applied() {
         },
     );
     assert_eq!(
-        drain(&mut p2),
+        drain(e),
         vec![Command::Apply {
             epoch: 1,
             seq: 1,
-            origin: 2,
-            op: write(16, 4)
+            origin,
+            op
         }]
     );
+}
+
+#[test]
+fn origin_forwards_once_and_acks_after_the_sequencer_applied() {
+    let mut p2 = engine(2, two_plexes());
+    with_lease(&mut p2, 1);
+    submit_expect_forward(&mut p2, OpId(3), write(16, 4));
+    // The sequencer answers with the seq only: the payload travelled once.
+    ordered_expect_apply(&mut p2, 2, write(16, 4));
     p2.handle_message(
         1_009,
         1,
@@ -220,19 +230,7 @@ fn an_ack_that_overtakes_the_order_still_counts() {
     }
     drain(&mut p3);
     assert!(p3.can_serve_reads(1_005));
-    p3.submit(1_006, OpId(9), write(0, 8));
-    assert_eq!(
-        drain(&mut p3),
-        vec![Command::Send {
-            to: 1,
-            msg: Message::Forward {
-                epoch: 1,
-                fwd: 1,
-                floor: 0,
-                meta: write(0, 8)
-            }
-        }]
-    );
+    submit_expect_forward(&mut p3, OpId(9), write(0, 8));
     // Plex 2 applied seq 1 (and everything before it) and says so first.
     let applied = Message::Applied {
         epoch: 1,
@@ -241,24 +239,7 @@ fn an_ack_that_overtakes_the_order_still_counts() {
     };
     p3.handle_message(1_007, 2, applied.clone());
     assert_eq!(drain(&mut p3), vec![]);
-    p3.handle_message(
-        1_008,
-        1,
-        Message::Ordered {
-            epoch: 1,
-            seq: 1,
-            fwd: 1,
-        },
-    );
-    assert_eq!(
-        drain(&mut p3),
-        vec![Command::Apply {
-            epoch: 1,
-            seq: 1,
-            origin: 3,
-            op: write(0, 8)
-        }]
-    );
+    ordered_expect_apply(&mut p3, 3, write(0, 8));
     p3.handle_message(1_009, 1, applied);
     assert_eq!(drain(&mut p3), vec![]);
     p3.applied(1_010, 1, Bytes::from_static(b"OK"));

@@ -119,7 +119,6 @@ fn median(v: &mut [f64]) -> f64 {
 /// Environment variable naming the sva-node binary of the `base-*` targets.
 const BASE_BIN_ENV: &str = "SVA_BENCH_BASE_BIN";
 
-/// Plexes of the volume behind every `mirror-*` target.
 /// Plexes of a `mirror-*` target's volume; `mirror3-*` targets have 3.
 const MIRROR_PLEXES: u16 = 2;
 
